@@ -1,0 +1,1 @@
+"""egoexo_jax: egocentric video models trained from third-person video, in JAX/Flax."""
