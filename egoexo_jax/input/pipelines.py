@@ -1,0 +1,127 @@
+"""Grain pipelines that turn record shards into training batches.
+
+The Ego-Exo train pipeline, per host:
+
+  records (TFRecord/ArrayRecord, random access)
+    -> seed + global shuffle (a new permutation every epoch) -> repeat
+    -> this host's slice [process_index::process_count]
+    -> EgoExoTrainTransform (random: clip start, scale jitter, crop, flip; boxes -> maps)
+    -> batch(per-host batch) -> worker processes (mp_prefetch)
+
+Every random choice comes from the per-element RNG that Grain derives from the seed and the
+element's index, so the stream is the same for any number of workers and an iterator restored
+from a checkpointed state continues with exactly the batches the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from egoexo_jax.input import records, sources, transforms
+
+
+class ConfigMismatchError(ValueError):
+  """A record whose contents do not fit the config (label range, teacher vector length)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EgoExoTrainTransform(grain.transforms.RandomMap):
+  """VideoRecord -> one training example of fixed shapes.
+
+  Output: 'clips' uint8 (T, S, S, 3); 'label' int32; 'ego_logits' (2,) and 'object_logits' (K,)
+  float32; 'interaction_map' float32 (t, h, w, 2) with channels (hand, object); 0/1 float masks
+  'has_ego', 'has_object', 'has_interaction' saying which teacher signals the record carries.
+  """
+
+  num_classes: int
+  num_object_classes: int
+  clip_length: int = 8
+  frame_stride: int = 8
+  crop_size: int = 224
+  min_short_side: int = 256
+  max_short_side: int = 320
+  feature_grid: tuple[int, int, int] = (8, 7, 7)
+  box_score_threshold: float = 0.5
+
+  def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return self.apply(record, rng)
+
+  def apply(self, record: records.VideoRecord, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """The transform itself; rng None gives the deterministic centre clip used for evaluation."""
+    indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng)
+    window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
+                                           self.max_short_side, rng)
+    example = {
+        "clips": transforms.decode_and_crop(record.frames, indices, window),
+        "label": np.int32(self._single_label(record)),
+    }
+    for key, size, signal in (("ego_logits", 2, record.ego_logits),
+                              ("object_logits", self.num_object_classes, record.object_logits)):
+      mask_key = "has_" + key.split("_")[0]
+      if signal is None:
+        example[key], example[mask_key] = np.zeros(size, np.float32), np.float32(0)
+      elif signal.shape != (size,):
+        raise ConfigMismatchError(
+            f"record '{record.video_id}': field '{key}' has {signal.size} values but the config expects {size}")
+      else:
+        example[key], example[mask_key] = signal.astype(np.float32), np.float32(1)
+    has_boxes = record.hand_boxes is not None or record.object_boxes is not None
+    maps = [transforms.boxes_to_map(b, indices, record.height, record.width, window, self.feature_grid,
+                                    self.box_score_threshold)
+            for b in (record.hand_boxes, record.object_boxes)]
+    example["interaction_map"] = np.stack(maps, axis=-1)
+    example["has_interaction"] = np.float32(has_boxes)
+    return example
+
+  def _single_label(self, record: records.VideoRecord) -> int:
+    if len(record.labels) != 1:
+      raise ConfigMismatchError(
+          f"record '{record.video_id}': field 'labels' holds {list(record.labels)}; "
+          "Ego-Exo pre-training needs exactly one action label per video")
+    label = int(record.labels[0])
+    if not 0 <= label < self.num_classes:
+      raise ConfigMismatchError(
+          f"record '{record.video_id}': label {label} is outside [0, {self.num_classes}) (config model.num_classes)")
+    return label
+
+
+def egoexo_transform(config) -> EgoExoTrainTransform:
+  """Builds the train transform from a config's `data` and `model` sections."""
+  data, model = config.data, config.model
+  return EgoExoTrainTransform(
+      num_classes=model.num_classes,
+      num_object_classes=model.num_object_classes,
+      clip_length=data.clip_length,
+      frame_stride=data.frame_stride,
+      crop_size=data.crop_size,
+      min_short_side=data.min_short_side,
+      max_short_side=data.max_short_side,
+      feature_grid=feature_grid(config),
+      box_score_threshold=data.box_score_threshold,
+  )
+
+
+def feature_grid(config) -> tuple[int, int, int]:
+  """The res5 grid (t, h, w) of the backbone for the configured clip: Slow-only keeps T, strides space by 32."""
+  return (config.data.clip_length, config.data.crop_size // 32, config.data.crop_size // 32)
+
+
+def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """The per-host training stream of batches of `global_batch_size / process_count` examples."""
+  if config.global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by {process_count} hosts")
+  source = sources.open_records(record_pattern)
+  dataset = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+  dataset = dataset[process_index::process_count]
+  dataset = dataset.random_map(egoexo_transform(config))
+  dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
+                                                      prefetch_buffer_size=config.data.prefetch_batches))
+  if config.data.num_workers > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers,
+                                                               per_worker_buffer_size=config.data.prefetch_batches))
+  return dataset
