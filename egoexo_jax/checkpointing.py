@@ -9,6 +9,8 @@ exact batches the interrupted run would have drawn.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
@@ -28,11 +30,27 @@ def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> 
   return ocp.CheckpointManager(directory, options=options)
 
 
+@dataclasses.dataclass(frozen=True)
+class _IteratorSnapshot:
+  """An iterator position frozen at save time, in the form Grain's handler writes (JSON bytes).
+
+  Grain's handler asks the iterator for its state when Orbax runs the handler, which with async
+  saves can be after training has drawn more batches; the snapshot pins the saved position to
+  the step being saved.
+  """
+
+  state: bytes
+
+  def get_state(self) -> bytes:
+    return self.state
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None = None) -> None:
   """Starts saving `state` (and the iterator's position) as step `step`; returns before the write ends."""
   items = {STATE: ocp.args.StandardSave(state)}
   if data_iterator is not None:
-    items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_iterator)
+    snapshot = _IteratorSnapshot(json.dumps(data_iterator.get_state(), indent=1).encode())
+    items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(snapshot)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 

@@ -1,6 +1,8 @@
-"""CLU metric collections, computed inside the jitted step and merged on device between logs."""
+"""CLU metric collections, computed inside the jitted step and merged on device between logs.
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: CLU reads the metric types from the annotations.)
+"""
+
 
 import flax
 from clu import metrics

@@ -21,7 +21,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from egoexo_jax import checkpointing, losses, metrics, sharding
-from egoexo_jax.input import convert, pipelines, transforms
+from egoexo_jax.input import pipelines, transforms
 from egoexo_jax.models import build_model
 
 
@@ -47,6 +47,8 @@ def prepare_records(config: ml_collections.ConfigDict, workdir: str) -> str:
   prefix = os.path.join(workdir, "records", "train")
   pattern = prefix + ".tfrecord-*"
   if jax.process_index() == 0 and not os.path.exists(prefix + ".json"):
+    from egoexo_jax.input import convert  # pylint: disable=g-import-not-at-top  (PyAV only when converting)
+
     logging.info("Converting %s into %s (short side %d).", config.data.manifest, prefix,
                  config.data.convert_short_side)
     report = convert.convert_manifest(
@@ -157,8 +159,9 @@ def create_sharded_state(model, optimizer, config, mesh):
 def check_finite(step: int, terms: dict[str, jax.Array]) -> None:
   values = {k: float(v) for k, v in jax.device_get(terms).items()}
   if not np.isfinite(values["total"]):
+    names = ["total"] + sorted(k for k in values if k != "total")
     raise NonFiniteLossError(
-        f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        f"non-finite loss at step {step}: " + ", ".join(f"{k}={values[k]:.4g}" for k in names)
         + "; stopping without saving this state (the last checkpoint is intact)")
 
 

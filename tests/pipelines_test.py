@@ -1,0 +1,119 @@
+"""The Grain train pipeline on real-clip records: shapes, determinism, resume, workers, host slices."""
+
+import numpy as np
+import pytest
+from absl import flags
+
+from conftest import tiny_config
+from egoexo_jax.input import pipelines, records, sources
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_batch_shapes_dtypes_and_masks(real_record_pattern):
+  config = tiny_config(real_record_pattern)
+  batch = next(iter(pipelines.make_train_dataset(config, real_record_pattern)))
+  expected = {
+      "clips": ((8, 4, 64, 64, 3), np.uint8),
+      "label": ((8,), np.int32),
+      "ego_logits": ((8, 2), np.float32),
+      "object_logits": ((8, 10), np.float32),
+      "interaction_map": ((8, 4, 2, 2, 2), np.float32),
+      "has_ego": ((8,), np.float32),
+      "has_object": ((8,), np.float32),
+      "has_interaction": ((8,), np.float32),
+  }
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+  assert set(batch["label"]) <= {0, 1, 2}
+  assert batch["clips"].std() > 10  # real pixels, not a blank frame
+  np.testing.assert_array_equal(batch["has_ego"], 1)
+  # Record 5 has no detector output: its mask is 0 and its map all zeros; the others carry boxes.
+  maps, has = batch["interaction_map"], batch["has_interaction"]
+  assert not maps[has == 0].any()
+  assert maps[has == 1].max() == pytest.approx(0.9, abs=1e-6)  # object boxes score 0.9
+  hands = maps[..., 0]
+  assert 0.6 <= hands[hands > 0].min() and hands.max() < 0.9  # hand scores are 0.6 + 0.01 t, t < 30
+  assert (maps[..., 1][maps[..., 1] > 0] == np.float32(0.9)).all()  # the 0.3 object box is dropped
+
+
+def test_same_seed_same_stream_other_seed_other_stream(real_record_pattern):
+  config = tiny_config(real_record_pattern)
+  a = take(iter(pipelines.make_train_dataset(config, real_record_pattern)), 3)
+  b = take(iter(pipelines.make_train_dataset(config, real_record_pattern)), 3)
+  assert_batches_equal(a, b)
+  config.seed = 7
+  c = take(iter(pipelines.make_train_dataset(config, real_record_pattern)), 3)
+  assert not np.array_equal(a[0]["clips"], c[0]["clips"])
+
+
+def test_resume_from_saved_iterator_state(real_record_pattern):
+  config = tiny_config(real_record_pattern)
+  iterator = iter(pipelines.make_train_dataset(config, real_record_pattern))
+  take(iterator, 2)
+  state = iterator.get_state()
+  expected = take(iterator, 3)
+  resumed = iter(pipelines.make_train_dataset(config, real_record_pattern))
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), expected)
+
+
+def test_worker_processes_give_the_same_stream(real_record_pattern):
+  flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
+  config = tiny_config(real_record_pattern)
+  serial = take(iter(pipelines.make_train_dataset(config, real_record_pattern)), 3)
+  config.data.num_workers = 2
+  iterator = iter(pipelines.make_train_dataset(config, real_record_pattern))
+  try:
+    parallel = take(iterator, 2)
+    state = iterator.get_state()
+    parallel.append(next(iterator))
+  finally:
+    iterator.close()
+  assert_batches_equal(parallel, serial)
+  # A state taken with workers resumes with the same number of workers (Grain's state layout
+  # depends on it) at the same place.
+  resumed = iter(pipelines.make_train_dataset(config, real_record_pattern))
+  try:
+    resumed.set_state(state)
+    assert_batches_equal([next(resumed)], serial[2:])
+  finally:
+    resumed.close()
+
+
+def test_hosts_get_disjoint_slices_of_each_epoch(real_record_pattern):
+  config = tiny_config(real_record_pattern, global_batch_size=6)
+  source = sources.open_records(real_record_pattern)
+  import grain
+  order = grain.MapDataset.source(range(len(source))).seed(config.seed).shuffle().repeat()
+  host_items = [[order[process::2][i] for i in range(3)] for process in range(2)]
+  assert sorted(host_items[0] + host_items[1]) == list(range(6))  # one epoch, split without overlap
+  labels = [next(iter(pipelines.make_train_dataset(config, real_record_pattern, process_index=p,
+                                                   process_count=2)))["label"] for p in range(2)]
+  assert all(len(x) == 3 for x in labels)
+  np.testing.assert_array_equal(np.concatenate(labels) % 3,
+                                [source[i].labels[0] for i in host_items[0] + host_items[1]])
+  with pytest.raises(ValueError, match="not divisible by 4 hosts"):
+    pipelines.make_train_dataset(config, real_record_pattern, process_index=0, process_count=4)
+
+
+def test_records_that_do_not_fit_the_config_are_named(real_record_pattern):
+  record = sources.open_records(real_record_pattern)[0]
+  transform = pipelines.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_object_classes": 1000}))
+  with pytest.raises(pipelines.ConfigMismatchError, match="'real_0': field 'object_logits' has 10 values"):
+    transform.apply(record, None)
+  transform = pipelines.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_classes": 0}))
+  with pytest.raises(pipelines.ConfigMismatchError, match="'real_0': label 0 is outside"):
+    transform.apply(record, None)
+  multi = records.VideoRecord(**{**record.__dict__, "labels": np.array([1, 2])})
+  with pytest.raises(pipelines.ConfigMismatchError, match="exactly one action label"):
+    pipelines.egoexo_transform(tiny_config(real_record_pattern)).apply(multi, None)

@@ -1,0 +1,121 @@
+"""Record format and random-access sources: tf.Example round trip, TFRecord framing, errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+from egoexo_jax.input import records, sources
+
+
+def make_record(i=0, boxes=True):
+  return records.VideoRecord(
+      video_id=f"video_{i}", fps=29.97, height=48, width=64,
+      frames=[bytes([i, j]) * 7 for j in range(5)], labels=np.array([i % 3]),
+      ego_logits=np.array([1.5, -0.5], np.float32), object_logits=np.arange(10, dtype=np.float32),
+      hand_boxes=np.array([[1, .1, .2, .3, .4, .9]], np.float32) if boxes else None,
+      object_boxes=np.zeros((0, 6), np.float32) if boxes else None)
+
+
+def write_shard(path, recs):
+  with open(path, "wb") as f:
+    for r in recs:
+      records.write_tfrecord(f, records.encode_example(r))
+
+
+def test_example_round_trip_keeps_every_field():
+  r = make_record(4)
+  back = records.decode_example(records.encode_example(r))
+  assert back.video_id == "video_4" and back.num_frames == 5 and back.frames == r.frames
+  assert back.fps == pytest.approx(29.97) and (back.height, back.width) == (48, 64)
+  np.testing.assert_array_equal(back.labels, [1])
+  np.testing.assert_allclose(back.ego_logits, r.ego_logits)
+  np.testing.assert_allclose(back.object_logits, r.object_logits)
+  np.testing.assert_allclose(back.hand_boxes, r.hand_boxes)
+  assert back.object_boxes.shape == (0, 6)  # detector ran, found nothing: present and empty
+  bare = records.decode_example(records.encode_example(make_record(1, boxes=False)))
+  assert bare.hand_boxes is None and bare.object_boxes is None  # no detector output at all
+
+
+def test_masked_crc32c_known_value():
+  # crc32c(b"123456789") = 0xE3069283 is the standard CRC-32C check value; the mask is TFRecord's.
+  import google_crc32c
+  assert google_crc32c.value(b"123456789") == 0xE3069283
+  crc = 0xE3069283
+  assert records.masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_tfrecords_are_read_by_tensorflow(tmp_path):
+  import tensorflow as tf
+  path = str(tmp_path / "a.tfrecord-00000-of-00001")
+  write_shard(path, [make_record(i) for i in range(3)])
+  ids = [tf.train.Example.FromString(x.numpy()).features.feature["video_id"].bytes_list.value[0]
+         for x in tf.data.TFRecordDataset(path)]
+  assert ids == [b"video_0", b"video_1", b"video_2"]
+
+
+def test_tfrecord_source_random_access_over_shards(tmp_path):
+  write_shard(tmp_path / "t.tfrecord-00000-of-00002", [make_record(0), make_record(2)])
+  write_shard(tmp_path / "t.tfrecord-00001-of-00002", [make_record(1)])
+  source = sources.open_records(str(tmp_path / "t.tfrecord-*"))
+  assert len(source) == 3
+  assert [source[i].video_id for i in (2, 0, 1)] == ["video_1", "video_0", "video_2"]
+  assert source.where(2).endswith("t.tfrecord-00001-of-00002#0")
+  import pickle
+  assert pickle.loads(pickle.dumps(source))[1].video_id == "video_2"  # Grain workers get a pickled copy
+
+
+def test_array_record_source(tmp_path):
+  from array_record.python import array_record_module
+  path = str(tmp_path / "a.array_record-00000-of-00001")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for i in range(3):
+    writer.write(records.encode_example(make_record(i)))
+  writer.close()
+  source = sources.open_records(str(tmp_path / "a.array_record-*"))
+  assert len(source) == 3 and source[2].video_id == "video_2" and source.where(1).endswith("#1")
+
+
+def test_corrupt_payload_is_reported_with_file_and_record(tmp_path):
+  path = str(tmp_path / "c.tfrecord")
+  write_shard(path, [make_record(0), make_record(1)])
+  data = bytearray(open(path, "rb").read())
+  data[-10] ^= 0xFF  # flip a byte inside the second record's payload
+  open(path, "wb").write(bytes(data))
+  source = sources.open_records(path)
+  assert source[0].video_id == "video_0"
+  with pytest.raises(records.RecordError, match=r"c\.tfrecord#1: corrupt record payload"):
+    source[1]
+
+
+def test_truncated_file_is_reported_when_indexed(tmp_path):
+  path = str(tmp_path / "t.tfrecord")
+  write_shard(path, [make_record(0), make_record(1)])
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size - 20)
+  with pytest.raises(records.RecordError, match=r"t\.tfrecord#1: truncated record"):
+    sources.open_records(path)
+
+
+def test_missing_fields_and_bad_boxes_are_named():
+  from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
+  example = example_pb2.Example.FromString(records.encode_example(make_record(0)))
+  del example.features.feature["labels"]
+  with pytest.raises(records.RecordError, match=r"x#3: missing required field 'labels'"):
+    records.decode_example(example.SerializeToString(), "x#3")
+  bad = make_record(0)
+  bad.hand_boxes = np.array([[7, .1, .2, .3, .4, .9]], np.float32)  # frame 7 of 5
+  with pytest.raises(records.RecordError, match="'hand_boxes' has frame indices outside"):
+    records.decode_example(records.encode_example(bad))
+  with pytest.raises(records.RecordError, match="not a tf.Example"):
+    records.decode_example(b"\xff\xff\xff", "y#0")
+
+
+def test_unmatched_pattern_and_mixed_formats(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no record files match"):
+    sources.open_records(str(tmp_path / "nothing-*"))
+  write_shard(tmp_path / "m.tfrecord", [make_record(0)])
+  (tmp_path / "m.array_record").write_bytes(b"")
+  with pytest.raises(ValueError, match="mixes TFRecord and ArrayRecord"):
+    sources.open_records(str(tmp_path / "m.*"))

@@ -1,0 +1,94 @@
+"""The trainer: sharded step = single-device step; preempt + resume = uninterrupted; NaN stops."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from egoexo_jax import checkpointing, sharding, train
+from egoexo_jax.input import pipelines
+from egoexo_jax.models import build_model
+
+
+def assert_trees_close(a, b, rtol, atol):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern):
+  assert jax.device_count() == 8
+  config = tiny_config(real_record_pattern)
+  model = build_model(config.model)
+  optimizer, schedule = train.make_optimizer(config)
+  iterator = iter(pipelines.make_train_dataset(config, real_record_pattern))
+  batches = [next(iterator) for _ in range(2)]
+  results = []
+  for num_devices in (1, 8):
+    mesh = sharding.make_mesh(num_devices)
+    state, state_shardings = train.create_sharded_state(model, optimizer, config, mesh)
+    step_fn = train.make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
+    for batch in batches:
+      global_batch = sharding.host_batch_to_global(batch, mesh)
+      assert len(global_batch["clips"].addressable_shards) == num_devices
+      state, _, terms = step_fn(state, global_batch)
+    results.append(jax.device_get((state.params, state.batch_stats, state.opt_state, terms)))
+  single, sharded = results
+  assert np.isfinite(single[3]["total"]) and single[3]["interaction"] > 0
+  # Same maths, different reduction order across devices: equal to float32 rounding.
+  assert_trees_close(single, sharded, rtol=2e-4, atol=2e-6)
+
+
+class Preempted(Exception):
+  pass
+
+
+def test_preempted_then_resumed_run_equals_uninterrupted_run(real_record_pattern, tmp_path, monkeypatch):
+  config = tiny_config(real_record_pattern)
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
+
+  real_save = checkpointing.save
+
+  def save_then_die_at_step_2(manager, step, state, data_iterator=None):
+    real_save(manager, step, state, data_iterator)
+    if step == 2:
+      manager.wait_until_finished()
+      raise Preempted
+
+  monkeypatch.setattr(checkpointing, "save", save_then_die_at_step_2)
+  with pytest.raises(Preempted):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+
+  assert int(resumed.step) == int(uninterrupted.step) == 4
+  assert_trees_close(jax.device_get((resumed.params, resumed.batch_stats, resumed.opt_state)),
+                     jax.device_get((uninterrupted.params, uninterrupted.batch_stats, uninterrupted.opt_state)),
+                     rtol=1e-6, atol=1e-7)
+  # Both runs wrote Orbax checkpoints (steps 2 and 4) and TensorBoard event files.
+  for run in ("a", "b"):
+    assert sorted(os.listdir(tmp_path / run / "checkpoints")) == ["2", "4"]
+    assert glob.glob(str(tmp_path / run / "events.out.tfevents.*"))
+
+
+def test_non_finite_loss_stops_naming_the_step(real_record_pattern, tmp_path):
+  config = tiny_config(real_record_pattern, **{"optimizer.base_learning_rate": 1e30})
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step \d+: total=nan"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]  # nothing bad was saved
+
+
+def test_optimizer_schedule_and_weight_decay_mask():
+  config = tiny_config(**{"num_train_steps": 100, "optimizer.warmup_steps": 10, "global_batch_size": 128,
+                          "optimizer.base_learning_rate": 0.1})
+  _, schedule = train.make_optimizer(config)
+  peak = 0.1 * 128 / 64
+  assert float(schedule(0)) == pytest.approx(0.1 * peak)
+  assert float(schedule(10)) == pytest.approx(peak)
+  assert float(schedule(55)) == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 45 / 90)), rel=1e-5)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
