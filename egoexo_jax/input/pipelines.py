@@ -105,8 +105,12 @@ def egoexo_transform(config) -> EgoExoTrainTransform:
 
 
 def feature_grid(config) -> tuple[int, int, int]:
-  """The res5 grid (t, h, w) of the backbone for the configured clip: Slow-only keeps T, strides space by 32."""
-  return (config.data.clip_length, config.data.crop_size // 32, config.data.crop_size // 32)
+  """The res5 grid (t, h, w) for the configured clip: Slow-only keeps T; space shrinks by 32 in five
+  stride-2 steps with SAME padding, each rounding up (a 112 crop gives 4 x 4, 224 gives 7 x 7)."""
+  side = config.data.crop_size
+  for _ in range(5):
+    side = -(-side // 2)
+  return (config.data.clip_length, side, side)
 
 
 def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
