@@ -98,7 +98,7 @@ def encode_example(record: VideoRecord) -> bytes:
       value = np.asarray(value, np.float32).reshape(-1, BOX_COLUMNS)
       feature[key] = _floats(value)
   example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)  # same bytes in every process
 
 
 def decode_example(data: bytes, where: str = "<record>") -> VideoRecord:
