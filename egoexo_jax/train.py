@@ -71,6 +71,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   The learning rate scales linearly with the global batch (base rate per 64 clips, as PySlowFast).
   """
   opt = config.optimizer
+  if not 0 <= opt.warmup_steps < config.num_train_steps:
+    raise ValueError(f"config optimizer.warmup_steps ({opt.warmup_steps}) must be in [0, num_train_steps) "
+                     f"(num_train_steps is {config.num_train_steps})")
   peak = opt.base_learning_rate * config.global_batch_size / 64
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=peak * opt.warmup_start_fraction, peak_value=peak,
@@ -168,6 +171,23 @@ def check_finite(step: int, terms: dict[str, jax.Array]) -> None:
 # --------------------------------------------------------------------------- loop
 
 
+def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
+                  data_wait: float) -> None:
+  """Writes the window's metrics and speed to TensorBoard and logs one progress line."""
+  summary = {f"train/{k}": v for k, v in train_metrics.compute().items()}
+  summary["train/steps_per_sec"] = window_steps / elapsed
+  summary["train/clips_per_sec"] = window_steps * config.global_batch_size / elapsed
+  summary["train/data_wait_fraction"] = data_wait / elapsed
+  writer.write_scalars(step, summary)
+  eta = (config.num_train_steps - step) / summary["train/steps_per_sec"]
+  logging.info("step %d/%d  loss %.4f (act %.4f ego %.4f obj %.4f int %.4f)  acc %.3f  lr %.4g  "
+               "%.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds", step, config.num_train_steps,
+               summary["train/loss"], summary["train/loss_action"], summary["train/loss_ego"],
+               summary["train/loss_object"], summary["train/loss_interaction"], summary["train/accuracy"],
+               summary["train/learning_rate"], summary["train/steps_per_sec"], summary["train/clips_per_sec"],
+               100 * summary["train/data_wait_fraction"], eta // 60, eta % 60)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains until `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
   workdir = os.path.abspath(workdir)
@@ -202,41 +222,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_metrics, previous = None, None
   window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
-  for step in range(start_step + 1, config.num_train_steps + 1):
-    tick = time.perf_counter()
-    batch = sharding.host_batch_to_global(next(data_iterator), mesh)
-    data_wait += time.perf_counter() - tick
-    state, step_metrics, terms = step_fn(state, batch)
-    # Check the previous step's loss only now, so the host never stalls the device queue.
-    if previous is not None:
-      check_finite(*previous)
-    previous = (step, terms)
-    train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-    window_steps += 1
-    report_progress(step)
+  try:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      tick = time.perf_counter()
+      batch = sharding.host_batch_to_global(next(data_iterator), mesh)
+      data_wait += time.perf_counter() - tick
+      state, step_metrics, terms = step_fn(state, batch)
+      # Check the previous step's loss only now, so the host never stalls the device queue.
+      if previous is not None:
+        check_finite(*previous)
+      previous = (step, terms)
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      window_steps += 1
+      report_progress(step)
 
-    if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      check_finite(*previous)
-      summary = {f"train/{k}": v for k, v in train_metrics.compute().items()}
-      elapsed = time.perf_counter() - window_start
-      summary["train/steps_per_sec"] = window_steps / elapsed
-      summary["train/clips_per_sec"] = window_steps * config.global_batch_size / elapsed
-      summary["train/data_wait_fraction"] = data_wait / elapsed
-      writer.write_scalars(step, summary)
-      eta = (config.num_train_steps - step) / summary["train/steps_per_sec"]
-      logging.info("step %d/%d  loss %.4f (act %.4f ego %.4f obj %.4f int %.4f)  acc %.3f  lr %.4g  "
-                   "%.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds", step, config.num_train_steps,
-                   summary["train/loss"], summary["train/loss_action"], summary["train/loss_ego"],
-                   summary["train/loss_object"], summary["train/loss_interaction"], summary["train/accuracy"],
-                   summary["train/learning_rate"], summary["train/steps_per_sec"], summary["train/clips_per_sec"],
-                   100 * summary["train/data_wait_fraction"], eta // 60, eta % 60)
-      train_metrics, window_start, window_steps, data_wait = None, time.perf_counter(), 0, 0.0
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        check_finite(*previous)
+        write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start, window_steps,
+                      data_wait)
+        train_metrics, window_start, window_steps, data_wait = None, time.perf_counter(), 0, 0.0
 
-    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-      check_finite(*previous)
-      checkpointing.save(manager, step, state, data_iterator)
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
+      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+        check_finite(*previous)
+        checkpointing.save(manager, step, state, data_iterator)
+  finally:
+    manager.wait_until_finished()  # an async save in flight completes even when training fails
+    manager.close()
+    if hasattr(data_iterator, "close"):
+      data_iterator.close()  # stops Grain worker processes
+    writer.flush()
   return state

@@ -92,3 +92,5 @@ def test_optimizer_schedule_and_weight_decay_mask():
   assert float(schedule(10)) == pytest.approx(peak)
   assert float(schedule(55)) == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 45 / 90)), rel=1e-5)
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+  with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be in \[0, num_train_steps\)"):
+    train.make_optimizer(tiny_config(**{"num_train_steps": 100, "optimizer.warmup_steps": 100}))
