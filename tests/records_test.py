@@ -65,6 +65,20 @@ def test_tfrecord_source_random_access_over_shards(tmp_path):
   assert pickle.loads(pickle.dumps(source))[1].video_id == "video_2"  # Grain workers get a pickled copy
 
 
+def test_tfrecord_source_is_safe_under_concurrent_reads(tmp_path):
+  # Grain reads with several threads per process; they share the source's file descriptors.
+  from concurrent.futures import ThreadPoolExecutor
+  recs = [make_record(i) for i in range(40)]
+  for r in recs:
+    r.frames = [bytes([r.labels[0]]) * 5000 * (j + 1) for j in range(3)]  # payloads of different sizes
+  write_shard(tmp_path / "c.tfrecord", recs)
+  source = sources.open_records(str(tmp_path / "c.tfrecord"))
+  order = np.random.default_rng(0).integers(0, 40, 2000)
+  with ThreadPoolExecutor(16) as pool:
+    ids = list(pool.map(lambda i: source[int(i)].video_id, order))
+  assert ids == [f"video_{i}" for i in order]
+
+
 def test_array_record_source(tmp_path):
   from array_record.python import array_record_module
   path = str(tmp_path / "a.array_record-00000-of-00001")

@@ -27,6 +27,7 @@ the data), byte-compatible with `tf.data.TFRecordDataset`, or stored in ArrayRec
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from typing import BinaryIO, Iterator
 
@@ -201,13 +202,15 @@ def scan_tfrecord(path: str) -> Iterator[tuple[int, int]]:
       index += 1
 
 
-def read_tfrecord_at(f: BinaryIO, offset: int, length: int, where: str) -> bytes:
-  """Reads one record's payload at a known offset and checks its CRC."""
-  f.seek(offset)
-  data = f.read(length)
-  footer = f.read(_CRC.size)
-  if len(data) != length or len(footer) != _CRC.size:
+def read_tfrecord_at(fd: int, offset: int, length: int, where: str) -> bytes:
+  """Reads one record's payload at a known offset of an open file descriptor and checks its CRC.
+
+  Uses pread, which keeps no shared file position, so Grain's read threads can share one descriptor.
+  """
+  chunk = os.pread(fd, length + _CRC.size, offset)
+  if len(chunk) != length + _CRC.size:
     raise RecordError(f"{where}: truncated record payload")
-  if _CRC.unpack(footer)[0] != masked_crc32c(data):
+  data = chunk[:length]
+  if _CRC.unpack_from(chunk, length)[0] != masked_crc32c(data):
     raise RecordError(f"{where}: corrupt record payload (data CRC mismatch)")
   return data

@@ -43,7 +43,7 @@ class TFRecordSource:
     self._offsets = np.asarray(offsets, np.int64)
     self._lengths = np.asarray(lengths, np.int64)
     self._file_starts = file_starts
-    self._files = {}  # opened lazily, per process (the source is pickled into Grain workers)
+    self._fds = {}  # opened lazily, per process (the source is pickled into Grain workers)
 
   def __len__(self) -> int:
     return len(self._offsets)
@@ -54,17 +54,21 @@ class TFRecordSource:
 
   def __getitem__(self, index: int) -> records.VideoRecord:
     file_index = bisect.bisect_right(self._file_starts, index) - 1
-    f = self._files.get(file_index)
-    if f is None:
-      f = self._files[file_index] = open(self._paths[file_index], "rb")
+    fd = self._fds.get(file_index)
+    if fd is None:  # a race here opens a descriptor twice, which is harmless
+      fd = self._fds[file_index] = os.open(self._paths[file_index], os.O_RDONLY)
     where = self.where(index)
-    data = records.read_tfrecord_at(f, int(self._offsets[index]), int(self._lengths[index]), where)
+    data = records.read_tfrecord_at(fd, int(self._offsets[index]), int(self._lengths[index]), where)
     return records.decode_example(data, where)
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    state["_files"] = {}
+    state["_fds"] = {}
     return state
+
+  def __del__(self):
+    for fd in getattr(self, "_fds", {}).values():
+      os.close(fd)
 
   def __repr__(self) -> str:
     return f"TFRecordSource({len(self._paths)} files, {len(self)} records)"
