@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -139,3 +140,16 @@ def test_build_model_finds_the_module_by_name():
   assert model.dtype == jnp.bfloat16 and model.num_classes == 5 and model.stage_blocks == (1, 1, 1, 1)
   with pytest.raises(ModuleNotFoundError):
     build_model(ml_collections.ConfigDict(dict(name="no_such_model", num_classes=5)))
+
+
+@pytest.mark.parametrize("kernel_size,strides", [((1, 3, 3), (1, 2, 2)), ((1, 7, 7), (1, 2, 2)),
+                                                 ((3, 1, 1), (1, 1, 1)), ((1, 1, 1), (1, 1, 1))])
+def test_conv3d_equals_a_3d_convolution_with_the_same_kernel(kernel_size, strides):
+  # Convs with kt = 1 run as 2-D convs over B*T frames; the result must be the 3-D conv's.
+  from egoexo_jax.models.resnet3d import Conv3D
+  x = jax.random.normal(jax.random.key(0), (2, 4, 9, 10, 5))
+  conv = Conv3D(6, kernel_size, strides)
+  params = conv.init(jax.random.key(1), x)
+  assert params["params"]["kernel"].shape == (*kernel_size, 5, 6)
+  reference = nn.Conv(6, kernel_size, strides, padding=[(k // 2, k // 2) for k in kernel_size], use_bias=False)
+  np.testing.assert_allclose(conv.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)

@@ -31,11 +31,39 @@ SLOW_R50 = dict(stage_blocks=(3, 4, 6, 3), width=64, temporal_kernels=(1, 1, 3, 
 SLOW_R101 = dict(SLOW_R50, stage_blocks=(3, 4, 23, 3))
 
 
+class Conv3D(nn.Module):
+  """Bias-free conv over (B, T, H, W, C), padded by k // 2 on each side (PyTorch padding), PySlowFast init.
+
+  Its parameter is 'kernel' of shape (kt, kh, kw, C_in, features), as nn.Conv's. A kernel with kt = 1
+  and no temporal stride (all but four convs of Slow-only R50) runs as a 2-D conv over B*T frames:
+  the same maths, and XLA:CPU's 3-D convolutions of such kernels, their gradients above all, are
+  several times slower than its 2-D ones.
+  """
+
+  features: int
+  kernel_size: tuple[int, int, int]
+  strides: tuple[int, int, int] = (1, 1, 1)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", conv_kernel_init, (*self.kernel_size, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    padding = [(k // 2, k // 2) for k in self.kernel_size]
+    if self.kernel_size[0] == 1 and self.strides[0] == 1:
+      batch, time = x.shape[:2]
+      y = jax.lax.conv_general_dilated(x.reshape(batch * time, *x.shape[2:]), kernel[0], self.strides[1:],
+                                       padding[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y.reshape(batch, time, *y.shape[1:])
+    return jax.lax.conv_general_dilated(x, kernel, self.strides, padding,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
 def conv3d(features: int, kernel_size: tuple[int, int, int], strides: tuple[int, int, int], *, name: str,
-           dtype: Any, param_dtype: Any) -> nn.Conv:
-  """Bias-free conv padded by k // 2 on each side of each dim (PyTorch padding), PySlowFast init."""
-  return nn.Conv(features, kernel_size, strides=strides, padding=[(k // 2, k // 2) for k in kernel_size],
-                 use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype, name=name)
+           dtype: Any, param_dtype: Any) -> Conv3D:
+  return Conv3D(features, kernel_size, strides, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any, zero_scale: bool = False) -> nn.BatchNorm:
@@ -58,7 +86,10 @@ class Stem(nn.Module):
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = conv3d(self.width, (self.temporal_kernel, 7, 7), (1, 2, 2), name="conv", **dtypes)(x)
     x = nn.relu(batch_norm(train=train, name="bn", **dtypes)(x))
-    return nn.max_pool(x, window_shape=(1, 3, 3), strides=(1, 2, 2), padding=((0, 0), (1, 1), (1, 1)))
+    batch, time = x.shape[:2]  # max-pool (1, 3, 3) as a 2-D pool over B*T frames, like the convs
+    x = nn.max_pool(x.reshape(batch * time, *x.shape[2:]), window_shape=(3, 3), strides=(2, 2),
+                    padding=((1, 1), (1, 1)))
+    return x.reshape(batch, time, *x.shape[1:])
 
 
 class Bottleneck(nn.Module):
