@@ -1,0 +1,45 @@
+"""configs/egoexo.py: both sizes build, and the pipeline's map grid is the model's res5 grid."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from egoexo_jax import train
+from egoexo_jax.input import pipelines
+from egoexo_jax.models import build_model
+
+CONFIG_FILE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "egoexo.py"
+
+
+def load(arg):
+  spec = importlib.util.spec_from_file_location("egoexo_config", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("arg,grid", [("", (8, 7, 7)), ("small", (8, 4, 4))])
+def test_interaction_targets_match_the_model_grid(arg, grid):
+  config = load(arg)
+  assert pipelines.feature_grid(config) == grid
+  model = build_model(config.model)
+  clips = train.example_batch(config, 2)["clips"]
+  shapes = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
+                          jax.ShapeDtypeStruct(clips.shape, jnp.float32))
+  assert shapes["interaction"].shape == (2, *grid, 2)
+  assert shapes["object"].shape == (2, config.model.num_object_classes)
+
+
+def test_paper_defaults_and_small_switch():
+  full, small = load(""), load("small")
+  assert (full.loss.weight_ego, full.loss.weight_object, full.loss.weight_interaction) == (0.1, 0.5, 1.0)
+  assert (full.data.clip_length, full.data.frame_stride, full.data.crop_size) == (8, 8, 224)
+  assert (full.data.min_short_side, full.data.max_short_side) == (256, 320)
+  assert full.model.stage_blocks == (3, 4, 6, 3) and full.model.dtype == "bfloat16"
+  assert full.optimizer.momentum == 0.9 and full.optimizer.weight_decay == 1e-4
+  assert small.num_train_steps < 1000 and small.model.num_classes == 5  # data/classes.txt
+  with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
+    load("tiny")
