@@ -29,6 +29,12 @@ def expand_pattern(pattern: str) -> list[str]:
   return paths
 
 
+def locate(file_starts: Sequence[int], index: int) -> tuple[int, int]:
+  """Global record index -> (shard number, record number inside that shard)."""
+  file_index = bisect.bisect_right(file_starts, index) - 1
+  return file_index, index - file_starts[file_index]
+
+
 class TFRecordSource:
   """Random access to the records of TFRecord shards; items are decoded `VideoRecord`s."""
 
@@ -49,15 +55,15 @@ class TFRecordSource:
     return len(self._offsets)
 
   def where(self, index: int) -> str:
-    file_index = bisect.bisect_right(self._file_starts, index) - 1
-    return f"{self._paths[file_index]}#{index - self._file_starts[file_index]}"
+    file_index, record = locate(self._file_starts, index)
+    return f"{self._paths[file_index]}#{record}"
 
   def __getitem__(self, index: int) -> records.VideoRecord:
-    file_index = bisect.bisect_right(self._file_starts, index) - 1
+    file_index, record = locate(self._file_starts, index)
     fd = self._fds.get(file_index)
     if fd is None:  # a race here opens a descriptor twice, which is harmless
       fd = self._fds[file_index] = os.open(self._paths[file_index], os.O_RDONLY)
-    where = self.where(index)
+    where = f"{self._paths[file_index]}#{record}"
     data = records.read_tfrecord_at(fd, int(self._offsets[index]), int(self._lengths[index]), where)
     return records.decode_example(data, where)
 
@@ -89,8 +95,8 @@ class ArrayRecordSource:
     return len(self._source)
 
   def where(self, index: int) -> str:
-    file_index = bisect.bisect_right(self._file_starts, index) - 1
-    return f"{self._paths[file_index]}#{index - self._file_starts[file_index]}"
+    file_index, record = locate(self._file_starts, index)
+    return f"{self._paths[file_index]}#{record}"
 
   def __getitem__(self, index: int) -> records.VideoRecord:
     return records.decode_example(self._source[index], self.where(index))
