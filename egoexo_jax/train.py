@@ -150,13 +150,21 @@ def make_step_fn(model, optimizer, schedule, config, mesh, state_shardings):
                  donate_argnums=0)
 
 
+def abstract_state(model, optimizer, config, mesh):
+  """The state's shapes, dtypes and shardings, computed without initialising anything.
+
+  Returns (a pytree of ShapeDtypeStructs carrying the shardings, the pytree of shardings).
+  """
+  abstract = jax.eval_shape(functools.partial(init_state, model, optimizer, config), jax.random.key(config.seed))
+  state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return checkpointing.abstract_with_shardings(abstract, state_shardings), state_shardings
+
+
 def create_sharded_state(model, optimizer, config, mesh):
   """Initialises the state directly in its shardings (no host copy); returns (state, shardings)."""
-  init = functools.partial(init_state, model, optimizer, config)
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
-  return state, state_shardings
+  _, state_shardings = abstract_state(model, optimizer, config, mesh)
+  init = jax.jit(functools.partial(init_state, model, optimizer, config), out_shardings=state_shardings)
+  return init(jax.random.key(config.seed)), state_shardings
 
 
 def check_finite(step: int, terms: dict[str, jax.Array]) -> None:
@@ -203,15 +211,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model = build_model(config.model)
   optimizer, schedule = make_optimizer(config)
-  state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                        async_save=config.async_checkpointing)
-  abstract = checkpointing.abstract_with_shardings(state, state_shardings)
+  abstract, state_shardings = abstract_state(model, optimizer, config, mesh)
   restored = checkpointing.restore_latest(manager, abstract, data_iterator)
   if restored is not None:
     state, start_step = restored
     logging.info("Resumed from step %d (state and data iterator).", start_step)
   else:
+    state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
     start_step = 0
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %.2fM parameters; mesh %s; global batch %d.", config.model.name, param_count / 1e6,
