@@ -78,6 +78,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 1e-4  # on conv and dense kernels; not on BatchNorm or biases
 
+  config.init_from = ""  # a workdir or checkpoint whose `backbone` starts this run (heads stay new)
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.num_devices = -1  # all devices on the `data` axis
 

@@ -75,3 +75,48 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` carrying `shardings` (a pytree of the same structure)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def latest_step_dir(path: str) -> str:
+  """A step folder from a workdir, its `checkpoints` folder, or a step folder itself (newest step)."""
+  path = os.path.abspath(path)
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    steps = [d for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if steps:
+      return os.path.join(candidate, max(steps, key=int))
+  if os.path.isdir(os.path.join(path, STATE)):
+    return path
+  raise FileNotFoundError(f"no checkpoint under '{path}' (expected a workdir, its checkpoints/ folder, "
+                          "or a step folder holding 'state/')")
+
+
+def load_backbone(path: str, params: Any, batch_stats: Any, subtree: str = "backbone") -> tuple[Any, Any]:
+  """Replaces the `subtree` of params and batch_stats with those of the checkpoint at `path`.
+
+  Heads stay as initialised (a new task's heads). Every array of the subtree must be present with
+  the same shape; the error names the first one that is not.
+  """
+  step_dir = latest_step_dir(path)
+  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, STATE))
+  out = []
+  for collection, current in (("params", params), ("batch_stats", batch_stats)):
+    if subtree not in current:
+      out.append(current)
+      continue
+    source = saved.get(collection, {}).get(subtree)
+    if source is None:
+      raise KeyError(f"{step_dir}: the checkpoint has no '{collection}/{subtree}'")
+    flat_source = dict(jax.tree_util.tree_flatten_with_path(source)[0])
+    replaced = {}
+    for key_path, value in jax.tree_util.tree_flatten_with_path(current[subtree])[0]:
+      name = f"{collection}/{subtree}{jax.tree_util.keystr(key_path)}"
+      if key_path not in flat_source:
+        raise KeyError(f"{step_dir}: the checkpoint has no '{name}'")
+      if flat_source[key_path].shape != value.shape:
+        raise ValueError(f"{step_dir}: '{name}' has shape {flat_source[key_path].shape} in the checkpoint but "
+                         f"{value.shape} in this model")
+      replaced[key_path] = jax.numpy.asarray(flat_source[key_path], value.dtype)
+    treedef = jax.tree_util.tree_structure(current[subtree])
+    leaves = [replaced[k] for k, _ in jax.tree_util.tree_flatten_with_path(current[subtree])[0]]
+    out.append({**current, subtree: jax.tree_util.tree_unflatten(treedef, leaves)})
+  return out[0], out[1]

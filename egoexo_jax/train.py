@@ -123,9 +123,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimiz
   def loss_fn(params):
     outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, clips, train=True,
                                    rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    if outputs["interaction"].shape != batch["interaction_map"].shape:
+    if "interaction" in outputs and outputs["interaction"].shape != batch["interaction_map"].shape:
       raise ValueError(f"interaction-map targets have shape {batch['interaction_map'].shape} but the model's "
                        f"res5 grid gives {outputs['interaction'].shape}; check data.crop_size/clip_length")
+    missing = sorted(k for k, w in loss_weights.items() if w and k not in outputs)
+    if missing:
+      raise ValueError(f"loss weights {missing} are non-zero but the model has no such heads "
+                       "(model.use_ego_heads is False): set their config.loss.weight_* to 0")
     total, terms = losses.egoexo_loss(outputs, batch, loss_weights, config.loss.temperature_ego,
                                       config.loss.temperature_object)
     return total, (terms, outputs["action"], updates["batch_stats"])
@@ -221,6 +225,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   else:
     state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
     start_step = 0
+    if config.get("init_from"):
+      params, batch_stats = checkpointing.load_backbone(config.init_from, state.params, state.batch_stats)
+      state = jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_shardings)
+      logging.info("Backbone initialised from %s.", config.init_from)
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %.2fM parameters; mesh %s; global batch %d.", config.model.name, param_count / 1e6,
                dict(mesh.shape), config.global_batch_size)

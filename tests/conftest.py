@@ -13,7 +13,11 @@ import pathlib
 import numpy as np
 import pytest
 
-DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+sys.path.insert(0, str(ROOT))  # configs/ import each other as `configs.<name>`, as under main.py
 
 
 def decode_real_frames(name: str, count: int, short_side: int) -> list[np.ndarray]:

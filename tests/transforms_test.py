@@ -90,6 +90,14 @@ def test_sample_frame_indices():
   np.testing.assert_array_equal(transforms.sample_frame_indices(20, 4, 8, None), [0, 8, 16, 19])
 
 
+def test_evenly_spaced_clips_follow_pyslowfast():
+  clips = transforms.evenly_spaced_clips(100, 8, 8, 2)  # span 57, delta 43: starts 0 and 21
+  np.testing.assert_array_equal(clips[:, 0], [0, 21])
+  np.testing.assert_array_equal(clips[1], 21 + 8 * np.arange(8))
+  np.testing.assert_array_equal(transforms.evenly_spaced_clips(20, 4, 8, 3), [[0, 8, 16, 19]] * 3)
+  assert transforms.evenly_spaced_clips(300, 8, 8, 10)[:, 0].tolist() == [243 * i // 10 for i in range(10)]
+
+
 def test_crop_window_scale_jitter_and_bounds():
   rng = np.random.default_rng(1)
   sides = []

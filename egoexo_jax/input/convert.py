@@ -14,7 +14,9 @@ Manifest: a CSV file with a header. Columns:
             means the beginning, an empty end the end of the video.
 Other columns (e.g. `view`, `note`) are ignored.
 
-Teacher signals, in the formats released by the Ego-Exo authors (all optional):
+Teacher signals, in the formats released by the Ego-Exo authors (all optional). The pickles are
+keyed by manifest path, as the released files are, or by video_id, as egoexo_jax's own teachers
+(egoexo_jax.pseudo_labels) write them; a path key wins when both match:
   ego_logits       pickle of {manifest path: 2 logits (ego, exo)}      (like k400_ego_predicts.pkl)
   object_logits    pickle of {manifest path: K logits}                 (like k400_IN_predicts.pkl)
   hand_object_dir  `<dir>/<manifest path with extension .npy>`: np.save'd per-frame list over the
@@ -577,17 +579,18 @@ def _write_json(path: str, content: dict) -> None:
 
 
 def _teacher_vectors(rows, table, table_path, field, allow_missing) -> tuple[list, list[str]]:
-  """Per-row vectors from a {path: logits} table; missing keys are an error unless allowed."""
+  """Per-row vectors from a {path or video_id: logits} table; missing keys are an error unless allowed."""
   if table is None:
     return [None] * len(rows), []
-  missing = [row for row in rows if row.path not in table]
+  missing = [row for row in rows if row.path not in table and row.video_id not in table]
   if missing and not allow_missing:
     row = missing[0]
     raise PseudoLabelError(
-        f"{table_path}: no {field} for video '{row.path}' (manifest line {row.line}); "
+        f"{table_path}: no {field} for video '{row.path}' (video_id '{row.video_id}', manifest line {row.line}); "
         f"{len({r.path for r in missing})} manifest paths are missing. Pass allow_missing_pseudo_labels "
         f"(--allow_missing_pseudo_labels) to leave the field absent for them")
-  return [table.get(row.path) for row in rows], list(dict.fromkeys(row.path for row in missing))
+  vectors = [table[row.path] if row.path in table else table.get(row.video_id) for row in rows]
+  return vectors, list(dict.fromkeys(row.path for row in missing))
 
 
 def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int = 320, jpeg_quality: int = 90,

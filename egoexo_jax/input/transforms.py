@@ -43,6 +43,18 @@ def sample_frame_indices(num_frames: int, clip_length: int, stride: int, rng: np
   return np.minimum(start + stride * np.arange(clip_length), num_frames - 1)
 
 
+def evenly_spaced_clips(num_frames: int, clip_length: int, stride: int, num_clips: int) -> np.ndarray:
+  """Frame indices (num_clips, clip_length) of test-time clips, as PySlowFast places them.
+
+  Clip i of N starts at floor(delta * i / N), delta = max(num_frames - span, 0); short videos
+  repeat their last frame.
+  """
+  span = (clip_length - 1) * stride + 1
+  delta = max(num_frames - span, 0)
+  starts = (delta * np.arange(num_clips)) // num_clips
+  return np.minimum(starts[:, None] + stride * np.arange(clip_length)[None], num_frames - 1)
+
+
 def sample_crop_window(height: int, width: int, crop_size: int, min_short_side: int, max_short_side: int,
                        rng: np.random.Generator | None, flip_probability: float = 0.5) -> CropWindow:
   """Short-side scale jitter in [min, max], then a random crop_size square, then a random flip.

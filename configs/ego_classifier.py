@@ -1,0 +1,36 @@
+r"""Ego-Score teacher (Ego-Exo Eq. 1): a Slow-only R50 ego/exo view classifier.
+
+Train it on videos labelled by view (Charades-Ego: 0 = first-person, 1 = third-person; only the
+binary label is used), from a Kinetics-style initialisation (`init_from`: a workdir or checkpoint
+whose `backbone` matches), then score every exo video with
+`python -m egoexo_jax.pseudo_labels.ego_score` (N = 2 clips, logits averaged). The same trainer
+as Ego-Exo pre-training: the ego/object/interaction heads are off and their loss weights are 0,
+so the loss is the 2-way cross-entropy.
+
+  python main.py --config=configs/ego_classifier.py --workdir=runs/ego_cls \
+      --config.data.train_records='/data/charades_ego_views/train.tfrecord-*' --config.init_from=runs/k400
+
+On the shipped clips (`data/views_manifest.csv`), for a laptop:
+
+  python main.py --config=configs/ego_classifier.py:small --workdir=runs/ego_cls_small
+"""
+
+from configs import egoexo
+
+
+def get_config(arg: str = ""):
+  config = egoexo.get_config(arg)
+  config.data.manifest = "data/views_manifest.csv"
+  config.data.ego_logits = config.data.object_logits = config.data.hand_object_dir = ""
+  config.model.num_classes = 2
+  config.model.use_ego_heads = False
+  config.loss.weight_ego = config.loss.weight_object = config.loss.weight_interaction = 0.0
+  config.init_from = ""  # workdir or checkpoint to take the backbone from (Kinetics pre-training)
+  if arg == "small":
+    config.num_train_steps = 100
+    config.optimizer.warmup_steps = 10
+    config.checkpoint_every_steps = 50
+  else:
+    config.num_train_steps = 20_000  # Charades-Ego views; set for your data
+    config.optimizer.warmup_steps = 1_000
+  return config
