@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import math
 import os
 import pathlib
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import av
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -208,7 +210,7 @@ def test_boxes_from_handwritten_npy(tmp_path):
   manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "talk", "1", "2"),
                                        ("clips/cup.mp4", "1", "cup", "0", "1")])
   report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=64,
-                                    hand_object_dir=str(npy_dir))
+                                    hand_object_dir=str(npy_dir), box_score_threshold=0.0)
   talk, cup = (sources.open_records(str(tmp_path / "out" / "t.tfrecord-*"))[i] for i in range(2))
   n = last - first
   np.testing.assert_allclose(talk.hand_boxes, [
@@ -326,3 +328,26 @@ def test_cli_with_workers_matches_library_output(tmp_path):
   # a rerun with another shard count would mix with these shards under one glob
   with pytest.raises(FileExistsError, match="another shard count"):
     convert.convert_manifest(manifest, str(tmp_path / "one" / "t"), short_side=32, num_shards=3)
+
+
+def test_score_threshold_and_json_detections(tmp_path):
+  """Boxes under 0.5 are dropped by default; the JSON schema gives the same boxes as the .npy."""
+  video = DATA / "clips" / "carphone_pristine.mp4"  # 176 x 144, 120 frames
+  per_frame = [None] * 120
+  per_frame[3] = {"objects": [[44.0, 36.0, 132.0, 108.0, 0.7]],
+                  "hands": [[17.6, 14.4, 88.0, 72.0, 0.9, 1, 0], [0, 0, 176, 144, 0.2, 0, 0]]}
+  per_frame[4] = {"hands": []}
+  folder = tmp_path / "hand_object" / "clips"
+  folder.mkdir(parents=True)
+  (folder / "carphone_pristine.json").write_text(json.dumps(per_frame))
+  manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "talk", "", "")])
+  convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=64,
+                           hand_object_dir=str(tmp_path / "hand_object"))
+  record = sources.open_records(str(tmp_path / "out" / "t.tfrecord-*"))[0]
+  np.testing.assert_allclose(record.hand_boxes, [[3, .1, .1, .5, .5, .9]], atol=1e-6)  # the 0.2 box is gone
+  np.testing.assert_allclose(record.object_boxes, [[3, .25, .25, .75, .75, .7]], atol=1e-6)
+  per_frame[5] = {"hands": [[1, 2, 3, 4, 0.9], [1, 2, 3]]}
+  (folder / "carphone_pristine.json").write_text(json.dumps(per_frame))
+  with pytest.raises(convert.PseudoLabelError, match=r"carphone_pristine\.json: frame 5: 'hands'"):
+    convert.convert_manifest(manifest, str(tmp_path / "out2" / "t"), short_side=64,
+                             hand_object_dir=str(tmp_path / "hand_object"))

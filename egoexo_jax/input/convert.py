@@ -22,6 +22,11 @@ keyed by manifest path, as the released files are, or by video_id, as egoexo_jax
   hand_object_dir  `<dir>/<manifest path with extension .npy>`: np.save'd per-frame list over the
                    video's decoded frames of (object_detections, hand_detections), each an
                    N x >=5 array [x1, y1, x2, y2, score, ...] in decoded-frame pixels, or None.
+                   Or `<dir>/<manifest path with extension .json>` (used when there is no .npy):
+                   a JSON list with one entry per decoded frame, either null or
+                   {"objects": [[x1, y1, x2, y2, score, ...], ...], "hands": [[...], ...]}
+                   (a missing key means nothing detected), in decoded-frame pixels.
+                   Boxes scoring under `box_score_threshold` (default 0.5, Ego-Exo's) are dropped.
 
 Decisions worth knowing:
   * Frames are never upscaled: a video whose short side is already <= `short_side` is stored at its
@@ -210,8 +215,47 @@ def hand_object_npy_path(hand_object_dir: str, manifest_path: str) -> str:
   return os.path.join(hand_object_dir, os.path.splitext(manifest_path)[0].lstrip(os.sep) + ".npy")
 
 
+def find_detections(hand_object_dir: str, manifest_path: str) -> str | None:
+  """The detector file for a manifest path: its .npy, else its .json, else None."""
+  npy = hand_object_npy_path(hand_object_dir, manifest_path)
+  for candidate in (npy, os.path.splitext(npy)[0] + ".json"):
+    if os.path.exists(candidate):
+      return candidate
+  return None
+
+
+def _load_json_detections(json_path: str) -> list:
+  """A JSON per-frame list of null or {"objects": [...], "hands": [...]} -> (objects, hands) pairs."""
+  try:
+    with open(json_path) as f:
+      frames = json.load(f)
+  except (OSError, ValueError) as e:
+    raise PseudoLabelError(f"{json_path}: cannot read the hand/object detections ({e})") from e
+  if not isinstance(frames, list):
+    raise PseudoLabelError(f"{json_path}: expected a JSON list with one entry per decoded frame")
+  entries = []
+  for k, frame in enumerate(frames):
+    if frame is None:
+      entries.append(None)
+      continue
+    if not isinstance(frame, dict) or set(frame) - {"objects", "hands"}:
+      raise PseudoLabelError(f"{json_path}: frame {k} must be null or an object with keys 'objects' and "
+                             f"'hands', found {frame if not isinstance(frame, dict) else sorted(frame)}")
+    pair = []
+    for key in ("objects", "hands"):
+      try:
+        boxes = np.asarray(frame.get(key) or np.zeros((0, 5)), np.float32)
+      except ValueError as e:
+        raise PseudoLabelError(f"{json_path}: frame {k}: '{key}' is not a list of equal-length boxes ({e})") from e
+      pair.append(boxes)
+    entries.append(tuple(pair))
+  return entries
+
+
 def _load_detections(npy_path: str) -> list:
-  """The per-frame (object_detections, hand_detections) list saved in an .npy file."""
+  """The per-frame (object_detections, hand_detections) list saved in an .npy (or .json) file."""
+  if npy_path.endswith(".json"):
+    return _load_json_detections(npy_path)
   try:
     entries = np.load(npy_path, allow_pickle=True)
   except (OSError, ValueError, pickle.UnpicklingError) as e:
@@ -221,8 +265,12 @@ def _load_detections(npy_path: str) -> list:
   return list(entries)
 
 
-def _detections_to_rows(detections, frame: int, width: int, height: int, where: str) -> np.ndarray:
-  """N x >=5 [x1, y1, x2, y2, score, ...] in pixels -> N x 6 [frame, x1, y1, x2, y2, score] in [0, 1]."""
+def _detections_to_rows(detections, frame: int, width: int, height: int, where: str,
+                        min_score: float = 0.0) -> np.ndarray:
+  """N x >=5 [x1, y1, x2, y2, score, ...] in pixels -> rows [frame, x1, y1, x2, y2, score] in [0, 1].
+
+  Detections scoring under `min_score` are dropped.
+  """
   if detections is None:
     return np.zeros((0, records.BOX_COLUMNS), np.float32)
   detections = np.asarray(detections, np.float32)
@@ -231,6 +279,7 @@ def _detections_to_rows(detections, frame: int, width: int, height: int, where: 
   if detections.ndim != 2 or detections.shape[1] < 5:
     raise PseudoLabelError(f"{where}: detections of shape {detections.shape}; expected N x >=5 "
                            "[x1, y1, x2, y2, score, ...]")
+  detections = detections[detections[:, 4] >= min_score]
   scale = np.array([width, height, width, height], np.float32)
   coords = np.clip(detections[:, :4] / scale, 0.0, 1.0)
   rows = np.concatenate([np.full((len(detections), 1), frame, np.float32), coords, detections[:, 4:5]], axis=1)
@@ -238,7 +287,8 @@ def _detections_to_rows(detections, frame: int, width: int, height: int, where: 
 
 
 def convert_detections(entries: Sequence, npy_path: str, *, first_frame: int, num_frames: int,
-                       decoded_frames: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+                       decoded_frames: int, width: int, height: int,
+                       min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
   """Detector output over a whole video -> (hand_boxes, object_boxes) rows for a stored segment.
 
   `entries[k]` belongs to decoded frame k of the original video; the segment is the decoded frames
@@ -257,8 +307,8 @@ def convert_detections(entries: Sequence, npy_path: str, *, first_frame: int, nu
       raise PseudoLabelError(f"{npy_path}: frame {k} holds {len(entry)} items; expected a pair "
                              "(object_detections, hand_detections)")
     where = f"{npy_path}: frame {k}"
-    objects.append(_detections_to_rows(entry[0], k - first_frame, width, height, where))
-    hands.append(_detections_to_rows(entry[1], k - first_frame, width, height, where))
+    objects.append(_detections_to_rows(entry[0], k - first_frame, width, height, where, min_score))
+    hands.append(_detections_to_rows(entry[1], k - first_frame, width, height, where, min_score))
   empty = np.zeros((0, records.BOX_COLUMNS), np.float32)
   return (np.concatenate(hands) if hands else empty), (np.concatenate(objects) if objects else empty)
 
@@ -409,7 +459,8 @@ class RowTask:
   jpeg_quality: int
   ego_logits: np.ndarray | None
   object_logits: np.ndarray | None
-  npy_path: str | None  # detector output for this video, if the file exists
+  npy_path: str | None  # detector output for this video (.npy or .json), if the file exists
+  box_score_threshold: float = 0.5
 
 
 @dataclasses.dataclass
@@ -434,7 +485,7 @@ def convert_row(task: RowTask) -> RowResult:
     hand_boxes, object_boxes = convert_detections(
         _load_detections(task.npy_path), task.npy_path, first_frame=decoded.first_frame,
         num_frames=len(decoded.jpegs), decoded_frames=decoded.decoded_frames,
-        width=decoded.original_width, height=decoded.original_height)
+        width=decoded.original_width, height=decoded.original_height, min_score=task.box_score_threshold)
   record = records.VideoRecord(
       video_id=row.video_id, fps=decoded.fps, height=decoded.height, width=decoded.width,
       frames=decoded.jpegs, labels=np.asarray(row.labels, np.int64), ego_logits=task.ego_logits,
@@ -596,8 +647,8 @@ def _teacher_vectors(rows, table, table_path, field, allow_missing) -> tuple[lis
 def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int = 320, jpeg_quality: int = 90,
                      num_shards: int = 1, formats: Sequence[str] = ("tfrecord",), ego_logits: str | None = None,
                      object_logits: str | None = None, hand_object_dir: str | None = None,
-                     allow_missing_pseudo_labels: bool = False, strict: bool = False,
-                     workers: int = 1) -> ConversionReport:
+                     allow_missing_pseudo_labels: bool = False, box_score_threshold: float = 0.5,
+                     strict: bool = False, workers: int = 1) -> ConversionReport:
   """Converts every video of a manifest into record shards and a `<output_prefix>.json` summary."""
   formats = tuple(formats)
   if not formats or any(fmt not in FORMATS for fmt in formats) or len(set(formats)) != len(formats):
@@ -615,17 +666,17 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
                                                     allow_missing_pseudo_labels)
   npy_paths, without_boxes = [], []
   for row in rows:
-    npy = None if hand_object_dir is None else hand_object_npy_path(hand_object_dir, row.path)
-    if npy is not None and not os.path.exists(npy):
+    npy = None if hand_object_dir is None else find_detections(hand_object_dir, row.path)
+    if hand_object_dir is not None and npy is None:
       without_boxes.append(row.path)
-      npy = None
     npy_paths.append(npy)
   without_boxes = list(dict.fromkeys(without_boxes))
   for path in without_boxes:
     logging.warning("%s: no hand/object detections at %s; its records carry no box fields", path,
-                    hand_object_npy_path(hand_object_dir, path))
+                    hand_object_npy_path(hand_object_dir, path) + " (or .json)")
 
-  tasks = [RowTask(i, row, short_side, jpeg_quality, ego_vectors[i], object_vectors[i], npy_paths[i])
+  tasks = [RowTask(i, row, short_side, jpeg_quality, ego_vectors[i], object_vectors[i], npy_paths[i],
+                   box_score_threshold)
            for i, row in enumerate(rows)]
 
   output_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -695,6 +746,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("hand_object_dir", None, "Folder of per-video detector .npy files.")
   flags.DEFINE_bool("allow_missing_pseudo_labels", False,
                     "Leave a teacher field absent for videos missing from its pickle.")
+  flags.DEFINE_float("box_score_threshold", 0.5, "Drop detector boxes scoring under this (Ego-Exo: 0.5).")
   flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be converted.")
   flags.DEFINE_integer("workers", 1, "Decoding processes.")
   flags.mark_flags_as_required(["manifest", "output_prefix"])
@@ -708,7 +760,7 @@ def main(argv: Sequence[str]) -> None:
       f.manifest, f.output_prefix, short_side=f.short_side, jpeg_quality=f.jpeg_quality, num_shards=f.num_shards,
       formats=f.formats, ego_logits=f.ego_logits, object_logits=f.object_logits,
       hand_object_dir=f.hand_object_dir, allow_missing_pseudo_labels=f.allow_missing_pseudo_labels,
-      strict=f.strict, workers=f.workers)
+      box_score_threshold=f.box_score_threshold, strict=f.strict, workers=f.workers)
   print(report.summary_line())
   print(f"summary: {report.summary_file}")
 
