@@ -53,7 +53,6 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob
 import io
@@ -70,7 +69,7 @@ from absl import logging
 import av
 import numpy as np
 
-from egoexo_jax.input import records
+from egoexo_jax.input import csv_rows, records
 
 FORMATS = ("tfrecord", "array_record")
 NPY_LENGTH_TOLERANCE = 2  # frames of disagreement allowed between an .npy and the decoded video
@@ -135,43 +134,33 @@ def read_manifest(manifest_path: str) -> list[ManifestRow]:
   """Reads and validates a manifest; any problem raises ManifestError naming the line."""
   folder = os.path.dirname(os.path.abspath(manifest_path))
   rows, seen_ids = [], {}
-  with open(manifest_path, newline="") as f:
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    for required in ("path", "labels"):
-      if required not in columns:
-        raise ManifestError(f"{manifest_path}:1: the header {columns} has no '{required}' column")
-    reader.fieldnames = columns
-    for fields in reader:
-      where = f"{manifest_path}:{reader.line_num}"
-      if None in fields:
-        raise ManifestError(f"{where}: more values than header columns")
-      path = (fields.get("path") or "").strip()
-      if not path:
-        raise ManifestError(f"{where}: column 'path' is empty")
-      label_text = (fields.get("labels") or "").strip()
-      try:
-        labels = tuple(int(x) for x in label_text.split())
-      except ValueError:
-        raise ManifestError(
-            f"{where}: column 'labels' is '{label_text}'; expected class ids separated by spaces") from None
-      if not labels:
-        raise ManifestError(f"{where}: column 'labels' is empty")
-      if min(labels) < 0:
-        raise ManifestError(f"{where}: column 'labels' has a negative class id: '{label_text}'")
-      if len(set(labels)) != len(labels):
-        raise ManifestError(f"{where}: column 'labels' repeats a class id: '{label_text}'")
-      start = _parse_seconds(fields.get("start_sec"), "start_sec", where)
-      end = _parse_seconds(fields.get("end_sec"), "end_sec", where)
-      if end is not None and end <= (start or 0.0):
-        raise ManifestError(f"{where}: end_sec {end:g} is not after start_sec {start or 0:g}")
-      video_id = (fields.get("video_id") or "").strip() or _default_video_id(path, start, end)
-      if video_id in seen_ids:
-        raise ManifestError(f"{where}: video_id '{video_id}' was already used on line {seen_ids[video_id]}")
-      seen_ids[video_id] = reader.line_num
-      rows.append(ManifestRow(
-          line=reader.line_num, path=path, file=os.path.join(folder, path), labels=labels,
-          video_id=video_id, start_sec=start, end_sec=end))
+  for line, where, fields in csv_rows.read_csv_rows(manifest_path, ("path", "labels"), ManifestError):
+    path = (fields.get("path") or "").strip()
+    if not path:
+      raise ManifestError(f"{where}: column 'path' is empty")
+    label_text = (fields.get("labels") or "").strip()
+    try:
+      labels = tuple(int(x) for x in label_text.split())
+    except ValueError:
+      raise ManifestError(
+          f"{where}: column 'labels' is '{label_text}'; expected class ids separated by spaces") from None
+    if not labels:
+      raise ManifestError(f"{where}: column 'labels' is empty")
+    if min(labels) < 0:
+      raise ManifestError(f"{where}: column 'labels' has a negative class id: '{label_text}'")
+    if len(set(labels)) != len(labels):
+      raise ManifestError(f"{where}: column 'labels' repeats a class id: '{label_text}'")
+    start = _parse_seconds(fields.get("start_sec"), "start_sec", where)
+    end = _parse_seconds(fields.get("end_sec"), "end_sec", where)
+    if end is not None and end <= (start or 0.0):
+      raise ManifestError(f"{where}: end_sec {end:g} is not after start_sec {start or 0:g}")
+    video_id = (fields.get("video_id") or "").strip() or _default_video_id(path, start, end)
+    if video_id in seen_ids:
+      raise ManifestError(f"{where}: video_id '{video_id}' was already used on line {seen_ids[video_id]}")
+    seen_ids[video_id] = line
+    rows.append(ManifestRow(
+        line=line, path=path, file=os.path.join(folder, path), labels=labels,
+        video_id=video_id, start_sec=start, end_sec=end))
   if not rows:
     raise ManifestError(f"{manifest_path}: no data rows")
   return rows

@@ -52,7 +52,6 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import math
@@ -66,6 +65,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from egoexo_jax.input import csv_rows
 
 FORMAT_VERSION = 1
 SUML_THRESHOLD = 0.5  # SUM-L's default similarity threshold for a pseudo-pair to count as a positive
@@ -90,28 +91,18 @@ class PairFileError(ValueError):
 def read_narrations(csv_path: str) -> tuple[list[str], list[str]]:
   """(video ids, narrations) of a CSV in file order; any problem raises NarrationCsvError naming the line."""
   ids, narrations, seen = [], [], {}
-  with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
-    reader = csv.DictReader(f)
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    for required in REQUIRED_COLUMNS:
-      if required not in columns:
-        raise NarrationCsvError(f"{csv_path}:1: the header {columns} has no '{required}' column")
-    reader.fieldnames = columns
-    for fields in reader:
-      where = f"{csv_path}:{reader.line_num}"
-      if None in fields:
-        raise NarrationCsvError(f"{where}: more values than header columns")
-      video_id = (fields["video_id"] or "").strip()
-      if not video_id:
-        raise NarrationCsvError(f"{where}: column 'video_id' is empty")
-      narration = (fields["narration"] or "").strip()
-      if not narration:
-        raise NarrationCsvError(f"{where}: column 'narration' is empty (video_id '{video_id}')")
-      if video_id in seen:
-        raise NarrationCsvError(f"{where}: video_id '{video_id}' was already used on line {seen[video_id]}")
-      seen[video_id] = reader.line_num
-      ids.append(video_id)
-      narrations.append(narration)
+  for line, where, fields in csv_rows.read_csv_rows(csv_path, REQUIRED_COLUMNS, NarrationCsvError):
+    video_id = (fields["video_id"] or "").strip()
+    if not video_id:
+      raise NarrationCsvError(f"{where}: column 'video_id' is empty")
+    narration = (fields["narration"] or "").strip()
+    if not narration:
+      raise NarrationCsvError(f"{where}: column 'narration' is empty (video_id '{video_id}')")
+    if video_id in seen:
+      raise NarrationCsvError(f"{where}: video_id '{video_id}' was already used on line {seen[video_id]}")
+    seen[video_id] = line
+    ids.append(video_id)
+    narrations.append(narration)
   if not ids:
     raise NarrationCsvError(f"{csv_path}: no data rows")
   return ids, narrations
