@@ -351,3 +351,16 @@ def test_score_threshold_and_json_detections(tmp_path):
   with pytest.raises(convert.PseudoLabelError, match=r"carphone_pristine\.json: frame 5: 'hands'"):
     convert.convert_manifest(manifest, str(tmp_path / "out2" / "t"), short_side=64,
                              hand_object_dir=str(tmp_path / "hand_object"))
+
+
+def test_logit_pickles_from_parallel_scorers_are_merged(tmp_path):
+  first, second, clash = (str(tmp_path / f"{n}.pkl") for n in ("a", "b", "c"))
+  for path, table in ((first, {"v1": [1.0, 2.0], "v2": [0.0, 1.0]}), (second, {"v3": [3.0, 4.0], "v2": [0.0, 1.0]}),
+                      (clash, {"v1": [9.0, 9.0]})):
+    with open(path, "wb") as f:
+      pickle.dump(table, f)
+  merged = convert.load_logit_files(f"{first}, {second}", "ego_logits", length=2)
+  assert sorted(merged) == ["v1", "v2", "v3"]
+  np.testing.assert_array_equal(merged["v3"], [3.0, 4.0])
+  with pytest.raises(convert.PseudoLabelError, match=r"c\.pkl: entry 'v1' differs from the one in .*a\.pkl"):
+    convert.load_logit_files(f"{first},{clash}", "ego_logits", length=2)

@@ -16,7 +16,8 @@ Other columns (e.g. `view`, `note`) are ignored.
 
 Teacher signals, in the formats released by the Ego-Exo authors (all optional). The pickles are
 keyed by manifest path, as the released files are, or by video_id, as egoexo_jax's own teachers
-(egoexo_jax.pseudo_labels) write them; a path key wins when both match:
+(egoexo_jax.pseudo_labels) write them; a path key wins when both match. Several pickles, comma-
+separated, are merged (one per teacher process, each run over its own group of record shards):
   ego_logits       pickle of {manifest path: 2 logits (ego, exo)}      (like k400_ego_predicts.pkl)
   object_logits    pickle of {manifest path: K logits}                 (like k400_IN_predicts.pkl)
   hand_object_dir  `<dir>/<manifest path with extension .npy>`: np.save'd per-frame list over the
@@ -167,6 +168,23 @@ def read_manifest(manifest_path: str) -> list[ManifestRow]:
 
 
 # --------------------------------------------------------------------------- teacher files
+
+
+def load_logit_files(paths: str, field: str, length: int | None = None) -> dict[str, np.ndarray]:
+  """Merges comma-separated {key: logits} pickles, e.g. one per scorer process over a group of shards.
+
+  A key found in two files must carry the same vector there; every vector must have the same length.
+  """
+  merged, origin = {}, {}
+  for path in (p.strip() for p in paths.split(",") if p.strip()):
+    table = load_logits(path, field, length)
+    for key, vector in table.items():
+      if key in merged and not np.array_equal(merged[key], vector):
+        raise PseudoLabelError(f"{path}: entry '{key}' differs from the one in {origin[key]}")
+      merged[key], origin[key] = vector, path
+    if length is None and table:
+      length = len(next(iter(table.values())))
+  return merged
 
 
 def load_logits(pickle_path: str, field: str, length: int | None = None) -> dict[str, np.ndarray]:
@@ -647,8 +665,8 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
                      f"jpeg_quality={jpeg_quality} (1..100)")
   rows = read_manifest(manifest_path)
 
-  ego_table = None if ego_logits is None else load_logits(ego_logits, "ego_logits", length=2)
-  object_table = None if object_logits is None else load_logits(object_logits, "object_logits")
+  ego_table = None if ego_logits is None else load_logit_files(ego_logits, "ego_logits", length=2)
+  object_table = None if object_logits is None else load_logit_files(object_logits, "object_logits")
   ego_vectors, ego_missing = _teacher_vectors(rows, ego_table, ego_logits, "ego_logits",
                                               allow_missing_pseudo_labels)
   object_vectors, object_missing = _teacher_vectors(rows, object_table, object_logits, "object_logits",
@@ -730,8 +748,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of stored frames, 1..100.")
   flags.DEFINE_integer("num_shards", 1, "Shards per format; manifest row i goes to shard i % N.")
   flags.DEFINE_list("formats", ["tfrecord"], f"Output formats, among {FORMATS}.")
-  flags.DEFINE_string("ego_logits", None, "Pickle {manifest path: 2 ego/exo logits}.")
-  flags.DEFINE_string("object_logits", None, "Pickle {manifest path: K object logits}.")
+  flags.DEFINE_string("ego_logits", None, "Pickle(s), comma-separated, {manifest path or video_id: 2 logits}.")
+  flags.DEFINE_string("object_logits", None, "Pickle(s), comma-separated, {manifest path or video_id: K logits}.")
   flags.DEFINE_string("hand_object_dir", None, "Folder of per-video detector .npy files.")
   flags.DEFINE_bool("allow_missing_pseudo_labels", False,
                     "Leave a teacher field absent for videos missing from its pickle.")
