@@ -165,7 +165,7 @@ def test_end_to_end_on_real_frames(tmp_path, record_file, teacher, expected):
   for video_id, value in scores.items():
     np.testing.assert_array_equal(loaded[video_id], value)
     np.testing.assert_allclose(probs[video_id], object_score.object_scores(value, 2.0), rtol=1e-6)
-  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # atomic writes leave no temporaries
+  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]  # atomic writes leave no temporaries
 
 
 def test_resume_scores_only_the_missing_ids(tmp_path, record_file, teacher, expected):

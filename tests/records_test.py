@@ -133,3 +133,4 @@ def test_unmatched_pattern_and_mixed_formats(tmp_path):
   (tmp_path / "m.array_record").write_bytes(b"")
   with pytest.raises(ValueError, match="mixes TFRecord and ArrayRecord"):
     sources.open_records(str(tmp_path / "m.*"))
+

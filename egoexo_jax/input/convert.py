@@ -70,6 +70,7 @@ from absl import logging
 import av
 import numpy as np
 
+from egoexo_jax import atomic_files
 from egoexo_jax.input import csv_rows, records
 
 FORMATS = ("tfrecord", "array_record")
@@ -516,8 +517,7 @@ class ShardSet:
   def __init__(self, output_prefix: str, fmt: str, num_shards: int):
     self.fmt = fmt
     self.paths = shard_paths(output_prefix, fmt, num_shards)
-    self._temps = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.partial-{os.getpid()}")
-                   for p in self.paths]
+    self._temps = [atomic_files.temporary_name(p) for p in self.paths]
     self._writers = []
     for temp in self._temps:
       if fmt == "array_record":
@@ -626,11 +626,9 @@ class _Stats:
 
 
 def _write_json(path: str, content: dict) -> None:
-  temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
-  with open(temp, "w") as f:
+  with atomic_files.atomic_write(path, "w") as f:
     json.dump(content, f, indent=2)
     f.write("\n")
-  os.replace(temp, path)
 
 
 # --------------------------------------------------------------------------- conversion

@@ -27,16 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from egoexo_jax import atomic_files
 from egoexo_jax.input import records, sources, transforms
 
 
 def write_pickle(path: str, content) -> None:
-  """Writes a pickle under a temporary name in the same folder, then renames it into place."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
-  with open(temp, "wb") as f:
+  with atomic_files.atomic_write(path) as f:
     pickle.dump(content, f)
-  os.replace(temp, path)
 
 
 def test_clips(record: records.VideoRecord, config, num_clips: int) -> np.ndarray:

@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from egoexo_jax import atomic_files
 from egoexo_jax.input import csv_rows
 
 FORMAT_VERSION = 1
@@ -295,17 +296,8 @@ def save_pairs(path: str, pairs: PairFile) -> None:
       "model": np.asarray(pairs.model, dtype=str),
       "k": np.int64(pairs.k),
   }
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  temp = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}")
-  try:
-    with open(temp, "wb") as f:  # a file object, so np.savez does not append ".npz" to the name
-      np.savez(f, **arrays)
-    os.replace(temp, path)
-  except BaseException:
-    if os.path.exists(temp):
-      os.remove(temp)
-    raise
+  with atomic_files.atomic_write(path) as f:  # a file object, so np.savez does not append ".npz" to the name
+    np.savez(f, **arrays)
 
 
 def load_pairs(path: str) -> PairFile:
@@ -412,11 +404,8 @@ def save_histogram_png(path: str, best: np.ndarray, *, all_k: np.ndarray | None 
                  + (f"  ({model})" if model else ""), fontsize=9)
   axes.legend(fontsize=8, loc="upper left")
   figure.tight_layout()
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  temp = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}")
-  figure.savefig(temp, format="png")
-  os.replace(temp, path)
+  with atomic_files.atomic_write(path) as f:
+    figure.savefig(f, format="png")
 
 
 # --------------------------------------------------------------------------- the whole job

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from egoexo_jax import atomic_files
 from egoexo_jax.input import records as records_lib
 
 NUM_FRAMES = 64  # T of Eq. 3
@@ -172,16 +173,8 @@ def object_scores(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def _atomic_pickle(path: str, content: Any) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  temp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  try:
-    with open(temp, "wb") as f:
-      pickle.dump(content, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(temp, path)
-  finally:
-    if os.path.exists(temp):
-      os.remove(temp)
+  with atomic_files.atomic_write(path) as f:
+    pickle.dump(content, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def partial_path(output: str) -> str:
