@@ -61,11 +61,6 @@ class Conv3D(nn.Module):
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
-def conv3d(features: int, kernel_size: tuple[int, int, int], strides: tuple[int, int, int], *, name: str,
-           dtype: Any, param_dtype: Any) -> Conv3D:
-  return Conv3D(features, kernel_size, strides, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 def batch_norm(*, train: bool, name: str, dtype: Any, param_dtype: Any, zero_scale: bool = False) -> nn.BatchNorm:
   """PyTorch-default BatchNorm (momentum 0.1 there = 0.9 here); `zero_scale` starts gamma at 0."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
@@ -84,7 +79,7 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = conv3d(self.width, (self.temporal_kernel, 7, 7), (1, 2, 2), name="conv", **dtypes)(x)
+    x = Conv3D(self.width, (self.temporal_kernel, 7, 7), (1, 2, 2), name="conv", **dtypes)(x)
     x = nn.relu(batch_norm(train=train, name="bn", **dtypes)(x))
     batch, time = x.shape[:2]  # max-pool (1, 3, 3) as a 2-D pool over B*T frames, like the convs
     x = nn.max_pool(x.reshape(batch * time, *x.shape[2:]), window_shape=(3, 3), strides=(2, 2),
@@ -113,13 +108,13 @@ class Bottleneck(nn.Module):
     stride = (1, self.spatial_stride, self.spatial_stride)
     shortcut = x
     if x.shape[-1] != self.out_width or self.spatial_stride != 1:
-      shortcut = conv3d(self.out_width, (1, 1, 1), stride, name="shortcut_conv", **dtypes)(x)
+      shortcut = Conv3D(self.out_width, (1, 1, 1), stride, name="shortcut_conv", **dtypes)(x)
       shortcut = batch_norm(train=train, name="shortcut_bn", **dtypes)(shortcut)
-    y = conv3d(self.inner_width, (self.temporal_kernel, 1, 1), (1, 1, 1), name="conv_a", **dtypes)(x)
+    y = Conv3D(self.inner_width, (self.temporal_kernel, 1, 1), (1, 1, 1), name="conv_a", **dtypes)(x)
     y = nn.relu(batch_norm(train=train, name="bn_a", **dtypes)(y))
-    y = conv3d(self.inner_width, (1, 3, 3), stride, name="conv_b", **dtypes)(y)
+    y = Conv3D(self.inner_width, (1, 3, 3), stride, name="conv_b", **dtypes)(y)
     y = nn.relu(batch_norm(train=train, name="bn_b", **dtypes)(y))
-    y = conv3d(self.out_width, (1, 1, 1), (1, 1, 1), name="conv_c", **dtypes)(y)
+    y = Conv3D(self.out_width, (1, 1, 1), (1, 1, 1), name="conv_c", **dtypes)(y)
     y = batch_norm(train=train, name="bn_c", zero_scale=True, **dtypes)(y)
     return nn.relu(y + shortcut)
 
