@@ -46,7 +46,7 @@ import torch_slow_resnet
 from configs import egoexo as egoexo_config
 from egoexo_jax import sharding, train
 from egoexo_jax.input import transforms
-from egoexo_jax.models import build_model
+from egoexo_jax.models import backbones, build_model
 from egoexo_jax.models.resnet3d import STAGE_SPATIAL_STRIDES
 
 flags.DEFINE_enum("size", None, ["small", "r50"], "Model size; default r50 on GPU, small on CPU.")
@@ -198,7 +198,8 @@ def build_torch(config, device: torch.device, autocast: bool, compile_model: boo
   torch.manual_seed(0)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-  model = torch_slow_resnet.SlowResNet(model_config.stage_blocks, model_config.width, model_config.temporal_kernels,
+  _, arch = backbones.backbone_arguments(model_config.backbone, model_config.backbone_args)
+  model = torch_slow_resnet.SlowResNet(arch["stage_blocks"], arch["width"], arch["temporal_kernels"],
                                        model_config.num_classes, model_config.dropout_rate).to(device).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optimizer.momentum,
                               nesterov=config.optimizer.nesterov, weight_decay=config.optimizer.weight_decay)
@@ -250,13 +251,14 @@ def main(argv):
   r50 = slow_resnet_macs((3, 4, 6, 3), 64, (1, 1, 3, 3), 8, 224, 400)["network"]
   print(f"analytic check: Slow-only R50 8x8 at 224^2 = {r50 / 1e9:.2f} GMAC forward (published {R50_PUBLISHED_GMACS})")
   assert abs(r50 / 1e9 - R50_PUBLISHED_GMACS) < 0.1, r50
-  macs = slow_resnet_macs(model.stage_blocks, model.width, model.temporal_kernels, data.clip_length, data.crop_size,
+  _, arch = backbones.backbone_arguments(model.backbone, model.backbone_args)
+  macs = slow_resnet_macs(arch["stage_blocks"], arch["width"], arch["temporal_kernels"], data.clip_length, data.crop_size,
                           model.num_classes, num_object_classes=model.num_object_classes,
                           interaction_channels=model.interaction_channels)
   jax_flops = 6 * (macs["network"] + macs["ego_heads"])  # per clip per train step
   torch_flops = 6 * macs["network"]
-  print(f"config: --size={size} ({data.clip_length}x{data.frame_stride}, {data.crop_size}^2, width {model.width}, "
-        f"blocks {tuple(model.stage_blocks)}), batch {batch}, dtype {model.dtype}, {steps} timed steps after "
+  print(f"config: --size={size} ({data.clip_length}x{data.frame_stride}, {data.crop_size}^2, width {arch['width']}, "
+        f"blocks {tuple(arch['stage_blocks'])}), batch {batch}, dtype {model.dtype}, {steps} timed steps after "
         f"{warmup} warm-up; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPU cores")
   print(f"forward per clip: backbone + action head {macs['network'] / 1e9:.3f} GMAC (both sides); Ego-Exo heads "
         f"(ego, object, interaction) +{macs['ego_heads'] / 1e9:.3f} GMAC "

@@ -53,9 +53,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.name = "egoexo"
   config.model.num_classes = 5 if small else 400
   config.model.num_object_classes = 1000
-  config.model.stage_blocks = (1, 1, 1, 1) if small else (3, 4, 6, 3)
-  config.model.width = 16 if small else 64
-  config.model.temporal_kernels = (1, 1, 3, 3)
+  config.model.backbone = "slow_r50"  # models/backbones.py: slow_r50, slow_r101, ...
+  # Overrides of the backbone's preset arguments; `:small` thins and shortens Slow-only R50.
+  config.model.backbone_args = ml_collections.ConfigDict(
+      dict(stage_blocks=(1, 1, 1, 1), width=16) if small else {})
   config.model.dropout_rate = 0.5
   config.model.interaction_channels = 128 if small else 512
   # Compute dtype; parameters stay float32. XLA:CPU has no fast bf16 convolutions.

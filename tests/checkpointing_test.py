@@ -45,7 +45,7 @@ def test_load_backbone_replaces_the_backbone_and_keeps_new_heads(tmp_path):
 
 def test_load_backbone_errors_name_the_parameter_or_the_folder(tmp_path):
   saved_state(tiny_config(), tmp_path)
-  wider = fresh_state(tiny_config(**{"model.width": 16}))
+  wider = fresh_state(tiny_config(**{"model.backbone_args.width": 16}))
   with pytest.raises(ValueError, match=r"checkpoints/7: 'params/backbone\['res2_block0'\]\['\w+'\]\['\w+'\]' has shape \(8,\) in the checkpoint but \(16,\)"):
     checkpointing.load_backbone(str(tmp_path), wider.params, wider.batch_stats)
   with pytest.raises(FileNotFoundError, match="no checkpoint under"):

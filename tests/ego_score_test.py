@@ -54,7 +54,7 @@ def run(args, tmp_path):
 TINY = ["--config.num_train_steps=2", "--config.optimizer.warmup_steps=1", "--config.checkpoint_every_steps=2",
         "--config.data.convert_short_side=72", "--config.data.crop_size=64", "--config.data.min_short_side=64",
         "--config.data.max_short_side=72", "--config.data.clip_length=4", "--config.data.frame_stride=2",
-        "--config.model.width=8"]
+        "--config.model.backbone_args.width=8"]
 
 
 def test_train_classifier_score_and_convert_with_the_scores(tmp_path):

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--config.num_train_steps=2", "--config.optimizer.warmup_steps=1", "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
         "--config.data.convert_short_side=72", "--config.data.crop_size=64", "--config.data.min_short_side=64",
         "--config.data.max_short_side=72", "--config.data.clip_length=4", "--config.data.frame_stride=2",
-        "--config.model.width=8", "--config.model.interaction_channels=16"]
+        "--config.model.backbone_args.width=8", "--config.model.interaction_channels=16"]
 
 
 def run_main(workdir):

@@ -12,7 +12,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from egoexo_jax.models import build_model, egoexo, resnet3d
 
-TINY = dict(num_classes=5, num_object_classes=7, stage_blocks=(1, 1, 1, 1), width=8, interaction_channels=16)
+TINY = dict(num_classes=5, num_object_classes=7, backbone_args=dict(stage_blocks=(1, 1, 1, 1), width=8),
+            interaction_channels=16)
 TINY_CLIPS_SHAPE = (2, 4, 64, 64, 3)
 
 
@@ -51,7 +52,7 @@ def test_slow_r50_has_about_32_5m_parameters_and_res5_is_7x7x2048():
   assert abs(num_params - 32.45e6) <= 0.005 * 32.45e6  # PySlowFast model zoo: 32.45M
 
   backbone = resnet3d.ResNet3D(**resnet3d.SLOW_R50)
-  res5, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x, train=False), clips)
+  (res5,), _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x, train=False), clips)
   assert res5.shape == (1, 8, 7, 7, 2048)
 
 
@@ -106,7 +107,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_outputs(tiny):
   outputs, state = jax.jit(lambda v, x: model.apply(
       v, x, train=False, capture_intermediates=lambda mdl, _: isinstance(mdl, resnet3d.ResNet3D)))(variables, clips)
   assert {v.dtype for v in outputs.values()} == {jnp.dtype(jnp.float32)}
-  assert state["intermediates"]["backbone"]["__call__"][0].dtype == jnp.bfloat16  # res5 features
+  assert state["intermediates"]["backbone"]["__call__"][0][0].dtype == jnp.bfloat16  # res5 features
 
 
 def test_final_batch_norm_zero_init_makes_each_block_its_shortcut(tiny):
@@ -137,7 +138,7 @@ def test_build_model_finds_the_module_by_name():
   config = ml_collections.ConfigDict(dict(name="egoexo", **TINY, dtype="bfloat16"))
   model = build_model(config)
   assert isinstance(model, egoexo.Model)
-  assert model.dtype == jnp.bfloat16 and model.num_classes == 5 and model.stage_blocks == (1, 1, 1, 1)
+  assert model.dtype == jnp.bfloat16 and model.num_classes == 5 and model.backbone_args["stage_blocks"] == (1, 1, 1, 1)
   with pytest.raises(ModuleNotFoundError):
     build_model(ml_collections.ConfigDict(dict(name="no_such_model", num_classes=5)))
 

@@ -1,33 +1,40 @@
-"""The Ego-Exo multitask network: a Slow-only ResNet-3D with action, ego, object and interaction heads."""
+"""The Ego-Exo multitask network: a video backbone with action, ego, object and interaction heads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from egoexo_jax.models.backbones import build_backbone
 from egoexo_jax.models.heads import ClassificationHead, InteractionMapHead
-from egoexo_jax.models.resnet3d import ResNet3D
+
+
+def pool_pathways(pathways: list[jax.Array]) -> jax.Array:
+  """Per-pathway feature maps (B, t, h, w, C_p) -> (B, sum C_p): average over (t, h, w), concatenate."""
+  return jnp.concatenate([jnp.mean(p.astype(jnp.float32), axis=(1, 2, 3)) for p in pathways], axis=-1)
 
 
 class Model(nn.Module):
   """Normalised clips (B, T, H, W, 3) -> dict of float32 outputs.
 
-  'features': res5 features averaged over (T, H, W), (B, 32 * width);
+  'features': the backbone's feature maps averaged over (t, h, w), concatenated over pathways (B, C);
   'action': (B, num_classes) logits from dropout + linear on 'features';
   with use_ego_heads (Ego-Exo pre-training, Ego-Exo* fine-tuning), also, on the same pooled features,
   'ego': (B, 2) Ego-Score logits (ego, exo) and 'object': (B, num_object_classes) Object-Score logits,
-  and on the res5 grid 'interaction': (B, T, H/32, W/32, 2) hand/object map logits.
+  and on pathway 0's grid 'interaction': (B, t, h, w, 2) hand/object map logits.
+
+  `backbone` names an architecture of models/backbones.py; `backbone_args` overrides its preset
+  arguments (e.g. width and stage_blocks for a laptop-sized network).
   """
 
   num_classes: int
   num_object_classes: int = 1000
-  stage_blocks: Sequence[int] = (3, 4, 6, 3)
-  width: int = 64
-  temporal_kernels: Sequence[int] = (1, 1, 3, 3)
+  backbone: str = "slow_r50"
+  backbone_args: Mapping[str, Any] | None = None
   dropout_rate: float = 0.5
   interaction_channels: int = 512
   use_ego_heads: bool = True
@@ -37,10 +44,8 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, clips: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    backbone = ResNet3D(stage_blocks=self.stage_blocks, width=self.width, temporal_kernels=self.temporal_kernels,
-                        name="backbone", **dtypes)
-    res5 = backbone(clips, train=train)
-    features = jnp.mean(res5.astype(jnp.float32), axis=(1, 2, 3))
+    pathways = build_backbone(self.backbone, self.backbone_args, **dtypes)(clips, train=train)
+    features = pool_pathways(pathways)
 
     def classify(num_outputs: int, name: str) -> jax.Array:
       head = ClassificationHead(num_outputs, self.dropout_rate, name=name, **dtypes)
@@ -51,5 +56,5 @@ class Model(nn.Module):
       outputs["ego"] = classify(2, "ego_head")
       outputs["object"] = classify(self.num_object_classes, "object_head")
       outputs["interaction"] = InteractionMapHead(self.interaction_channels, name="interaction_head",
-                                                  **dtypes)(res5)
+                                                  **dtypes)(pathways[0])
     return outputs

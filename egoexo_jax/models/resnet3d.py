@@ -120,7 +120,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet3D(nn.Module):
-  """Bottleneck ResNet-3D: clips (B, T, H, W, 3) -> res5 features (B, T, H/32, W/32, 32 * width).
+  """Bottleneck ResNet-3D: clips (B, T, H, W, 3) -> [res5 features (B, T, H/32, W/32, 32 * width)].
 
   Stage k in res2..res5 has stage_blocks[k] blocks of inner width width * 2**k, out width 4x that, and
   conv_a temporal kernel temporal_kernels[k]. Use `ResNet3D(**SLOW_R50)` for Slow-only R50 8x8.
@@ -134,7 +134,7 @@ class ResNet3D(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = Stem(self.width, self.stem_temporal_kernel, name="stem", **dtypes)(x, train=train)
     stages = zip(self.stage_blocks, self.temporal_kernels, STAGE_SPATIAL_STRIDES, strict=True)
@@ -143,4 +143,4 @@ class ResNet3D(nn.Module):
       for block in range(num_blocks):
         x = Bottleneck(inner_width, 4 * inner_width, temporal_kernel, spatial_stride if block == 0 else 1,
                        name=f"res{stage + 2}_block{block}", **dtypes)(x, train=train)
-    return x
+    return [x]  # one pathway (see models/backbones.py)
