@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import torch_slow_resnet
 from configs import egoexo as egoexo_config
 from egoexo_jax import sharding, train
+from egoexo_jax.objectives import egoexo as egoexo_objective
 from egoexo_jax.input import transforms
 from egoexo_jax.models import backbones, build_model
 from egoexo_jax.models.resnet3d import STAGE_SPATIAL_STRIDES
@@ -148,9 +149,9 @@ def measure(builders, steps: int, warmup: int, interleave: bool) -> list[dict]:
 
 
 def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """A batch shaped like `train.example_batch`: random clips, labels and teacher targets, all signals present."""
+  """A batch shaped like `objectives.egoexo.example_batch`: random clips, labels and teacher targets, all signals present."""
   batch = {}
-  for key, spec in train.example_batch(config, batch_size).items():
+  for key, spec in egoexo_objective.example_batch(config, batch_size).items():
     if key == "clips":
       batch[key] = rng.integers(0, 256, spec.shape, np.uint8)
     elif key == "label":

@@ -29,6 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   small = arg == "small"
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.objective = "egoexo"  # egoexo_jax/objectives/egoexo.py
 
   config.data = ml_collections.ConfigDict()
   # Glob of record shards (TFRecord or ArrayRecord). Empty: convert the embedded manifest below
@@ -72,14 +73,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.global_batch_size = 8 if small else 64
   config.num_train_steps = 300 if small else 735_000  # Kinetics-400, 196 epochs at batch 64
   config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"
+  config.optimizer.schedule = "cosine"
   config.optimizer.base_learning_rate = 0.05 if small else 0.1  # per 64 clips, scaled linearly
+  config.optimizer.reference_batch_size = 64
   config.optimizer.warmup_steps = 30 if small else 127_000  # 34 epochs
   config.optimizer.warmup_start_fraction = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 1e-4  # on conv and dense kernels; not on BatchNorm or biases
+  config.optimizer.frozen = ()  # top-level parameter names to keep fixed
 
-  config.init_from = ""  # a workdir or checkpoint whose `backbone` starts this run (heads stay new)
+  # A workdir or checkpoint whose `backbone` starts this run (heads stay new), or
+  # "subtree=path[:subtree there],..." (train.parse_init_from).
+  config.init_from = ""
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.num_devices = -1  # all devices on the `data` axis

@@ -90,12 +90,15 @@ def latest_step_dir(path: str) -> str:
                           "or a step folder holding 'state/')")
 
 
-def load_backbone(path: str, params: Any, batch_stats: Any, subtree: str = "backbone") -> tuple[Any, Any]:
-  """Replaces the `subtree` of params and batch_stats with those of the checkpoint at `path`.
+def load_backbone(path: str, params: Any, batch_stats: Any, subtree: str = "backbone",
+                  source_subtree: str | None = None) -> tuple[Any, Any]:
+  """Replaces the `subtree` of params and batch_stats with the checkpoint's `source_subtree`
+  (default: the same name) of the checkpoint at `path`.
 
   Heads stay as initialised (a new task's heads). Every array of the subtree must be present with
   the same shape; the error names the first one that is not.
   """
+  source_subtree = source_subtree or subtree
   step_dir = latest_step_dir(path)
   saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, STATE))
   out = []
@@ -103,13 +106,13 @@ def load_backbone(path: str, params: Any, batch_stats: Any, subtree: str = "back
     if subtree not in current:
       out.append(current)
       continue
-    source = saved.get(collection, {}).get(subtree)
+    source = saved.get(collection, {}).get(source_subtree)
     if source is None:
-      raise KeyError(f"{step_dir}: the checkpoint has no '{collection}/{subtree}'")
+      raise KeyError(f"{step_dir}: the checkpoint has no '{collection}/{source_subtree}'")
     flat_source = dict(jax.tree_util.tree_flatten_with_path(source)[0])
     replaced = {}
     for key_path, value in jax.tree_util.tree_flatten_with_path(current[subtree])[0]:
-      name = f"{collection}/{subtree}{jax.tree_util.keystr(key_path)}"
+      name = f"{collection}/{source_subtree}{jax.tree_util.keystr(key_path)}"
       if key_path not in flat_source:
         raise KeyError(f"{step_dir}: the checkpoint has no '{name}'")
       if flat_source[key_path].shape != value.shape:

@@ -20,8 +20,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from egoexo_jax import checkpointing, losses, metrics, sharding
-from egoexo_jax.input import pipelines, transforms
+from egoexo_jax import checkpointing, metrics, objectives, sharding
 from egoexo_jax.models import build_model
 
 
@@ -37,73 +36,76 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when a step's loss is NaN or infinite; the message names the step and the terms."""
 
 
-# --------------------------------------------------------------------------- data
-
-
-def prepare_records(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The record glob to train on; converts the embedded manifest into the workdir when none is set."""
-  if config.data.train_records:
-    return config.data.train_records
-  prefix = os.path.join(workdir, "records", "train")
-  pattern = prefix + ".tfrecord-*"
-  if jax.process_index() == 0 and not os.path.exists(prefix + ".json"):
-    from egoexo_jax.input import convert  # pylint: disable=g-import-not-at-top  (PyAV only when converting)
-
-    logging.info("Converting %s into %s (short side %d).", config.data.manifest, prefix,
-                 config.data.convert_short_side)
-    report = convert.convert_manifest(
-        config.data.manifest, prefix, short_side=config.data.convert_short_side,
-        ego_logits=config.data.ego_logits or None, object_logits=config.data.object_logits or None,
-        hand_object_dir=config.data.hand_object_dir or None, workers=max(1, config.data.num_workers))
-    logging.info("Converted %d videos (%d skipped).", report.written, len(report.skipped))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("prepare_records")
-  return pattern
-
-
 # --------------------------------------------------------------------------- model and optimiser
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum, L2 weight decay on kernels, linear warm-up then cosine decay to zero.
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Learning rate per step: linear warm-up from `warmup_start_fraction` of the peak, then
+  `optimizer.schedule`: 'cosine' (to zero at num_train_steps; the default) or 'steps' (the peak
+  multiplied by `decay_factor` at each step of `decay_steps`, as EPIC-Kitchens fine-tuning).
 
-  The learning rate scales linearly with the global batch (base rate per 64 clips, as PySlowFast).
+  The peak is `base_learning_rate`, scaled linearly with the global batch when
+  `reference_batch_size` (default 64, PySlowFast's convention) is non-zero.
   """
   opt = config.optimizer
   if not 0 <= opt.warmup_steps < config.num_train_steps:
     raise ValueError(f"config optimizer.warmup_steps ({opt.warmup_steps}) must be in [0, num_train_steps) "
                      f"(num_train_steps is {config.num_train_steps})")
-  peak = opt.base_learning_rate * config.global_batch_size / 64
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=peak * opt.warmup_start_fraction, peak_value=peak,
-      warmup_steps=opt.warmup_steps, decay_steps=config.num_train_steps, end_value=0.0)
-  decay_kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  optimizer = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay, mask=decay_kernels),
-      optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov),
-  )
+  reference = opt.get("reference_batch_size", 64)
+  peak = opt.base_learning_rate * (config.global_batch_size / reference if reference else 1.0)
+  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
+  kind = opt.get("schedule", "cosine")
+  if kind == "cosine":
+    main = optax.cosine_decay_schedule(peak, config.num_train_steps - opt.warmup_steps)
+  elif kind == "steps":
+    boundaries = [int(b) - opt.warmup_steps for b in opt.decay_steps]
+    if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
+      raise ValueError(f"config optimizer.decay_steps {tuple(opt.decay_steps)} must increase and come after "
+                       f"warm-up ({opt.warmup_steps} steps)")
+    main = optax.piecewise_constant_schedule(peak, {b: opt.decay_factor for b in boundaries})
+  else:
+    raise ValueError(f"unknown config optimizer.schedule '{kind}': use 'cosine' or 'steps'")
+  return optax.join_schedules([warmup, main], [opt.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimiser of `config.optimizer` and its learning-rate schedule (make_schedule).
+
+  optimizer.name: 'sgd' (default; momentum, nesterov, L2 weight decay added to the gradient, as
+  PySlowFast), 'adam' (beta1, beta2; L2 weight decay when non-zero) or 'adamw' (decoupled weight
+  decay). Weight decay applies to kernels (arrays of 2 or more dimensions), not to BatchNorm,
+  LayerNorm or biases. optimizer.frozen lists top-level parameter names (e.g. 'exo_backbone') that
+  receive no updates at all.
+  """
+  opt = config.optimizer
+  schedule = make_schedule(config)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  name = opt.get("name", "sgd")
+  if name == "sgd":
+    optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+                            optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
+  elif name == "adam":
+    optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+                            optax.adam(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999)))
+  elif name == "adamw":
+    optimizer = optax.adamw(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
+                            weight_decay=opt.weight_decay, mask=decay_mask)
+  else:
+    raise ValueError(f"unknown config optimizer.name '{name}': use 'sgd', 'adam' or 'adamw'")
+  frozen = tuple(opt.get("frozen", ()))
+  if frozen:
+    def labels(params):
+      unknown = sorted(set(frozen) - set(params))
+      if unknown:
+        raise ValueError(f"config optimizer.frozen names {unknown}, which are not top-level parameters "
+                         f"(they are {sorted(params)})")
+      return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "trained", v) for k, v in params.items()}
+    optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
   return optimizer, schedule
 
 
-def example_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one batch, for initialisation and ahead-of-time checks."""
-  data, t, h, w = config.data, *pipelines.feature_grid(config)
-  return {
-      "clips": jax.ShapeDtypeStruct((batch_size, data.clip_length, data.crop_size, data.crop_size, 3), jnp.uint8),
-      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-      "ego_logits": jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
-      "object_logits": jax.ShapeDtypeStruct((batch_size, config.model.num_object_classes), jnp.float32),
-      "interaction_map": jax.ShapeDtypeStruct((batch_size, t, h, w, 2), jnp.float32),
-      "has_ego": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-      "has_object": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-      "has_interaction": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-  }
-
-
 def init_state(model, optimizer, config, rng: jax.Array) -> TrainState:
-  clips = jnp.zeros(example_batch(config, 1)["clips"].shape, jnp.float32)
-  variables = model.init({"params": rng, "dropout": rng}, clips, train=False)
+  variables = objectives.get_objective(config.objective).init_variables(model, config, rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
@@ -112,43 +114,27 @@ def init_state(model, optimizer, config, rng: jax.Array) -> TrainState:
 # --------------------------------------------------------------------------- step
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimizer, schedule, config,
-               rng: jax.Array) -> tuple[TrainState, metrics.EgoExoTrainMetrics, dict[str, jax.Array]]:
-  """One SGD step on the global batch. Returns the new state, CLU metrics and the loss terms."""
-  dropout_rng = jax.random.fold_in(rng, state.step)
-  clips = transforms.normalize_clips(batch["clips"], jnp.dtype(config.model.dtype))
-  loss_weights = {"ego": config.loss.weight_ego, "object": config.loss.weight_object,
-                  "interaction": config.loss.weight_interaction}
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimizer, schedule, config, mesh,
+               rng: jax.Array) -> tuple[TrainState, Any, dict[str, jax.Array]]:
+  """One optimiser step on the global batch. Returns the new state, CLU metrics and the scalars
+  (losses per term, accuracies) of the objective."""
+  objective = objectives.get_objective(config.objective)
+  step_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
-    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, clips, train=True,
-                                   rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    if "interaction" in outputs and outputs["interaction"].shape != batch["interaction_map"].shape:
-      raise ValueError(f"interaction-map targets have shape {batch['interaction_map'].shape} but the model's "
-                       f"res5 grid gives {outputs['interaction'].shape}; check data.crop_size/clip_length")
-    missing = sorted(k for k, w in loss_weights.items() if w and k not in outputs)
-    if missing:
-      raise ValueError(f"loss weights {missing} are non-zero but the model has no such heads "
-                       "(model.use_ego_heads is False): set their config.loss.weight_* to 0")
-    total, terms = losses.egoexo_loss(outputs, batch, loss_weights, config.loss.temperature_ego,
-                                      config.loss.temperature_object)
-    return total, (terms, outputs["action"], updates["batch_stats"])
+    return objective.loss(model, params, state.batch_stats, batch, config=config, rng=step_rng, mesh=mesh)
 
-  (_, (terms, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (scalars, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          batch_stats=batch_stats, opt_state=opt_state)
-  step_metrics = metrics.EgoExoTrainMetrics.single_from_model_output(
-      loss=terms["total"], loss_action=terms["action"], loss_ego=terms["ego"], loss_object=terms["object"],
-      loss_interaction=terms["interaction"], logits=logits, labels=batch["label"],
-      learning_rate=schedule(state.step))
-  return new_state, step_metrics, terms
+  return new_state, metrics.train_metrics(scalars, schedule(state.step)), scalars
 
 
 def make_step_fn(model, optimizer, schedule, config, mesh, state_shardings):
-  """The jitted, sharded train step: state replicated, batch split over `data`, state donated."""
+  """The jitted, sharded train step: state in `state_shardings`, batch split over `data`, state donated."""
   step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, config=config,
-                           rng=jax.random.key(config.seed + 1))
+                           mesh=mesh, rng=jax.random.key(config.seed + 1))
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)
@@ -171,10 +157,45 @@ def create_sharded_state(model, optimizer, config, mesh):
   return init(jax.random.key(config.seed)), state_shardings
 
 
-def check_finite(step: int, terms: dict[str, jax.Array]) -> None:
-  values = {k: float(v) for k, v in jax.device_get(terms).items()}
-  if not np.isfinite(values["total"]):
-    names = ["total"] + sorted(k for k in values if k != "total")
+def parse_init_from(init_from: str) -> dict[str, tuple[str, str]]:
+  """`config.init_from` -> {this run's parameter subtree: (checkpoint path, subtree there)}.
+
+  Either a path (a workdir, its checkpoints/ folder or a step folder), whose 'backbone' starts this
+  run's 'backbone'; or comma-separated `subtree=path[:subtree there]` entries (default 'backbone'
+  there), e.g. SUM-L's 'ego_backbone=runs/k400,exo_backbone=runs/exo_stage:exo_backbone'.
+  """
+  if not init_from:
+    return {}
+  if "=" not in init_from:
+    return {"backbone": (init_from, "backbone")}
+  mapping = {}
+  for entry in init_from.split(","):
+    target, equals, source = entry.partition("=")
+    path, _, source_subtree = source.partition(":")
+    if not equals or not target or not path:
+      raise ValueError(f"config init_from entry '{entry}' is not 'subtree=path[:subtree]'")
+    mapping[target.strip()] = (path.strip(), source_subtree.strip() or "backbone")
+  return mapping
+
+
+def initialise_from_checkpoints(state: TrainState, config, state_shardings) -> TrainState:
+  """Replaces parameter subtrees (and their BatchNorm statistics) by those of earlier runs, per
+  `config.init_from` (parse_init_from). Other parameters, the heads of a new task, stay as initialised."""
+  mapping = parse_init_from(config.get("init_from", ""))
+  if not mapping:
+    return state
+  params, batch_stats = state.params, state.batch_stats
+  for target, (path, source_subtree) in mapping.items():
+    params, batch_stats = checkpointing.load_backbone(path, params, batch_stats, subtree=target,
+                                                      source_subtree=source_subtree)
+    logging.info("Parameters '%s' initialised from '%s' of %s.", target, source_subtree, path)
+  return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_shardings)
+
+
+def check_finite(step: int, scalars: dict[str, jax.Array]) -> None:
+  values = {k: float(v) for k, v in jax.device_get(scalars).items()}
+  if not np.isfinite(values["loss"]):
+    names = ["loss"] + sorted(k for k in values if k != "loss")
     raise NonFiniteLossError(
         f"non-finite loss at step {step}: " + ", ".join(f"{k}={values[k]:.4g}" for k in names)
         + "; stopping without saving this state (the last checkpoint is intact)")
@@ -186,18 +207,16 @@ def check_finite(step: int, terms: dict[str, jax.Array]) -> None:
 def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
                   data_wait: float) -> None:
   """Writes the window's metrics and speed to TensorBoard and logs one progress line."""
-  summary = {f"train/{k}": v for k, v in train_metrics.compute().items()}
-  summary["train/steps_per_sec"] = window_steps / elapsed
-  summary["train/clips_per_sec"] = window_steps * config.global_batch_size / elapsed
-  summary["train/data_wait_fraction"] = data_wait / elapsed
-  writer.write_scalars(step, summary)
-  eta = (config.num_train_steps - step) / summary["train/steps_per_sec"]
-  logging.info("step %d/%d  loss %.4f (act %.4f ego %.4f obj %.4f int %.4f)  acc %.3f  lr %.4g  "
-               "%.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds", step, config.num_train_steps,
-               summary["train/loss"], summary["train/loss_action"], summary["train/loss_ego"],
-               summary["train/loss_object"], summary["train/loss_interaction"], summary["train/accuracy"],
-               summary["train/learning_rate"], summary["train/steps_per_sec"], summary["train/clips_per_sec"],
-               100 * summary["train/data_wait_fraction"], eta // 60, eta % 60)
+  values = {k: float(v) for k, v in train_metrics.compute().items()}
+  speed = {"steps_per_sec": window_steps / elapsed,
+           "clips_per_sec": window_steps * config.global_batch_size / elapsed,
+           "data_wait_fraction": data_wait / elapsed}
+  writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed}.items()})
+  eta = (config.num_train_steps - step) / speed["steps_per_sec"]
+  terms = "  ".join(f"{k} {values[k]:.4f}" for k in sorted(values) if k not in ("loss", "learning_rate"))
+  logging.info("step %d/%d  loss %.4f  %s  lr %.4g  %.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds",
+               step, config.num_train_steps, values["loss"], terms, values["learning_rate"], speed["steps_per_sec"],
+               speed["clips_per_sec"], 100 * speed["data_wait_fraction"], eta // 60, eta % 60)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -208,12 +227,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
-  record_pattern = prepare_records(config, workdir)
-  dataset = pipelines.make_train_dataset(config, record_pattern, process_index=jax.process_index(),
+  model = build_model(config.model)
+  objective = objectives.get_objective(config.objective)
+  dataset = objective.make_train_dataset(config, workdir, model, process_index=jax.process_index(),
                                          process_count=jax.process_count())
   data_iterator = iter(dataset)
 
-  model = build_model(config.model)
   optimizer, schedule = make_optimizer(config)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                        async_save=config.async_checkpointing)
@@ -225,13 +244,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   else:
     state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
     start_step = 0
-    if config.get("init_from"):
-      params, batch_stats = checkpointing.load_backbone(config.init_from, state.params, state.batch_stats)
-      state = jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_shardings)
-      logging.info("Backbone initialised from %s.", config.init_from)
+    state = initialise_from_checkpoints(state, config, state_shardings)
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Model %s: %.2fM parameters; mesh %s; global batch %d.", config.model.name, param_count / 1e6,
-               dict(mesh.shape), config.global_batch_size)
+  logging.info("Objective %s, model %s: %.2fM parameters; mesh %s; global batch %d.", config.objective,
+               config.model.name, param_count / 1e6, dict(mesh.shape), config.global_batch_size)
 
   step_fn = make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)

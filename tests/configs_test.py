@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from egoexo_jax import train
+from egoexo_jax.objectives import egoexo as egoexo_objective
 from egoexo_jax.input import pipelines
 from egoexo_jax.models import build_model
 
@@ -26,7 +26,7 @@ def test_interaction_targets_match_the_model_grid(arg, grid):
   config = load(arg)
   assert pipelines.feature_grid(config) == grid
   model = build_model(config.model)
-  clips = train.example_batch(config, 2)["clips"]
+  clips = egoexo_objective.example_batch(config, 2)["clips"]
   shapes = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
                           jax.ShapeDtypeStruct(clips.shape, jnp.float32))
   assert shapes["interaction"].shape == (2, *grid, 2)

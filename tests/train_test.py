@@ -39,7 +39,7 @@ def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern
       state, _, terms = step_fn(state, global_batch)
     results.append(jax.device_get((state.params, state.batch_stats, state.opt_state, terms)))
   single, sharded = results
-  assert np.isfinite(single[3]["total"]) and single[3]["interaction"] > 0
+  assert np.isfinite(single[3]["loss"]) and single[3]["loss_interaction"] > 0
   # Same maths, different reduction order across devices: equal to float32 rounding.
   assert_trees_close(single, sharded, rtol=2e-4, atol=2e-6)
 
@@ -78,7 +78,7 @@ def test_preempted_then_resumed_run_equals_uninterrupted_run(real_record_pattern
 
 def test_non_finite_loss_stops_naming_the_step(real_record_pattern, tmp_path):
   config = tiny_config(real_record_pattern, **{"optimizer.base_learning_rate": 1e30})
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step \d+: total=nan"):
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step \d+: loss=nan"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]  # nothing bad was saved
 
@@ -94,3 +94,65 @@ def test_optimizer_schedule_and_weight_decay_mask():
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
   with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be in \[0, num_train_steps\)"):
     train.make_optimizer(tiny_config(**{"num_train_steps": 100, "optimizer.warmup_steps": 100}))
+
+
+def test_step_schedule_after_warmup():
+  config = tiny_config(**{"num_train_steps": 30, "optimizer.warmup_steps": 5, "global_batch_size": 64,
+                          "optimizer.base_learning_rate": 0.02})
+  config.optimizer.schedule = "steps"
+  config.optimizer.decay_steps = (20, 25)
+  config.optimizer.decay_factor = 0.1
+  _, schedule = train.make_optimizer(config)
+  assert float(schedule(0)) == pytest.approx(0.002)
+  assert [float(schedule(s)) for s in (5, 19, 20, 24, 25, 29)] == pytest.approx(
+      [0.02, 0.02, 0.002, 0.002, 0.0002, 0.0002])
+  config.optimizer.decay_steps = (3, 25)
+  with pytest.raises(ValueError, match="must increase and come after warm-up"):
+    train.make_optimizer(config)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_variants_and_frozen_subtrees(name):
+  config = tiny_config(**{"optimizer.weight_decay": 0.1})
+  config.optimizer.name = name
+  config.optimizer.reference_batch_size = 0  # the base rate as is
+  config.optimizer.frozen = ("frozen_part",)
+  optimizer, schedule = train.make_optimizer(config)
+  assert float(schedule(1)) == pytest.approx(config.optimizer.base_learning_rate, rel=1e-6)
+  params = {"frozen_part": {"kernel": np.ones((2, 2), np.float32)},
+            "trained": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones((2,), np.float32)}}
+  grads = jax.tree.map(np.zeros_like, params)  # zero gradient: only weight decay moves a parameter
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  assert np.all(updates["frozen_part"]["kernel"] == 0)
+  assert np.all(updates["trained"]["kernel"] < 0) and np.all(updates["trained"]["bias"] == 0)
+  config.optimizer.frozen = ("no_such_part",)
+  optimizer, _ = train.make_optimizer(config)
+  with pytest.raises(ValueError, match=r"optimizer.frozen names \['no_such_part'\]"):
+    optimizer.init(params)
+
+
+def test_init_from_maps_subtrees_between_runs(tmp_path):
+  config = tiny_config()
+  model = build_model(config.model)
+  optimizer, _ = train.make_optimizer(config)
+  mesh = sharding.make_mesh(1)
+  saved, _ = train.create_sharded_state(model, optimizer, config, mesh)
+  manager = checkpointing.make_manager(str(tmp_path / "source"), max_to_keep=1, async_save=False)
+  checkpointing.save(manager, 7, saved)
+  manager.close()
+  fresh, shardings = train.create_sharded_state(model, optimizer, tiny_config(seed=5), mesh)
+  # The backbone comes from the other run; the heads stay new.
+  config.init_from = f"backbone={tmp_path / 'source'}:backbone"
+  loaded = train.initialise_from_checkpoints(fresh, config, shardings)
+  assert_trees_close(loaded.params["backbone"], saved.params["backbone"], 0, 0)
+  assert_trees_close(loaded.batch_stats["backbone"], saved.batch_stats["backbone"], 0, 0)
+  assert_trees_close(loaded.params["action_head"], fresh.params["action_head"], 0, 0)
+  assert not np.allclose(loaded.params["action_head"]["linear"]["kernel"], saved.params["action_head"]["linear"]["kernel"])
+  config.init_from = f"backbone={tmp_path / 'source'}:ego_backbone"
+  with pytest.raises(KeyError, match="has no 'params/ego_backbone'"):
+    train.initialise_from_checkpoints(fresh, config, shardings)
+  assert train.parse_init_from("runs/a") == {"backbone": ("runs/a", "backbone")}
+  assert train.parse_init_from("ego_backbone=runs/k,exo_backbone=runs/x:exo_backbone") == {
+      "ego_backbone": ("runs/k", "backbone"), "exo_backbone": ("runs/x", "exo_backbone")}
+  with pytest.raises(ValueError, match="is not 'subtree=path"):
+    train.parse_init_from("ego_backbone=runs/k,=runs/x")

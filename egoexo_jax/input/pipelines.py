@@ -16,6 +16,7 @@ from a checkpointed state continues with exactly the batches the interrupted run
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import grain
 import numpy as np
@@ -88,8 +89,23 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
     return label
 
 
-def egoexo_transform(config) -> EgoExoTrainTransform:
-  """Builds the train transform from a config's `data` and `model` sections."""
+def feature_grid(config) -> tuple[int, int, int]:
+  """The (t, h, w) grid of the backbone's pathway 0 for the configured clip, which the interaction
+  maps are drawn on (Slow-only R50 at 8 x 224^2: (8, 7, 7); SlowFast: the slow pathway's T / alpha).
+  Computed by tracing shapes only (jax.eval_shape), so it always agrees with the model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from egoexo_jax.models import backbones  # pylint: disable=g-import-not-at-top
+
+  data = config.data
+  backbone = backbones.build_backbone(config.model.backbone, config.model.get("backbone_args"), name=None)
+  clips = jax.ShapeDtypeStruct((1, data.clip_length, data.crop_size, data.crop_size, 3), "float32")
+  pathways, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x, train=False), clips)
+  return tuple(int(n) for n in pathways[0].shape[1:4])
+
+
+def egoexo_transform(config, grid: tuple[int, int, int] | None = None) -> EgoExoTrainTransform:
+  """The train transform from a config's `data` and `model` sections; `grid` (default: feature_grid)
+  is the (t, h, w) grid of the model's interaction map."""
   data, model = config.data, config.model
   return EgoExoTrainTransform(
       num_classes=model.num_classes,
@@ -99,29 +115,50 @@ def egoexo_transform(config) -> EgoExoTrainTransform:
       crop_size=data.crop_size,
       min_short_side=data.min_short_side,
       max_short_side=data.max_short_side,
-      feature_grid=feature_grid(config),
+      feature_grid=tuple(grid or feature_grid(config)),
       box_score_threshold=data.box_score_threshold,
   )
 
 
-def feature_grid(config) -> tuple[int, int, int]:
-  """The res5 grid (t, h, w) for the configured clip: Slow-only keeps T; space shrinks by 32 in five
-  stride-2 steps with SAME padding, each rounding up (a 112 crop gives 4 x 4, 224 gives 7 x 7)."""
-  side = config.data.crop_size
-  for _ in range(5):
-    side = -(-side // 2)
-  return (config.data.clip_length, side, side)
+def prepare_records(config, workdir: str) -> str:
+  """The record glob to train on; converts the embedded manifest into the workdir when none is set.
+
+  Process 0 converts (once: a finished conversion leaves `<prefix>.json`); other processes wait.
+  """
+  if config.data.train_records:
+    return config.data.train_records
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  prefix = os.path.join(workdir, "records", "train")
+  if jax.process_index() == 0 and not os.path.exists(prefix + ".json"):
+    from egoexo_jax.input import convert  # pylint: disable=g-import-not-at-top  (PyAV only when converting)
+
+    logging.info("Converting %s into %s (short side %d).", config.data.manifest, prefix,
+                 config.data.convert_short_side)
+    report = convert.convert_manifest(
+        config.data.manifest, prefix, short_side=config.data.convert_short_side,
+        ego_logits=config.data.ego_logits or None, object_logits=config.data.object_logits or None,
+        hand_object_dir=config.data.hand_object_dir or None, workers=max(1, config.data.num_workers))
+    logging.info("Converted %d videos (%d skipped).", report.written, len(report.skipped))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("prepare_records")
+  return prefix + ".tfrecord-*"
 
 
-def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-  """The per-host training stream of batches of `global_batch_size / process_count` examples."""
+def batched_stream(config, source, transform: grain.transforms.RandomMap, *, process_index: int = 0,
+                   process_count: int = 1) -> grain.IterDataset:
+  """source -> seed, global shuffle, repeat -> this host's slice -> transform -> per-host batches -> workers.
+
+  The common tail of every training pipeline: deterministic for a seed and any worker count, and
+  checkpointable.
+  """
   if config.global_batch_size % process_count:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by {process_count} hosts")
-  source = sources.open_records(record_pattern)
   dataset = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
   dataset = dataset[process_index::process_count]
-  dataset = dataset.random_map(egoexo_transform(config))
+  dataset = dataset.random_map(transform)
   dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
                                                       prefetch_buffer_size=config.data.prefetch_batches))
@@ -129,3 +166,10 @@ def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers,
                                                                per_worker_buffer_size=config.data.prefetch_batches))
   return dataset
+
+
+def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """The per-host Ego-Exo training stream of batches of `global_batch_size / process_count` examples."""
+  return batched_stream(config, sources.open_records(record_pattern), egoexo_transform(config),
+                        process_index=process_index, process_count=process_count)
