@@ -14,12 +14,18 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from egoexo_jax.models import resnet3d
+from egoexo_jax.models import resnet3d, slowfast, transformer
 
 # name -> (module class, its keyword arguments). Overrides from the config replace single entries.
 BACKBONES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "slow_r50": (resnet3d.ResNet3D, resnet3d.SLOW_R50),
     "slow_r101": (resnet3d.ResNet3D, resnet3d.SLOW_R101),
+    "slowfast_r50": (slowfast.SlowFast, slowfast.SLOWFAST_R50),
+    "slowfast_r101": (slowfast.SlowFast, slowfast.SLOWFAST_R101),
+    "i3d_r50": (resnet3d.ResNet3D, resnet3d.I3D_R50),
+    "r3d_50": (resnet3d.ResNet3D, resnet3d.R3D_50),
+    "tsm_r50": (resnet3d.ResNet3D, resnet3d.TSM_R50),
+    "vit_b16": (transformer.VideoViT, transformer.VIT_B16),
 }
 
 
