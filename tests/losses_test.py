@@ -169,3 +169,155 @@ def test_egoexo_loss_gradients_are_finite_under_jit():
   for name, grad in grads.items():
     assert np.all(np.isfinite(grad)), name
     assert np.any(grad != 0), name
+
+
+# --------------------------------------------------------------------------- SUM-L
+
+
+def np_normalize(x):
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def np_logsumexp(values):
+  values = np.asarray(values, np.float64)
+  return values.max() + np.log(np.exp(values - values.max()).sum())
+
+
+def np_info_nce(a, p, tau, mask=None):
+  """Eq. 2-3 written out row by row."""
+  a, p = a.astype(np.float64), p.astype(np.float64)
+  rows = range(len(a)) if mask is None else np.flatnonzero(mask)
+  per_anchor = [np_logsumexp([a[i] @ p[j] / tau for j in rows]) - a[i] @ p[i] / tau for i in rows]
+  return np.mean(per_anchor) if per_anchor else 0.0
+
+
+def np_decoupled(a, p, tau, mask=None, w=None):
+  """Eq. 6 (DCL) written out row by row: negatives are the other rows of both views."""
+  a, p = a.astype(np.float64), p.astype(np.float64)
+  rows = list(range(len(a)) if mask is None else np.flatnonzero(mask))
+  per_anchor = []
+  for i in rows:
+    negatives = [a[i] @ a[j] / tau for j in rows if j != i] + [a[i] @ p[j] / tau for j in rows if j != i]
+    if negatives:
+      per_anchor.append(-(1.0 if w is None else w[i]) * a[i] @ p[i] / tau + np_logsumexp(negatives))
+  return np.mean(per_anchor) if per_anchor else 0.0
+
+
+def np_semantic_weights(d_f, d_t, sigma, mask):
+  e = np.exp((d_f.astype(np.float64) * d_t).sum(1) / sigma)
+  return np.where(mask > 0, e / e[mask > 0].mean(), 0.0)
+
+
+def np_semantic_alignment(z_f, z_t, d_f, d_t, tau, sigma, threshold, min_pairs=2):
+  """Eq. 8-10: select pairs by narration similarity, weight, decoupled InfoNCE both ways."""
+  selected = ((d_f.astype(np.float64) * d_t).sum(1) > threshold).astype(np.float64)
+  if selected.sum() < min_pairs:
+    return 0.0, selected.sum()
+  w = np_semantic_weights(d_f, d_t, sigma, selected)
+  return np_decoupled(z_f, z_t, tau, selected, w) + np_decoupled(z_t, z_f, tau, selected, w), selected.sum()
+
+
+def suml_inputs(seed=0, size=8, dim=16, text_noise=1.0):
+  """Projections and narration embeddings; pairs share part of their text, so similarities spread over [-1, 1]."""
+  rng = np.random.default_rng(seed)
+  z_f, z_t = (np_normalize(rng.normal(size=(size, dim))).astype(np.float32) for _ in range(2))
+  base = rng.normal(size=(size, dim))
+  d_f = np_normalize(base + text_noise * rng.normal(size=(size, dim))).astype(np.float32)
+  d_t = np_normalize(base + text_noise * rng.normal(size=(size, dim))).astype(np.float32)
+  return z_f, z_t, d_f, d_t
+
+
+SUML_MASK = np.array([1, 1, 0, 1, 0, 1, 1, 0], np.float32)
+
+
+@pytest.mark.parametrize("mask", [None, SUML_MASK])
+def test_info_nce_matches_numpy(mask):
+  z_f, z_t, _, _ = suml_inputs()
+  np.testing.assert_allclose(losses.info_nce(z_f, z_t, 0.06, mask), np_info_nce(z_f, z_t, 0.06, mask), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [None, SUML_MASK])
+def test_decoupled_info_nce_matches_numpy(mask):
+  z_f, z_t, _, _ = suml_inputs()
+  w = np.random.default_rng(3).uniform(0.2, 2.0, len(z_f)).astype(np.float32)
+  np.testing.assert_allclose(losses.decoupled_info_nce(z_f, z_t, 0.06, mask), np_decoupled(z_f, z_t, 0.06, mask),
+                             rtol=1e-5)
+  np.testing.assert_allclose(losses.decoupled_info_nce(z_f, z_t, 0.1, mask, w), np_decoupled(z_f, z_t, 0.1, mask, w),
+                             rtol=1e-5)
+
+
+def test_semantic_weights_match_numpy_and_average_one():
+  _, _, d_f, d_t = suml_inputs()
+  got = np.asarray(losses.semantic_weights(d_f, d_t, 0.1, SUML_MASK))
+  np.testing.assert_allclose(got, np_semantic_weights(d_f, d_t, 0.1, SUML_MASK), rtol=1e-5)
+  assert got[SUML_MASK == 0].tolist() == [0.0, 0.0, 0.0]
+  np.testing.assert_allclose(got[SUML_MASK > 0].mean(), 1.0, rtol=1e-6)
+  # sigma 0.001 overflows exp() in a plain formula; the softmax form stays finite.
+  assert np.all(np.isfinite(losses.semantic_weights(d_f, d_t, 0.001)))
+
+
+@pytest.mark.parametrize("passing", [8, 5, 2])
+def test_semantic_alignment_loss_matches_numpy(passing):
+  z_f, z_t, d_f, d_t = suml_inputs()
+  similarity = np.sort((d_f * d_t).sum(1))
+  threshold = similarity[-passing] - 1e-4  # exactly `passing` pairs are above it
+  loss, count = losses.semantic_alignment_loss(z_f, z_t, d_f, d_t, temperature=0.06, sigma=0.1, threshold=threshold)
+  want, want_count = np_semantic_alignment(z_f, z_t, d_f, d_t, 0.06, 0.1, threshold)
+  assert float(count) == want_count == passing
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert want > 0
+
+
+def test_semantic_alignment_loss_is_zero_with_fewer_than_two_pairs():
+  z_f, z_t, d_f, d_t = suml_inputs()
+  similarity = (d_f * d_t).sum(1)
+  above_all_but_best = np.sort(similarity)[-2] + 1e-4  # exactly one pair passes
+  loss_fn = lambda z: losses.semantic_alignment_loss(z, z_t, d_f, d_t, temperature=0.06, sigma=0.1,
+                                                     threshold=above_all_but_best)
+  (loss, count), grad = jax.value_and_grad(loss_fn, has_aux=True)(z_f)
+  assert float(count) == 1.0 and float(loss) == 0.0
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_video_text_loss_is_four_decoupled_terms():
+  z_f, z_t, d_f, d_t = suml_inputs()
+  want = (np_decoupled(z_f, d_f, 0.06) + np_decoupled(d_f, z_f, 0.06) + np_decoupled(z_t, d_t, 0.06)
+          + np_decoupled(d_t, z_t, 0.06))
+  np.testing.assert_allclose(losses.video_text_loss(z_f, z_t, d_f, d_t, 0.06), want, rtol=1e-5)
+
+
+def test_suml_total_is_eq_12():
+  terms = {"ego_task": 1.5, "exo_task": 2.0, "align": 30.0, "video_text": 40.0}
+  weights = {"exo_task": 0.1, "align": 0.02, "video_text": 0.1}
+  np.testing.assert_allclose(losses.suml_total(terms, weights), 1.5 + 0.2 + 0.6 + 4.0, rtol=1e-6)
+  assert losses.suml_total({"ego_task": 1.5}, {"exo_task": 0.0, "align": 0.0, "video_text": 0.0}) == 1.5
+
+
+def test_triplet_margin_loss_matches_numpy():
+  z_f, z_t, d_f, _ = suml_inputs()
+  distance = lambda x, y: np.linalg.norm(x.astype(np.float64) - y, axis=1)
+  want = np.maximum(distance(z_f, z_t) - distance(z_f, d_f) + 0.1, 0).mean()
+  np.testing.assert_allclose(losses.triplet_margin_loss(z_f, z_t, d_f, 0.1), want, rtol=1e-5)
+  assert float(losses.triplet_margin_loss(z_f, z_f, -z_f, 0.1)) == 0.0  # positive at 0, negative at 2
+
+
+def test_multi_label_bce_matches_numpy():
+  x = random_inputs()
+  targets = (x["teacher"] > 0).astype(np.float32)
+  np.testing.assert_allclose(losses.multi_label_bce(x["logits"], targets), np_bce(x["logits"], targets, None),
+                             rtol=1e-5)
+
+
+def test_decoupled_info_nce_gradient_matches_finite_differences():
+  z_f, z_t, d_f, d_t = (x.astype(np.float64) for x in suml_inputs(size=6, dim=5))
+  w = np.random.default_rng(1).uniform(0.5, 1.5, 6)
+  mask = np.array([1, 1, 0, 1, 1, 1], np.float64)
+  from jax.test_util import check_grads  # pylint: disable=g-import-not-at-top  (jax.test_util loads on import)
+  with jax.enable_x64(True):
+    fn = lambda a, p: losses.decoupled_info_nce(a, p, 0.2, mask, w)
+    assert losses.decoupled_info_nce(jnp.asarray(z_f), jnp.asarray(z_t), 0.2).dtype == jnp.float64
+    check_grads(fn, (jnp.asarray(z_f), jnp.asarray(z_t)), order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-6)
+    aligned = lambda a, p: losses.semantic_alignment_loss(a, p, jnp.asarray(d_f), jnp.asarray(d_t), temperature=0.2,
+                                                          sigma=0.1, threshold=-1.0)[0]
+    check_grads(aligned, (jnp.asarray(z_f), jnp.asarray(z_t)), order=1, modes=("rev",), eps=1e-6, atol=1e-7,
+                rtol=1e-6)

@@ -64,7 +64,7 @@ def conv_a_temporal_kernels(params, prefix=""):
   """{stage: [kt of conv_a of each block]} read from a backbone's parameter shapes."""
   kernels = {}
   for stage in range(2, 6):
-    blocks = sorted((k for k in params if k.startswith(f"{prefix}res{stage}_block")), key=lambda k: int(k.split("block")[1]))
+    blocks = [f"{prefix}res{stage}_block{i}" for i in range(len(params)) if f"{prefix}res{stage}_block{i}" in params]
     kernels[stage] = [params[b]["conv_a"]["kernel"].shape[0] for b in blocks]
   return kernels
 

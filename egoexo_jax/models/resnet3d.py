@@ -181,7 +181,7 @@ def block_temporal_kernels(stage_kernels: int | Sequence[int], num_blocks: int) 
 
 def res_stage(x: jax.Array, *, stage: int, num_blocks: int, inner_width: int,
               temporal_kernels: int | Sequence[int], train: bool, prefix: str = "", **block_args) -> jax.Array:
-  """Stage res{stage} (2..5) as blocks named '{prefix}res{stage}_block{i}': (B, T, H, W, C) -> (B, T, H/s, W/s, 4 * inner).
+  """Stage res{stage} (2..5), blocks '{prefix}res{stage}_block{i}': (B, T, H, W, C) -> (B, T, H/s, W/s, 4 * inner).
 
   Call it inside a compact `__call__`: the blocks become submodules of the calling module. The first
   block carries the stage's spatial stride (STAGE_SPATIAL_STRIDES) and its projection shortcut.
