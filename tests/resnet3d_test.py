@@ -1,12 +1,12 @@
 """The 3-D CNN backbones: parameter counts against published ones, shapes, SlowFast's frame choice and
 lateral connections, TSM's shift against NumPy, and a tiny forward of every architecture."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import flax.linen as nn
 
 from egoexo_jax.models import backbones, egoexo, resnet3d, slowfast
 
@@ -62,10 +62,10 @@ def test_parameter_count_and_res5_shapes(arch):
 
 def conv_a_temporal_kernels(params, prefix=""):
   """{stage: [kt of conv_a of each block]} read from a backbone's parameter shapes."""
-  kernels = {}
-  for stage in range(2, 6):
-    blocks = [f"{prefix}res{stage}_block{i}" for i in range(len(params)) if f"{prefix}res{stage}_block{i}" in params]
-    kernels[stage] = [params[b]["conv_a"]["kernel"].shape[0] for b in blocks]
+  kernels = {stage: [] for stage in range(2, 6)}
+  for stage, block_kernels in kernels.items():
+    while (block := f"{prefix}res{stage}_block{len(block_kernels)}") in params:
+      block_kernels.append(params[block]["conv_a"]["kernel"].shape[0])
   return kernels
 
 

@@ -45,8 +45,8 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from absl import app
 from absl import flags
