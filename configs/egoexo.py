@@ -49,6 +49,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.num_workers = 1 if small else 12  # Grain worker processes per host
   config.data.read_threads = 2 if small else 16
   config.data.prefetch_batches = 2
+  # Seconds to wait for a batch before stopping with an error naming the step and the workers' state
+  # (a hung Grain worker or unreachable storage); 0 waits forever. Covers worker start-up at step 1.
+  config.data.batch_timeout_s = 600
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "egoexo"
@@ -88,11 +91,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # "subtree=path[:subtree there],..." (train.parse_init_from).
   config.init_from = ""
 
+  # Devices: data x fsdp (sharding.py). The batch is split over both axes; parameters and optimiser
+  # state are fully sharded over `fsdp` (each array of >= fsdp_min_size elements along its largest
+  # dimension divisible by fsdp) and replicated over `data`. fsdp = 1: plain data parallelism.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.num_devices = -1  # all devices on the `data` axis
+  config.mesh.num_devices = -1  # devices to use, from the first; -1: all
+  config.mesh.data = -1  # -1: the devices fsdp leaves
+  config.mesh.fsdp = 1
+  config.mesh.fsdp_min_size = 2**14  # elements; smaller arrays stay replicated
 
   config.log_every_steps = 20 if small else 100
   config.checkpoint_every_steps = 100 if small else 5_000
   config.max_checkpoints_to_keep = 3
   config.async_checkpointing = True
+  # (start, stop): a JAX profiler trace of steps start..stop into <workdir>/profile; () for none.
+  config.profile_steps = ()
   return config

@@ -1,25 +1,47 @@
 """Orbax checkpoints of the train state together with the Grain data iterator.
 
-Each checkpoint is one step folder holding two items: `state` (the TrainState pytree) and
-`data_iterator` (Grain's iterator state, one file per host). Orbax writes a step into a
-temporary folder and renames it when every item is complete, so an interrupted save never
-becomes the "latest" checkpoint; a resumed run restores both items and continues with the
+Each checkpoint is one step folder holding three items: `state` (the TrainState pytree),
+`data_iterator` (Grain's iterator state, one file per process) and `data_layout` (the process count
+and global batch size the iterator state belongs to). Orbax writes a step into a temporary folder and
+renames it when every item is complete (asynchronously by default: `save` returns while the write
+goes on), so a save interrupted at any moment, even by SIGKILL, never becomes the "latest" checkpoint
+(tested by killing a process mid-write); a resumed run restores the items and continues with the
 exact batches the interrupted run would have drawn.
+
+Topology changes. The state restores onto any mesh: arrays come back in the shardings of the
+abstract state of the new run (e.g. written fully sharded over 8 devices, read on 1). The data
+position restores as follows:
+- same process count and data.num_workers: Grain's own per-process state (any pipeline);
+- a different process count or worker count: the position is rebuilt from the number of batches each
+  process had drawn. This is exact for pipelines whose global stream does not depend on the topology,
+  which every pipeline built on `pipelines.batched_stream` (and the EVGAP feature pipeline) is: global
+  batch k is the same examples for any number of hosts or workers. It needs the same
+  global_batch_size, and Grain iterator states of the two shapes Grain 0.2 writes (a plain
+  MapDataset iterator, or mp_prefetch's interleave of worker iterators); anything else is a
+  `DataPositionError` saying what to keep unchanged, never a silently different data order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 STATE = "state"
 DATA_ITERATOR = "data_iterator"
+DATA_LAYOUT = "data_layout"
+
+
+class DataPositionError(ValueError):
+  """The checkpoint's data position cannot be carried over to this run's process or worker count."""
 
 
 def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -45,12 +67,34 @@ class _IteratorSnapshot:
     return self.state
 
 
+@dataclasses.dataclass(frozen=True)
+class DataStream:
+  """A Grain iterator together with the global batch size it feeds; checkpoints of a DataStream
+  record the data layout, so a run with another process or worker count can resume its position."""
+
+  iterator: Any
+  global_batch_size: int
+
+
+def _iterator_and_batch(data_iterator: Any) -> tuple[Any, int | None]:
+  if isinstance(data_iterator, DataStream):
+    return data_iterator.iterator, data_iterator.global_batch_size
+  return data_iterator, None
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None = None) -> None:
-  """Starts saving `state` (and the iterator's position) as step `step`; returns before the write ends."""
+  """Starts saving `state` (and the iterator's position) as step `step`; returns before the write ends.
+
+  `data_iterator`: a Grain iterator, or a DataStream (which also records the data layout).
+  """
   items = {STATE: ocp.args.StandardSave(state)}
-  if data_iterator is not None:
-    snapshot = _IteratorSnapshot(json.dumps(data_iterator.get_state(), indent=1).encode())
+  iterator, global_batch_size = _iterator_and_batch(data_iterator)
+  if iterator is not None:
+    snapshot = _IteratorSnapshot(json.dumps(iterator.get_state(), indent=1).encode())
     items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(snapshot)
+    if global_batch_size is not None:
+      items[DATA_LAYOUT] = ocp.args.JsonSave({"process_count": jax.process_count(),
+                                              "global_batch_size": int(global_batch_size)})
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -59,17 +103,113 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   """Restores the newest checkpoint into the shardings of `abstract_state`; None if there is none.
 
   `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings (from jax.eval_shape), so
-  arrays come back already placed on the current mesh. When `data_iterator` is given, its
-  position is restored in place.
+  arrays come back already placed on the current mesh, whatever mesh wrote them. When
+  `data_iterator` (a Grain iterator or a DataStream) is given, its position is restored in place: by
+  Grain when the process and worker counts are those of the checkpoint, else rebuilt from the batches
+  drawn (module docstring; needs a DataStream, for the global batch size).
   """
+  data_iterator, global_batch_size = _iterator_and_batch(data_iterator)
   step = manager.latest_step()
   if step is None:
     return None
+  step_dir = os.path.join(str(manager.directory), str(step))
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  move_data = False
   if data_iterator is not None:
-    items[DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
+    fresh = data_iterator.get_state()
+    saved = _saved_iterator_states(step_dir)
+    move_data = len(saved) != jax.process_count() or _worker_count(saved[0]) != _worker_count(fresh)
+    if not move_data:
+      items[DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if move_data:
+    _move_data_position(step_dir, saved, data_iterator, fresh, global_batch_size)
   return restored[STATE], step
+
+
+# --------------------------------------------------------------------------- data position across topologies
+
+
+def _saved_iterator_states(step_dir: str) -> list[dict]:
+  """The per-process Grain states of a checkpoint, in process order."""
+  files = glob.glob(os.path.join(step_dir, DATA_ITERATOR, "process_*-of-*.json"))
+  if not files:
+    raise DataPositionError(f"{step_dir}: the checkpoint holds no data iterator state ({DATA_ITERATOR}/)")
+  counts = {int(re.search(r"-of-(\d+)\.json$", f).group(1)) for f in files}
+  if len(counts) != 1 or len(files) != next(iter(counts)):
+    raise DataPositionError(f"{step_dir}/{DATA_ITERATOR}: expected one process_<i>-of-<n>.json per process, "
+                            f"found {sorted(os.path.basename(f) for f in files)}")
+  count = next(iter(counts))
+  states = []
+  for i in range(count):
+    with open(os.path.join(step_dir, DATA_ITERATOR, f"process_{i}-of-{count}.json")) as f:
+      states.append(json.load(f))
+  return states
+
+
+def _worker_count(state: dict) -> int | None:
+  """Grain worker processes behind an iterator state: 0 for a plain MapDataset iterator, the number
+  of worker iterators that mp_prefetch interleaves, or None for a state of another shape."""
+  if set(state) == {"next_index"}:
+    return 0
+  if "iterators_in_use_states" in state and all(set(s) == {"next_index"} for s in state["iterators_in_use_states"]):
+    return len(state["iterators_in_use_states"])
+  return None
+
+
+def _batches_drawn(state: dict) -> int:
+  """Batches one process has drawn, from its Grain state (the worker iterators' positions add up)."""
+  if set(state) == {"next_index"}:
+    return int(state["next_index"])
+  return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+
+
+def iterator_state(batches_drawn: int, num_workers: int) -> dict:
+  """The Grain state of a per-process iterator that has drawn `batches_drawn` batches, for 0 workers
+  (a MapDataset iterator) or `num_workers` mp_prefetch workers (worker i makes batches i, i + W, ...)."""
+  if num_workers == 0:
+    return {"next_index": batches_drawn}
+  per_worker = [max(0, -(-(batches_drawn - i) // num_workers)) for i in range(num_workers)]
+  return {"next_index_in_cycle": batches_drawn % num_workers, "next_index_in_datasets": num_workers,
+          "iterators_in_use_indices": list(range(num_workers)),
+          "iterators_in_use_states": [{"next_index": n} for n in per_worker],
+          "exhausted": [0] * num_workers, "future_states": {}}
+
+
+def _move_data_position(step_dir: str, saved: list[dict], data_iterator: Any, fresh: dict,
+                        global_batch_size: int | None) -> None:
+  """Sets `data_iterator` to the position a run of the checkpoint's topology had reached."""
+  layout_file = os.path.join(step_dir, DATA_LAYOUT, "metadata")
+  layout = None
+  if os.path.exists(layout_file):
+    with open(layout_file) as f:
+      layout = json.load(f)
+  saved_workers, workers = _worker_count(saved[0]), _worker_count(fresh)
+  keep = (f"resume with {len(saved)} process(es) and data.num_workers = {saved_workers}, as the checkpoint was "
+          "written")
+  if saved_workers is None or workers is None:
+    raise DataPositionError(f"{step_dir}: a data iterator state of a shape this module cannot move "
+                            f"(saved: {sorted(saved[0])}, this run: {sorted(fresh)}); {keep}")
+  if layout is None or global_batch_size is None:
+    raise DataPositionError(f"{step_dir}: the checkpoint does not record its data layout, so its data position "
+                            f"cannot move to {jax.process_count()} process(es) with {workers} workers; {keep}")
+  if layout["global_batch_size"] != global_batch_size:
+    raise DataPositionError(f"{step_dir}: written with global_batch_size {layout['global_batch_size']}, this run "
+                            f"has {global_batch_size}; the data position moves across topologies only with the "
+                            f"same global batch; {keep}, or keep global_batch_size")
+  drawn = {_batches_drawn(s) for s in saved}
+  if len(drawn) != 1:
+    raise DataPositionError(f"{step_dir}: the processes had drawn different numbers of batches {sorted(drawn)}; {keep}")
+  batches = drawn.pop()
+  new_state = iterator_state(batches, workers)
+  if set(new_state) != set(fresh):
+    raise DataPositionError(f"{step_dir}: this Grain version's iterator state has fields {sorted(fresh)}, not "
+                            f"{sorted(new_state)}; {keep}")
+  data_iterator.set_state(new_state)
+  if hasattr(data_iterator, "start_prefetch"):
+    data_iterator.start_prefetch()
+  logging.info("Data position moved from %d process(es) x %d workers to %d x %d: %d batches drawn per process.",
+               len(saved), saved_workers, jax.process_count(), workers, batches)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

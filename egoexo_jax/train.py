@@ -2,6 +2,10 @@
 
 Sections: data -> model and optimiser -> sharded state (restored if a checkpoint exists) ->
 jitted step -> loop with logging, checkpoints and a stop on non-finite losses.
+
+Batches come from the objective's Grain stream with a timeout (config.data.batch_timeout_s); their
+host-only keys (pipelines.HOST_KEYS: record ids, skipped-record counts) stay on the host, and name the
+records of a batch whose loss is not finite.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from egoexo_jax import checkpointing, metrics, objectives, sharding
+from egoexo_jax import checkpointing, metrics, monitoring, objectives, sharding
+from egoexo_jax.input import pipelines
 from egoexo_jax.models import build_model
 
 
@@ -146,7 +151,9 @@ def abstract_state(model, optimizer, config, mesh):
   Returns (a pytree of ShapeDtypeStructs carrying the shardings, the pytree of shardings).
   """
   abstract = jax.eval_shape(functools.partial(init_state, model, optimizer, config), jax.random.key(config.seed))
-  state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  # Parameters and optimiser state fully sharded over `fsdp` (replicated when fsdp = 1); BatchNorm replicated.
+  state_shardings = sharding.train_state_shardings(
+      abstract, mesh, config.mesh.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
   return checkpointing.abstract_with_shardings(abstract, state_shardings), state_shardings
 
 
@@ -192,37 +199,61 @@ def initialise_from_checkpoints(state: TrainState, config, state_shardings) -> T
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_shardings)
 
 
-def check_finite(step: int, scalars: dict[str, jax.Array]) -> None:
+def check_finite(step: int, scalars: dict[str, jax.Array], record_ids: np.ndarray | None = None) -> None:
+  """Raises NonFiniteLossError naming the step, every loss term and the batch's record ids (indices
+  into the sorted record shards, every host's; `sources.open_records(pattern).where(i)` names the file)."""
   values = {k: float(v) for k, v in jax.device_get(scalars).items()}
   if not np.isfinite(values["loss"]):
     names = ["loss"] + sorted(k for k in values if k != "loss")
+    records = ""
+    if record_ids is not None:
+      if jax.process_count() > 1:  # every process takes this branch at the same step: the loss is global
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        record_ids = multihost_utils.process_allgather(record_ids, tiled=True)
+      records = f"; the batch's records (index into the sorted record shards): {sorted(np.asarray(record_ids).tolist())}"
     raise NonFiniteLossError(
-        f"non-finite loss at step {step}: " + ", ".join(f"{k}={values[k]:.4g}" for k in names)
+        f"non-finite loss at step {step}: " + ", ".join(f"{k}={values[k]:.4g}" for k in names) + records
         + "; stopping without saving this state (the last checkpoint is intact)")
+
+
+def split_host_keys(batch: dict) -> tuple[dict, dict]:
+  """(device part, host part) of a host batch: pipelines.HOST_KEYS stay on the host."""
+  host = {k: batch.pop(k) for k in pipelines.HOST_KEYS if k in batch}
+  return batch, host
+
+
+def global_sum(value: int) -> int:
+  """The sum of `value` over all processes (collective when there are several)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
 # --------------------------------------------------------------------------- loop
 
 
 def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
-                  data_wait: float) -> None:
-  """Writes the window's metrics and speed to TensorBoard and logs one progress line."""
+                  data_wait: float, extra: dict[str, float] | None = None) -> None:
+  """Writes the window's metrics, speed and `extra` scalars (skipped records, memory) to TensorBoard
+  and logs one progress line."""
   values = {k: float(v) for k, v in train_metrics.compute().items()}
   speed = {"steps_per_sec": window_steps / elapsed,
            "clips_per_sec": window_steps * config.global_batch_size / elapsed,
            "data_wait_fraction": data_wait / elapsed}
-  writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed}.items()})
+  writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed, **(extra or {})}.items()})
   eta = (config.num_train_steps - step) / speed["steps_per_sec"]
   terms = "  ".join(f"{k} {values[k]:.4f}" for k in sorted(values) if k not in ("loss", "learning_rate"))
-  logging.info("step %d/%d  loss %.4f  %s  lr %.4g  %.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds",
+  logging.info("step %d/%d  loss %.4f  %s  lr %.4g  %.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds  %s",
                step, config.num_train_steps, values["loss"], terms, values["learning_rate"], speed["steps_per_sec"],
-               speed["clips_per_sec"], 100 * speed["data_wait_fraction"], eta // 60, eta % 60)
+               speed["clips_per_sec"], 100 * speed["data_wait_fraction"], eta // 60, eta % 60,
+               "  ".join(f"{k} {v:.4g}" for k, v in sorted((extra or {}).items())))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains until `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
   workdir = os.path.abspath(workdir)
-  mesh = sharding.make_mesh(config.mesh.num_devices)
+  mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
@@ -232,12 +263,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   dataset = objective.make_train_dataset(config, workdir, model, process_index=jax.process_index(),
                                          process_count=jax.process_count())
   data_iterator = iter(dataset)
+  data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
 
   optimizer, schedule = make_optimizer(config)
   manager = checkpointing.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
                                        async_save=config.async_checkpointing)
   abstract, state_shardings = abstract_state(model, optimizer, config, mesh)
-  restored = checkpointing.restore_latest(manager, abstract, data_iterator)
+  restored = checkpointing.restore_latest(manager, abstract, data_stream)
   if restored is not None:
     state, start_step = restored
     logging.info("Resumed from step %d (state and data iterator).", start_step)
@@ -252,32 +284,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step_fn = make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
   train_metrics, previous = None, None
-  window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+  window_start, window_steps, data_wait, skipped = time.perf_counter(), 0, 0.0, 0
+  batch_timeout_s = config.data.get("batch_timeout_s", 0)
+  profile = monitoring.ProfileWindow(config.get("profile_steps", ()), workdir)
 
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       tick = time.perf_counter()
-      batch = sharding.host_batch_to_global(next(data_iterator), mesh)
+      batch, host = split_host_keys(monitoring.next_batch(data_iterator, batch_timeout_s, step))
+      batch = sharding.host_batch_to_global(batch, mesh)
       data_wait += time.perf_counter() - tick
+      skipped += int(np.sum(host.get(pipelines.SKIPPED_RECORDS, 0)))
+      profile.before_step(step)
       state, step_metrics, terms = step_fn(state, batch)
+      profile.after_step(step, terms)
       # Check the previous step's loss only now, so the host never stalls the device queue.
       if previous is not None:
         check_finite(*previous)
-      previous = (step, terms)
+      previous = (step, terms, host.get(pipelines.RECORD_INDEX))
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       window_steps += 1
       report_progress(step)
 
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         check_finite(*previous)
+        extra = {"skipped_records": global_sum(skipped), **monitoring.memory_metrics()}
         write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start, window_steps,
-                      data_wait)
-        train_metrics, window_start, window_steps, data_wait = None, time.perf_counter(), 0, 0.0
+                      data_wait, extra)
+        train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0
 
       if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         check_finite(*previous)
-        checkpointing.save(manager, step, state, data_iterator)
+        checkpointing.save(manager, step, state, data_stream)
   finally:
+    profile.close()
     manager.wait_until_finished()  # an async save in flight completes even when training fails
     manager.close()
     if hasattr(data_iterator, "close"):

@@ -25,7 +25,7 @@ def test_main_converts_the_shipped_data_trains_and_resumes(tmp_path):
   first = run_main(tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "wrote 17 records, skipped 0 videos" in first.stderr
-  assert "mesh {'data': 2}" in first.stderr
+  assert "mesh {'data': 2, 'fsdp': 1}" in first.stderr
   assert "step 2/2  loss" in first.stderr and "clips/s" in first.stderr and "ETA" in first.stderr
   assert (tmp_path / "records" / "train.json").exists()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]

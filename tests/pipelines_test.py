@@ -32,6 +32,8 @@ def test_batch_shapes_dtypes_and_masks(real_record_pattern):
       "has_ego": ((8,), np.float32),
       "has_object": ((8,), np.float32),
       "has_interaction": ((8,), np.float32),
+      "record_index": ((8,), np.int64),  # host-only keys (pipelines.HOST_KEYS)
+      "skipped_records": ((8,), np.int32),
   }
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert set(batch["label"]) <= {0, 1, 2}

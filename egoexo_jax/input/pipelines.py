@@ -4,22 +4,33 @@ The Ego-Exo train pipeline, per host:
 
   records (TFRecord/ArrayRecord, random access)
     -> seed + global shuffle (a new permutation every epoch) -> repeat
-    -> this host's slice [process_index::process_count]
     -> EgoExoTrainTransform (random: clip start, scale jitter, crop, flip; boxes -> maps)
+       + 'record_index' (the record's index in the sorted shards)
+    -> skip unreadable records ('skipped_records': how many were passed over for this example)
+    -> this host's slice [process_index::process_count]
     -> batch(per-host batch) -> worker processes (mp_prefetch)
 
 Every random choice comes from the per-element RNG that Grain derives from the seed and the
-element's index, so the stream is the same for any number of workers and an iterator restored
-from a checkpointed state continues with exactly the batches the interrupted run would have seen.
+element's index in the global stream (the host slice comes after the transform, and a host computes
+only its own elements), so the global stream is the same for any number of workers or hosts: global
+batch k is elements [kB, (k+1)B) whatever the topology. An iterator restored from a checkpointed state
+continues with exactly the batches the interrupted run would have seen.
+
+A record that cannot be read or decoded (CRC mismatch, a broken tf.Example, a corrupt JPEG) is logged
+with its file, record number, index and id and replaced by the next element of the stream; the count
+rides in the example as 'skipped_records' and the trainer logs train/skipped_records. 'record_index'
+and 'skipped_records' stay on the host (HOST_KEYS); the trainer pops them before the device put.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 from egoexo_jax.input import records, sources, transforms
 
@@ -147,18 +158,121 @@ def prepare_records(config, workdir: str) -> str:
   return prefix + ".tfrecord-*"
 
 
+# --------------------------------------------------------------------------- record ids and unreadable records
+
+RECORD_INDEX = "record_index"  # int64: the example's record, as an index into the sorted shards
+SKIPPED_RECORDS = "skipped_records"  # int32: unreadable records passed over to make this example
+HOST_KEYS = (RECORD_INDEX, SKIPPED_RECORDS)  # batch keys the trainer keeps on the host
+MAX_CONSECUTIVE_UNREADABLE = 100  # more in a row than this is a broken dataset, not a few bad records
+
+
+class UnreadableRecordError(records.RecordError):
+  """A record that cannot be read or decoded; `record_index` is its index in the source."""
+
+  def __init__(self, message: str, record_index: int):
+    super().__init__(message)
+    self.record_index = record_index
+
+
+class IndexedSource:
+  """A random-access source whose items are (index, item), so the index survives shuffling.
+
+  Read errors (records.RecordError: CRC mismatch, broken tf.Example) become UnreadableRecordError.
+  """
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def where(self, index: int) -> str:
+    return self.source.where(index) if hasattr(self.source, "where") else f"record {index} of {self.source!r}"
+
+  def __getitem__(self, index: int):
+    try:
+      return index, self.source[index]
+    except records.RecordError as e:
+      raise UnreadableRecordError(f"{e} (record index {index})", index) from e
+
+  def __repr__(self) -> str:
+    return f"IndexedSource({self.source!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedTransform(grain.transforms.RandomMap):
+  """Applies `transform` to the item of an (index, item) pair and adds RECORD_INDEX to the example.
+
+  A decode failure in the transform (a corrupt JPEG: PIL's OSError; a RecordError of another source the
+  transform reads) becomes UnreadableRecordError naming the record's file, number, index and id.
+  """
+
+  transform: Any
+  source: IndexedSource
+
+  def random_map(self, element, rng: np.random.Generator):
+    index, record = element
+    apply = getattr(self.transform, "random_map", self.transform)
+    try:
+      example = apply(record, rng)
+    except (records.RecordError, OSError, SyntaxError) as e:
+      record_id = getattr(record, "video_id", None)
+      raise UnreadableRecordError(f"{self.source.where(index)} (record index {index}"
+                                  f"{f', id {record_id!r}' if record_id else ''}): cannot decode: "
+                                  f"{type(e).__name__}: {e}", index) from e
+    example[RECORD_INDEX] = np.int64(index)
+    return example
+
+
+class SkipUnreadableDataset(grain.MapDataset):
+  """Element i of `parent`, or if that record is unreadable the next readable one (i + 1, i + 2, ...).
+
+  Logs each skipped record and sets SKIPPED_RECORDS in the example to the number passed over. Lives on
+  the global stream (before the host slice), so the stream stays the same for any number of hosts.
+  More than MAX_CONSECUTIVE_UNREADABLE unreadable records in a row is an error.
+  """
+
+  def __init__(self, parent: grain.MapDataset, max_consecutive: int = MAX_CONSECUTIVE_UNREADABLE):
+    super().__init__(parent)
+    self._max_consecutive = max_consecutive
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    for skipped in range(self._max_consecutive + 1):
+      try:
+        example = self._parent[index + skipped]
+      except UnreadableRecordError as e:
+        logging.warning("Skipping an unreadable record at stream position %d: %s", index + skipped, e)
+        continue
+      example[SKIPPED_RECORDS] = np.int32(skipped)
+      return example
+    raise records.RecordError(f"{self._max_consecutive + 1} records in a row (stream positions {index}.."
+                              f"{index + self._max_consecutive}) are unreadable; see the warnings above for "
+                              "their files and check data.train_records")
+
+  def __str__(self) -> str:
+    return f"SkipUnreadableDataset(max_consecutive={self._max_consecutive})"
+
+
 def batched_stream(config, source, transform: grain.transforms.RandomMap, *, process_index: int = 0,
                    process_count: int = 1) -> grain.IterDataset:
-  """source -> seed, global shuffle, repeat -> this host's slice -> transform -> per-host batches -> workers.
+  """source -> seed, global shuffle, repeat -> transform + record index -> skip unreadable records ->
+  this host's slice -> per-host batches -> workers.
 
-  The common tail of every training pipeline: deterministic for a seed and any worker count, and
-  checkpointable.
+  The common tail of every training pipeline: deterministic for a seed, the same global stream for any
+  number of workers and hosts, and checkpointable. Examples gain HOST_KEYS (record_index, skipped_records).
   """
   if config.global_batch_size % process_count:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by {process_count} hosts")
-  dataset = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  dataset = dataset[process_index::process_count]
-  dataset = dataset.random_map(transform)
+  indexed = IndexedSource(source)
+  dataset = grain.MapDataset.source(indexed).seed(config.seed).shuffle().repeat()
+  dataset = dataset.random_map(IndexedTransform(transform, indexed))
+  dataset = SkipUnreadableDataset(dataset)
+  dataset = dataset[process_index::process_count]  # lazy: a host computes only its own elements
   dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
                                                       prefetch_buffer_size=config.data.prefetch_batches))
