@@ -316,8 +316,9 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
   scope 'global': the same value as siglip_group_loss on the whole batch. Each device scores its own
     ego windows against its own exo chunk (the positives), then n - 1 times passes its exo chunk to the
     next device of a ring (jax.lax.ppermute) and scores the chunk it received (negatives only), as
-    SigLIP's chunked implementation. No device holds more than (b M) x (b N) logits (tile_rows x b N with
-    tiling) and the backward pass keeps the n received chunks, so memory grows linearly in B.
+    SigLIP's chunked implementation. No device holds more than (b M) x (b N) logits at once (tile_rows x
+    b N with tiling); blocks are recomputed in the backward pass, which keeps only the n received exo
+    chunks, so memory grows linearly in B.
   scope 'local': each device computes siglip_group_loss over its own b scenes only (negatives from its
     own slice, no communication); the result is the mean over devices.
   """
@@ -326,10 +327,14 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
   spec, replicated = jax.sharding.PartitionSpec(axis_name), jax.sharding.PartitionSpec()
   devices = mesh.shape[axis_name]
 
+  # Each block's logits are recomputed in the backward pass rather than stored: the ring's backward
+  # then keeps only the received chunks (b N x D each), not n blocks of (b M) x (b N) logits.
+  block_sum = jax.checkpoint(lambda *args: _sigmoid_block_sum(*args, tile_rows=tile_rows))
+
   def per_device(ego, exo, log_scale, bias):
     e, e_scene, x, x_scene = _flatten_group(ego, exo)
     scale, bias = jnp.exp(_float32_or_wider(log_scale)), _float32_or_wider(bias)
-    total = _sigmoid_block_sum(e, e_scene, x, x_scene, scale, bias, tile_rows)
+    total = block_sum(e, e_scene, x, x_scene, scale, bias)
     if scope == "local":
       return jax.lax.pmean(total / e.shape[0], axis_name)
     others = jnp.full_like(x_scene, -1)  # chunks from other devices hold other scenes only
@@ -338,7 +343,7 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
     def step(carry, _):
       chunk, total = carry
       chunk = jax.lax.ppermute(chunk, axis_name, ring)
-      return (chunk, total + _sigmoid_block_sum(e, e_scene, chunk, others, scale, bias, tile_rows)), None
+      return (chunk, total + block_sum(e, e_scene, chunk, others, scale, bias)), None
 
     (_, total), _ = jax.lax.scan(step, (x, total), None, length=devices - 1)
     return jax.lax.psum(total, axis_name) / (e.shape[0] * devices)

@@ -321,3 +321,115 @@ def test_decoupled_info_nce_gradient_matches_finite_differences():
                                                           sigma=0.1, threshold=-1.0)[0]
     check_grads(aligned, (jnp.asarray(z_f), jnp.asarray(z_t)), order=1, modes=("rev",), eps=1e-6, atol=1e-7,
                 rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- EVGAP: CLIP pairs, SigLIP groups
+
+
+def np_unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_clip_pair_loss(ego, exo, log_scale):
+  logits = np.exp(min(log_scale, np.log(100.0))) * np_unit(ego) @ np_unit(exo).T
+  labels = np.arange(len(ego))
+  return 0.5 * (np_cross_entropy(logits, labels, None) + np_cross_entropy(logits.T, labels, None))
+
+
+def np_siglip_group_loss(ego, exo, log_scale, bias):
+  scenes, m, _ = ego.shape
+  n = exo.shape[1]
+  e, x = np_unit(ego.reshape(scenes * m, -1)), np_unit(exo.reshape(scenes * n, -1))
+  total = 0.0
+  for i in range(scenes * m):  # explicit double loop: y = +1 for windows of the same scene
+    for j in range(scenes * n):
+      y = 1.0 if i // m == j // n else -1.0
+      z = np.exp(log_scale) * e[i] @ x[j] + bias
+      total += np.log1p(np.exp(-y * z))
+  return total / (scenes * m)
+
+
+def evgap_inputs(scenes=8, m=2, n=3, dim=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(scenes, m, dim)).astype(np.float32), rng.normal(size=(scenes, n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("log_scale", [0.0, 2.0, 6.0])  # 6 > ln 100: CLIP's clip at 100 applies
+def test_clip_pair_loss_matches_numpy(log_scale):
+  ego, exo = (x[:, 0] for x in evgap_inputs(scenes=7))
+  got = losses.clip_pair_loss(ego, exo, np.float32(log_scale))
+  np.testing.assert_allclose(got, np_clip_pair_loss(ego, exo, log_scale), rtol=1e-5)
+  # A perfect alignment at a large scale costs almost nothing.
+  assert float(losses.clip_pair_loss(ego, ego, np.float32(4.6))) < 1e-3
+
+
+@pytest.mark.parametrize("log_scale,bias", [(np.log(10.0), -10.0), (np.log10(1 / 0.7), 0.0), (1.0, -2.0)])
+def test_siglip_group_loss_matches_numpy(log_scale, bias):
+  ego, exo = evgap_inputs()
+  got = losses.siglip_group_loss(ego, exo, np.float32(log_scale), np.float32(bias))
+  np.testing.assert_allclose(got, np_siglip_group_loss(ego, exo, log_scale, bias), rtol=1e-5)
+
+
+def test_siglip_group_loss_hand_worked():
+  # Two scenes, one ego and one exo window each, orthogonal unit vectors; t = 1, b = 0.
+  # Logits: same scene <e, x> = 1 (y = +1), other scene 0 (y = -1): per ego window ln(1 + e^-1) + ln 2.
+  ego = np.array([[[1.0, 0.0]], [[0.0, 1.0]]], np.float32)
+  got = losses.siglip_group_loss(ego, ego, np.float32(0.0), np.float32(0.0))
+  np.testing.assert_allclose(got, np.log1p(np.exp(-1.0)) + np.log(2.0), rtol=1e-6)
+
+
+def test_auxiliary_layers_weigh_earlier_layers():
+  per_layer = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+  np.testing.assert_allclose(losses.with_auxiliary_layers(per_layer, 0.2), 4.0 + 0.2 * 6.0, rtol=1e-6)
+
+
+def siglip_on_slices(ego, exo, log_scale, bias, devices):
+  """The dense formula on each device's slice of scenes, averaged (the 'local' scope's definition)."""
+  size = ego.shape[0] // devices
+  return jnp.mean(jnp.stack([losses.siglip_group_loss(ego[d * size:(d + 1) * size], exo[d * size:(d + 1) * size],
+                                                      log_scale, bias) for d in range(devices)]))
+
+
+@pytest.mark.parametrize("scope,tile_rows", [("global", 0), ("global", 2), ("local", 0), ("local", 4)])
+def test_sharded_siglip_matches_dense_values_and_gradients_on_8_devices(scope, tile_rows):
+  from egoexo_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(8)
+  ego, exo = evgap_inputs(scenes=16, m=2, n=3, dim=6, seed=3)
+  scalars = (np.float32(1.3), np.float32(-2.5))
+  sharded = lambda e, x, s, b: losses.siglip_group_loss_sharded(e, x, s, b, mesh=mesh, scope=scope, tile_rows=tile_rows)
+  reference = losses.siglip_group_loss if scope == "global" else (
+      lambda e, x, s, b: siglip_on_slices(e, x, s, b, 8))
+  got = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))(ego, exo, *scalars)
+  want = jax.value_and_grad(reference, argnums=(0, 1, 2, 3))(ego, exo, *scalars)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  if scope == "global":  # and the global scope is the global formula, not the per-slice one
+    assert abs(float(got[0]) - float(siglip_on_slices(ego, exo, *scalars, 8))) > 1e-3
+
+
+def test_sharded_siglip_never_holds_the_global_logit_matrix():
+  from egoexo_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(8)
+  ego, exo = evgap_inputs(scenes=16, m=2, n=3, dim=5)  # dim 5: no array dimension is mistaken for a logit one
+  fn = lambda e, x: losses.siglip_group_loss_sharded(e, x, np.float32(1.0), np.float32(0.0), mesh=mesh)
+
+  def shapes_in(jaxpr, inside, found):
+    """Shapes of every array the per-device program (inside shard_map) makes, forward and backward."""
+    for eqn in jaxpr.eqns:
+      here = inside or eqn.primitive.name == "shard_map"
+      if inside:
+        found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+      for param in eqn.params.values():
+        for sub in (param if isinstance(param, (list, tuple)) else [param]):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            shapes_in(inner, here, found)
+    return found
+
+  shapes = shapes_in(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(ego, exo).jaxpr, False, set())
+  block = (2 * 2, 2 * 3)  # (b M) x (b N) with b = 2 scenes per device
+  assert block in shapes
+  assert not {(16 * 2, 16 * 3), (2 * 2, 16 * 3), (16 * 2, 2 * 3)} & shapes  # no global or row-global logits
+  assert not [s for s in shapes if len(s) > 2 and s[-2:] == block]  # no stack of blocks kept for the backward

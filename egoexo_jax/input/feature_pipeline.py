@@ -12,12 +12,13 @@ the windows stay synchronised.
 Step 1 (pairs): an element is G = `windows_per_recording` (10) consecutive windows of one record, and
 each window becomes an ego-exo pair (one ego and one exo view drawn at random per pair). The other
 pairs of the same recording in the batch are hard negatives. Batches of B pairs hold B / G elements.
-  'ego', 'exo' (B, w1, C); 'record' (B,) int32; 'start', 'span' (B,) float32 in recording frames.
+  'ego', 'exo' (B, w1, C); 'record', 'window' (B,) int32 (record index, nominal window number);
+  'start', 'span' (B,) float32 (the augmented window, in recording frames).
 Step 2 (groups): an element is one window (a scene) of one record, seen by M ego and N exo views
 (`ego_views_per_group` 4, `exo_views_per_group` 8). A recording with fewer views of a kind gives all of
 them once, in random order, and fills the rest by drawing among them with replacement.
-  'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N), 'record' (B,) int32;
-  'start', 'span' (B,) float32.
+  'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N), 'record', 'window'
+  (B,) int32; 'start', 'span' (B,) float32.
 
 Batches are planned per epoch (`EpochPlan`): epoch e shuffles its elements with a generator seeded by
 (seed, e) and cuts them into batches, dropping the remainder. So no element (no scene, no window) is
@@ -175,7 +176,7 @@ class BuildBatch(grain.transforms.RandomMap):
   def _pairs(self, recording, record_index: int, first_window: int, rng) -> dict[str, np.ndarray]:
     ego_views, exo_views = recording.views_of_kind("ego"), recording.views_of_kind("exo")
     w1 = self.windows.window_frames
-    out = {k: [] for k in ("ego", "exo", "start", "span")}
+    out = {k: [] for k in ("ego", "exo", "start", "span", "window")}
     for window in range(first_window, first_window + self.windows_per_element):
       start, span = self._window(recording, window, rng)
       ego, exo = rng.choice(ego_views), rng.choice(exo_views)
@@ -183,9 +184,11 @@ class BuildBatch(grain.transforms.RandomMap):
       out["exo"].append(resample(recording.features[exo], start, span, w1))
       out["start"].append(recording.first_frame + start)
       out["span"].append(span)
+      out["window"].append(window)
     return {"ego": np.stack(out["ego"]).astype(self.dtype), "exo": np.stack(out["exo"]).astype(self.dtype),
             "record": np.full(self.windows_per_element, record_index, np.int32),
-            "start": np.asarray(out["start"], np.float32), "span": np.asarray(out["span"], np.float32)}
+            "window": np.asarray(out["window"], np.int32), "start": np.asarray(out["start"], np.float32),
+            "span": np.asarray(out["span"], np.float32)}
 
   def _group(self, recording, record_index: int, window: int, rng) -> dict[str, np.ndarray]:
     start, span = self._window(recording, window, rng)
@@ -195,7 +198,8 @@ class BuildBatch(grain.transforms.RandomMap):
     return {"ego": np.stack([resample(recording.features[v], start, span, w1) for v in ego]).astype(self.dtype),
             "exo": np.stack([resample(recording.features[v], start, span, w1) for v in exo]).astype(self.dtype),
             "ego_views": ego.astype(np.int32), "exo_views": exo.astype(np.int32),
-            "record": np.int32(record_index), "start": np.float32(recording.first_frame + start),
+            "record": np.int32(record_index), "window": np.int32(window),
+            "start": np.float32(recording.first_frame + start),
             "span": np.float32(span)}
 
 

@@ -1,0 +1,118 @@
+"""EVGAP pre-training on per-frame feature sequences, both steps (config.loss.step):
+
+  'pair'  (step 1): batches of B synchronised ego-exo window pairs, G = 10 per recording (hard
+          negatives); CLIP pair loss on every layer's embedding, scale exp(params['pair_log_scale']).
+  'group' (step 2): batches of B scenes, each M ego + N exo synchronised windows; SigLIP group loss
+          (block-diagonal positives) with scale exp(params['group_log_scale']) and, when
+          loss.use_group_bias, bias params['group_bias'] (else 0), over each device's own scenes (loss.group_scope 'local', the paper's)
+          or over the global batch with a ppermute ring (loss.group_scope 'global').
+
+Both: total = L_L + w sum_{l<L} L_l over the L layers' class-token embeddings (w = loss.auxiliary_weight,
+0.2). Scalars: loss, loss_last_layer, loss_auxiliary (the mean over layers 1..L-1), logit_scale (t),
+logit_bias (step 2), and a retrieval accuracy (step 1: ego -> exo top-1 among the batch's pairs; step
+2: mean cosine of same-scene minus other-scene pairs, 'similarity_gap', computed without the B M x B N
+matrix).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from egoexo_jax import losses
+from egoexo_jax.input import feature_pipeline, feature_records
+
+STEPS = (feature_pipeline.PAIR, feature_pipeline.GROUP)
+
+
+def _step(config) -> str:
+  step = config.loss.step
+  if step not in STEPS:
+    raise ValueError(f"unknown EVGAP config loss.step '{step}': use 'pair' (step 1) or 'group' (step 2)")
+  return step
+
+
+def prepare_feature_records(config, workdir: str) -> str:
+  """The record prefix to train on; converts `data.view_manifest` into `<workdir>/feature_records/train`
+  when `data.feature_records` is empty (process 0, once: a finished conversion leaves `<prefix>.json`)."""
+  if config.data.feature_records:
+    return config.data.feature_records
+  prefix = os.path.join(workdir, "feature_records", "train")
+  if jax.process_index() == 0 and not os.path.exists(prefix + ".json"):
+    feature_records.convert_feature_manifest(config.data.view_manifest, prefix, dtype=config.data.stored_dtype,
+                                             chunk_frames=config.data.chunk_frames)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("prepare_feature_records")
+  return prefix
+
+
+def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
+  del model
+  source = feature_records.FeatureRecordSource(prepare_feature_records(config, workdir),
+                                               config.data.get("feature_format") or None)
+  if source.feature_dim != config.data.feature_dim:
+    raise ValueError(f"the feature records hold {source.feature_dim}-d features but config data.feature_dim is "
+                     f"{config.data.feature_dim}")
+  return feature_pipeline.make_dataset(config, source, _step(config), process_index=process_index,
+                                       process_count=process_count)
+
+
+def init_variables(model, config, rng: jax.Array):
+  windows = jnp.zeros((1, config.data.window_frames, config.data.feature_dim), jnp.float32)
+  return model.init({"params": rng, "dropout": rng}, windows, train=False)
+
+
+def _layer_losses(per_layer: list[jax.Array], config) -> tuple[jax.Array, dict[str, jax.Array]]:
+  per_layer = jnp.stack(per_layer)
+  total = losses.with_auxiliary_layers(per_layer, config.loss.auxiliary_weight)
+  auxiliary = jnp.mean(per_layer[:-1]) if per_layer.shape[0] > 1 else jnp.zeros((), jnp.float32)
+  return total, {"loss": total, "loss_last_layer": per_layer[-1], "loss_auxiliary": auxiliary}
+
+
+def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
+  """The configured step's loss on the global batch (module docstring); no BatchNorm statistics."""
+  step = _step(config)
+  views = (batch["ego"], batch["exo"])
+  if step == feature_pipeline.PAIR:
+    windows = jnp.stack(views)  # (2, B, T, C): one encoder pass for both views
+  else:
+    windows = jnp.concatenate(views, axis=1)  # (B, M + N, T, C)
+  embeddings = model.apply({"params": params}, windows, train=True, rngs={"dropout": rng})["embeddings"]
+
+  if step == feature_pipeline.PAIR:
+    log_scale = params["pair_log_scale"]
+    per_layer = [losses.clip_pair_loss(layer[0], layer[1], log_scale) for layer in embeddings]
+    total, scalars = _layer_losses(per_layer, config)
+    ego, exo = losses.l2_normalize(embeddings[-1, 0]), losses.l2_normalize(embeddings[-1, 1])
+    scalars["accuracy"] = jnp.mean(jnp.argmax(ego @ exo.T, axis=1) == jnp.arange(ego.shape[0])).astype(jnp.float32)
+    scalars["logit_scale"] = jnp.exp(jnp.minimum(log_scale, losses.CLIP_MAX_LOG_SCALE))
+    return total, (scalars, batch_stats)
+
+  m = batch["ego"].shape[1]
+  ego_layers, exo_layers = embeddings[:, :, :m], embeddings[:, :, m:]
+  bias = params["group_bias"] if config.loss.use_group_bias else jnp.zeros((), jnp.float32)
+  per_layer = [losses.siglip_group_loss_sharded(ego, exo, params["group_log_scale"], bias,
+                                                mesh=mesh, scope=config.loss.group_scope,
+                                                tile_rows=config.loss.get("tile_rows", 0))
+               for ego, exo in zip(ego_layers, exo_layers)]
+  total, scalars = _layer_losses(per_layer, config)
+  scalars["similarity_gap"] = similarity_gap(ego_layers[-1], exo_layers[-1])
+  scalars["logit_scale"] = jnp.exp(params["group_log_scale"])
+  scalars["logit_bias"] = bias
+  return total, (scalars, batch_stats)
+
+
+def similarity_gap(ego: jax.Array, exo: jax.Array) -> jax.Array:
+  """Mean cosine of same-scene (ego, exo) windows minus that of other-scene ones; ego (B, M, D), exo (B, N, D).
+
+  Sums of unit vectors give both means in O(B (M + N) D): sum_ij <e_i, x_j> = <sum_i e_i, sum_j x_j>.
+  """
+  ego, exo = losses.l2_normalize(ego), losses.l2_normalize(exo)
+  scenes, m, n = ego.shape[0], ego.shape[1], exo.shape[1]
+  same = jnp.sum(jnp.sum(ego, 1) * jnp.sum(exo, 1))
+  every = jnp.sum(jnp.sum(ego, (0, 1)) * jnp.sum(exo, (0, 1)))
+  other = (every - same) / jnp.maximum(scenes * m * (scenes - 1) * n, 1)
+  return same / (scenes * m * n) - other
