@@ -1,0 +1,201 @@
+"""SUM-L (Wang et al., ICCV 2023): unpaired ego + exo training through narration pseudo-pairs, and the
+baselines of its comparison, as switches of one objective.
+
+config.stage:
+  'exo'    stage (a): the exo encoder f_t and head g_t on the exo dataset alone; loss L_t.
+  'joint'  stage (b): ego clips with their exo pseudo-pairs; Eq. 12:
+             L = L_f + w_t L_t + w_align L_align + w_m L_m
+           (loss.weight_exo_task, loss.weight_align, loss.weight_video_text; released defaults 0.1, 0.02, 0.1).
+Stage (c), evaluating the ego encoder and head, is egoexo_jax/suml_eval.py.
+
+config.loss.alignment, the L_align term:
+  'suml'                L_aw (Eq. 8-10): weighted decoupled InfoNCE over pairs above loss.threshold.
+  'info_nce'            InfoNCE (Eq. 2-4) over all pseudo-pairs.
+  'contrastive'         Typical CL: decoupled InfoNCE (Eq. 6) over all pseudo-pairs, unweighted.
+  'triplet'             Triplet: anchor z_f, positive its partner's z_t, negative another ego clip's z_f
+                        (as the released code), margin loss.triplet_margin (0.1).
+  'joint_embedding'     Joint-embed: the same triplet on true pairs (data.pairs a CSV), negative another
+                        pair's exo clip.
+  'domain_adversarial'  Domain-adapt: cross-entropy of an ego/exo discriminator on the pooled features,
+                        behind gradient reversal (model.discriminator_width > 0).
+  'none'                no alignment term; with w_t = w_m = 0 this is FPV-only (the exo clips and the
+                        pair file are then not read at all).
+
+config.loss.negatives: 'global' uses every row of the global batch, across devices, as negatives (the
+jitted step sees the global arrays); 'per_device' computes the batch-coupled terms (L_align, L_m) on each
+device's slice with jax.shard_map over the mesh's batch axes (`data` x `fsdp`) and averages them over
+devices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from egoexo_jax import losses, sharding
+from egoexo_jax.input import suml_pipeline, transforms
+
+ALIGNMENTS = ("suml", "info_nce", "contrastive", "triplet", "joint_embedding", "domain_adversarial", "none")
+NEGATIVES = ("global", "per_device")
+
+
+def loss_weights(config) -> dict[str, float]:
+  return {"exo_task": config.loss.weight_exo_task, "align": config.loss.weight_align,
+          "video_text": config.loss.weight_video_text}
+
+
+def needs_exo(config) -> bool:
+  """Whether the step sees exo clips (every variant but FPV-only)."""
+  w = loss_weights(config)
+  return (config.stage == "exo" or bool(w["exo_task"]) or bool(w["video_text"])
+          or (config.loss.alignment != "none" and bool(w["align"])))
+
+
+def needs_text(config) -> bool:
+  """Whether the step sees narration embeddings (L_aw or L_m)."""
+  w = loss_weights(config)
+  return config.stage == "joint" and (bool(w["video_text"]) or (config.loss.alignment == "suml" and bool(w["align"])))
+
+
+def check_config(config) -> None:
+  """Rejects combinations that cannot train as meant, naming the config fields."""
+  if config.stage not in ("exo", "joint"):
+    raise ValueError(f"config stage '{config.stage}': use 'exo' (stage a) or 'joint' (stage b)")
+  alignment = config.loss.alignment
+  if alignment not in ALIGNMENTS:
+    raise ValueError(f"config loss.alignment '{alignment}': use one of {ALIGNMENTS}")
+  if config.loss.negatives not in NEGATIVES:
+    raise ValueError(f"config loss.negatives '{config.loss.negatives}': use one of {NEGATIVES}")
+  if config.model.freeze_exo_backbone and "exo_backbone" not in tuple(config.optimizer.frozen):
+    raise ValueError("config model.freeze_exo_backbone is set but optimizer.frozen lacks 'exo_backbone' "
+                     "(weight decay would still move the frozen encoder)")
+  if (alignment == "domain_adversarial") != bool(config.model.discriminator_width):
+    raise ValueError("config loss.alignment 'domain_adversarial' and model.discriminator_width > 0 go together "
+                     f"(got '{alignment}' and {config.model.discriminator_width})")
+  if alignment == "joint_embedding" and not config.data.pairs.endswith(".csv"):
+    raise ValueError(f"config loss.alignment 'joint_embedding' trains on true pairs: data.pairs must be a CSV "
+                     f"of ego_id,exo_id pairs, not '{config.data.pairs}'")
+
+
+def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
+  del model
+  check_config(config)
+  if config.stage == "exo":
+    return suml_pipeline.make_exo_dataset(config, suml_pipeline.prepare_records(config, workdir, "exo"),
+                                          process_index=process_index, process_count=process_count)
+  with_exo = needs_exo(config)
+  ego_pattern = suml_pipeline.prepare_records(config, workdir, "ego")
+  exo_pattern = suml_pipeline.prepare_records(config, workdir, "exo") if with_exo else None
+  return suml_pipeline.make_paired_dataset(
+      config, ego_pattern, exo_pattern, with_exo=with_exo, with_text=needs_text(config),
+      cache_dir=os.path.join(os.path.abspath(workdir), "records"), process_index=process_index,
+      process_count=process_count)
+
+
+def init_variables(model, config, rng: jax.Array):
+  check_config(config)
+  data = config.data
+  clips = jnp.zeros((1, data.clip_length, data.crop_size, data.crop_size, 3), jnp.float32)
+  ego = clips if config.stage == "joint" else None
+  exo = clips if needs_exo(config) else None
+  return model.init({"params": rng, "dropout": rng}, ego, exo, train=False)
+
+
+# --------------------------------------------------------------------------- terms
+
+
+def task_loss(logits: tuple[jax.Array, ...], labels: jax.Array, kind: str, view: str) -> tuple[jax.Array, dict]:
+  """L_f or L_t and its accuracies. 'single': the sum over heads of softmax cross-entropy (EPIC verb +
+  noun), labels int (B, H); accuracies '<view>_accuracy' (every head right: EPIC's action) and, with
+  several heads, '<view>_accuracy_<i>'. 'multi_label': BCE on the heads' logits laid end to end."""
+  if kind == "multi_label":
+    return losses.multi_label_bce(jnp.concatenate(logits, axis=-1), labels), {}
+  correct = [jnp.argmax(head, -1) == labels[:, i] for i, head in enumerate(logits)]
+  total = sum(losses.softmax_cross_entropy(head, labels[:, i]) for i, head in enumerate(logits))
+  scalars = {f"{view}_accuracy": jnp.mean(jnp.all(jnp.stack(correct), axis=0)).astype(jnp.float32)}
+  if len(logits) > 1:
+    scalars.update({f"{view}_accuracy_{i}": jnp.mean(c).astype(jnp.float32) for i, c in enumerate(correct)})
+  return total, scalars
+
+
+def batch_coupled_terms(arrays: dict[str, jax.Array], rng: jax.Array, *, config) -> dict[str, jax.Array]:
+  """The terms whose value depends on the other rows of the batch: 'align' (all but domain_adversarial),
+  'video_text' (L_m) and 'aligned_pair_fraction'. arrays: 'ego_embedding', 'exo_embedding' (B, D) and,
+  when needed, 'ego_text', 'exo_text' (B, D)."""
+  loss, w = config.loss, loss_weights(config)
+  z_f, z_t = arrays["ego_embedding"], arrays["exo_embedding"]
+  out = {}
+  if w["align"] and loss.alignment == "suml":
+    out["align"], count = losses.semantic_alignment_loss(
+        z_f, z_t, arrays["ego_text"], arrays["exo_text"], temperature=loss.temperature, sigma=loss.sigma,
+        threshold=loss.threshold, min_pairs=loss.min_aligned_pairs)
+    out["aligned_pair_fraction"] = count / z_f.shape[0]
+  elif w["align"] and loss.alignment == "info_nce":
+    out["align"] = losses.info_nce(z_f, z_t, loss.temperature) + losses.info_nce(z_t, z_f, loss.temperature)
+  elif w["align"] and loss.alignment == "contrastive":
+    out["align"] = (losses.decoupled_info_nce(z_f, z_t, loss.temperature)
+                    + losses.decoupled_info_nce(z_t, z_f, loss.temperature))
+  elif w["align"] and loss.alignment in ("triplet", "joint_embedding"):
+    if z_f.shape[0] < 2:
+      raise ValueError("the triplet baselines need at least 2 clips per batch (per device with per_device negatives)")
+    shift = jax.random.randint(rng, (), 1, z_f.shape[0])  # never 0: a row is never its own negative
+    negatives = jnp.roll(z_f if loss.alignment == "triplet" else z_t, shift, axis=0)
+    out["align"] = losses.triplet_margin_loss(z_f, z_t, negatives, loss.triplet_margin)
+  if w["video_text"]:
+    out["video_text"] = losses.video_text_loss(z_f, z_t, arrays["ego_text"], arrays["exo_text"], loss.temperature)
+  return out
+
+
+def _check_text_dims(outputs, batch) -> None:
+  for view in ("ego", "exo"):
+    z, d = outputs[f"{view}_embedding"], batch[f"{view}_text"]
+    if z.shape[-1] != d.shape[-1]:
+      raise ValueError(f"model.projection_dim is {z.shape[-1]} but the narration embeddings (data.pairs) have "
+                       f"{d.shape[-1]} dimensions; the text terms need them equal")
+
+
+def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
+  """Stage (a): L_t. Stage (b): Eq. 12 with the configured alignment. Scalars: loss, loss_ego_task,
+  loss_exo_task, loss_align, loss_video_text (unweighted; 0 when not computed), accuracies, and
+  aligned_pair_fraction (SUM-L) or domain_accuracy (Domain-adapt)."""
+  dtype = jnp.dtype(config.model.dtype)
+  ego = transforms.normalize_clips(batch["ego_clips"], dtype) if "ego_clips" in batch else None
+  exo = transforms.normalize_clips(batch["exo_clips"], dtype) if "exo_clips" in batch else None
+  dropout_rng, align_rng = jax.random.split(rng)
+  outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, ego, exo, train=True,
+                                 rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+  zero = jnp.zeros((), jnp.float32)
+  terms = {"ego_task": zero, "exo_task": zero, "align": zero, "video_text": zero}
+  scalars = {}
+  if exo is not None:
+    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_label"], config.data.exo_labels, "exo")
+    scalars.update(accuracy)
+  if config.stage == "exo":
+    total = terms["exo_task"]
+  else:
+    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_label"], config.data.ego_labels, "ego")
+    scalars.update(accuracy)
+    if exo is not None:
+      arrays = {k: outputs[k] for k in ("ego_embedding", "exo_embedding")}
+      if needs_text(config):
+        _check_text_dims(outputs, batch)
+        arrays.update(ego_text=batch["ego_text"], exo_text=batch["exo_text"])
+      if config.loss.negatives == "per_device":
+        axes = sharding.BATCH_AXES  # every device of the mesh holds its own slice of the batch
+        per_device = lambda a, r: jax.tree.map(lambda x: jax.lax.pmean(x, axes), batch_coupled_terms(a, r, config=config))
+        coupled = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P()), out_specs=P())(arrays, align_rng)
+      else:
+        coupled = batch_coupled_terms(arrays, align_rng, config=config)
+      if "aligned_pair_fraction" in coupled:
+        scalars["aligned_pair_fraction"] = coupled.pop("aligned_pair_fraction")
+      terms.update(coupled)
+      if config.loss.alignment == "domain_adversarial" and config.loss.weight_align:
+        domain = jnp.concatenate([jnp.zeros(ego.shape[0], jnp.int32), jnp.ones(exo.shape[0], jnp.int32)])
+        terms["align"] = losses.softmax_cross_entropy(outputs["domain_logits"], domain)
+        scalars["domain_accuracy"] = jnp.mean(jnp.argmax(outputs["domain_logits"], -1) == domain).astype(jnp.float32)
+    total = losses.suml_total(terms, loss_weights(config))
+  scalars.update({"loss": total, **{f"loss_{name}": value for name, value in terms.items()}})
+  return total, (scalars, updates["batch_stats"])

@@ -1,0 +1,168 @@
+r"""SUM-L stage (c): the ego encoder f_f and task head g_f of a SUM-L run, evaluated on ego records.
+
+  python -m egoexo_jax.suml_eval --config=configs/suml_eval.py:small --workdir=runs/suml_small
+
+Only the ego side of the checkpoint is read ('ego_backbone' or the shared 'backbone', 'ego_head_<i>');
+the exo encoder, projections and discriminator are ignored. Protocol, deliberately minimal: one centre
+clip and centre crop per record (ClipSampler with rng None). Metrics, by `data.ego_labels`:
+  'single'       per head 'top1_<i>' and 'top5_<i>' (top-5 only for heads of more than 5 classes), and
+                 'top1' = every head right (EPIC-Kitchens' action accuracy; with one head, plain top-1).
+  'multi_label'  'mAP': mean over classes with at least one positive of the average precision
+                 (as sklearn.metrics.average_precision_score, ties grouped), Charades-Ego's measure.
+The JSON written to --output (default <workdir>/suml_eval.json) holds the metrics, the number of
+records, the checkpoint step folder and the record glob.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from egoexo_jax import atomic_files, checkpointing
+from egoexo_jax.input import sources, suml_pipeline, transforms
+from egoexo_jax.models import build_model
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+  """(N,) bool: whether labels[i] is among the k highest of logits[i] (ties broken by class order)."""
+  top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+  return np.any(top == labels[:, None], axis=1)
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+  """AP of one class: sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first."""
+  order = np.argsort(-scores, kind="stable")
+  scores, targets = scores[order], targets[order].astype(np.float64)
+  last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+  true_positives = np.cumsum(targets)[last_of_tie]
+  precision = true_positives / (last_of_tie + 1)
+  recall = true_positives / true_positives[-1]
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+  """mAP of (N, K) scores against (N, K) 0/1 targets over the classes with at least one positive."""
+  classes = np.flatnonzero(targets.sum(axis=0) > 0)
+  if not classes.size:
+    raise ValueError("no class has a positive example; mAP is undefined")
+  return float(np.mean([average_precision(scores[:, c], targets[:, c]) for c in classes]))
+
+
+def classification_metrics(logits: Sequence[np.ndarray], targets: np.ndarray, kind: str) -> dict[str, float]:
+  """Metrics of per-head logits [(N, K_i)] against 'single' labels (N, H) or 'multi_label' targets (N, sum K)."""
+  if kind == "multi_label":
+    return {"mAP": mean_average_precision(np.concatenate(logits, axis=1), targets)}
+  metrics, all_right = {}, np.ones(len(targets), bool)
+  for i, head in enumerate(logits):
+    right = top_k_accuracy(head, targets[:, i], 1)
+    all_right &= right
+    metrics[f"top1_{i}"] = float(right.mean())
+    if head.shape[1] > 5:
+      metrics[f"top5_{i}"] = float(top_k_accuracy(head, targets[:, i], 5).mean())
+  metrics["top1"] = float(all_right.mean())
+  return metrics
+
+
+# --------------------------------------------------------------------------- the ego model
+
+
+def load_ego_variables(model, config, checkpoint: str) -> tuple[dict, str]:
+  """The ego side's variables from a SUM-L checkpoint (a workdir, its checkpoints/ or a step folder).
+
+  Returns (variables {'params', 'batch_stats'} shaped as the ego-only model, the step folder read).
+  """
+  data = config.data
+  clips = jnp.zeros((1, data.clip_length, data.crop_size, data.crop_size, 3), jnp.float32)
+  wanted = jax.eval_shape(lambda: model.init(jax.random.key(0), clips, None, train=False))
+  step_dir = checkpointing.latest_step_dir(checkpoint)
+  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, checkpointing.STATE))
+  variables = {}
+  for collection, tree in wanted.items():
+    variables[collection] = {}
+    for name, subtree in tree.items():
+      source = saved.get(collection, {}).get(name)
+      if source is None:
+        raise KeyError(f"{step_dir}: the checkpoint has no '{collection}/{name}' (is it a SUM-L stage (b) run?)")
+      shapes_saved = jax.tree.map(np.shape, source)
+      shapes_wanted = jax.tree.map(lambda x: x.shape, subtree)
+      if shapes_saved != shapes_wanted:
+        raise ValueError(f"{step_dir}: '{collection}/{name}' does not match the configured model "
+                         f"(check model.backbone_args and model.ego_num_classes)")
+      variables[collection][name] = jax.tree.map(jnp.asarray, source)
+  return variables, step_dir
+
+
+def predict(model, variables, source, config, batch_size: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+  """Per-head logits [(N, K_i)], targets (suml_pipeline.encode_labels) and ids of every record of `source`."""
+  sampler = suml_pipeline.clip_sampler(config)
+  dtype = jnp.dtype(config.model.dtype)
+
+  @jax.jit
+  def forward(clips):
+    outputs = model.apply(variables, transforms.normalize_clips(clips, dtype), None, train=False)
+    return outputs["ego_logits"]
+
+  logits, targets, ids = [], [], []
+  for start in range(0, len(source), batch_size):
+    batch = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+    clips = np.stack([sampler(record, None) for record in batch])
+    pad = batch_size - len(batch)  # a fixed batch shape compiles once
+    outputs = forward(np.concatenate([clips, np.zeros((pad, *clips.shape[1:]), clips.dtype)]))
+    logits.append([np.asarray(head)[:len(batch)] for head in outputs])
+    targets += [suml_pipeline.encode_labels(r.labels, tuple(config.model.ego_num_classes), config.data.ego_labels,
+                                            f"ego record '{r.video_id}'") for r in batch]
+    ids += [r.video_id for r in batch]
+  per_head = [np.concatenate([chunk[h] for chunk in logits]) for h in range(len(logits[0]))]
+  return per_head, np.stack(targets), ids
+
+
+def evaluate(config, workdir: str, output: str | None = None) -> dict:
+  """Stage (c): evaluates the newest checkpoint of `config.eval.checkpoint` (default: `workdir`) on
+  `config.eval.records` (default: the ego manifest converted into the workdir) and writes JSON."""
+  workdir = os.path.abspath(workdir)
+  model = build_model(config.model)
+  variables, step_dir = load_ego_variables(model, config, config.eval.checkpoint or workdir)
+  pattern = config.eval.records or suml_pipeline.prepare_records(config, workdir, "ego")
+  logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, config.eval.batch_size)
+  result = {"metrics": classification_metrics(logits, targets, config.data.ego_labels), "num_records": len(ids),
+            "checkpoint": step_dir, "records": pattern, "labels": config.data.ego_labels,
+            "protocol": "1 centre clip x 1 centre crop"}
+  output = output or os.path.join(workdir, "suml_eval.json")
+  with atomic_files.atomic_write(output, "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+  logging.info("SUM-L ego evaluation of %s on %d records: %s -> %s", step_dir, len(ids), result["metrics"], output)
+  return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "configs/suml_eval.py[:small]", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The SUM-L run (stage (b)) to evaluate.")
+  flags.DEFINE_string("output", None, "JSON file to write; default <workdir>/suml_eval.json.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  result = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.output)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
