@@ -308,8 +308,10 @@ def siglip_group_loss(ego: jax.Array, exo: jax.Array, log_scale: jax.Array, bias
 
 
 def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Array, bias: jax.Array, *, mesh,
-                              scope: str = "global", axis_name: str = "data", tile_rows: int = 0) -> jax.Array:
-  """siglip_group_loss with the scenes split over the devices of `mesh` axis `axis_name` (jax.shard_map).
+                              scope: str = "global", axis_name: str | tuple[str, ...] = ("data", "fsdp"),
+                              tile_rows: int = 0) -> jax.Array:
+  """siglip_group_loss with the scenes split over the devices of `mesh` axes `axis_name` (jax.shard_map;
+  the trainer's batch axes by default, sharding.BATCH_AXES).
 
   ego (B, M, D), exo (B, N, D) global arrays; B divisible by the number of devices n; each device holds
   b = B / n scenes. scale and bias are replicated. Returns the replicated scalar.
@@ -324,8 +326,13 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
   """
   if scope not in ("global", "local"):
     raise ValueError(f"unknown SigLIP loss scope '{scope}': use 'global' or 'local'")
-  spec, replicated = jax.sharding.PartitionSpec(axis_name), jax.sharding.PartitionSpec()
-  devices = mesh.shape[axis_name]
+  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  axes = tuple(a for a in axes if a in mesh.shape)  # a 1-D 'data' mesh has no 'fsdp' axis
+  spec, replicated = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+  devices = 1
+  for axis in axes:
+    devices *= mesh.shape[axis]
+  axis_name = axes
 
   # Each block's logits are recomputed in the backward pass rather than stored: the ring's backward
   # then keeps only the received chunks (b N x D each), not n blocks of (b M) x (b N) logits.

@@ -391,10 +391,10 @@ def siglip_on_slices(ego, exo, log_scale, bias, devices):
                                                       log_scale, bias) for d in range(devices)]))
 
 
-@pytest.mark.parametrize("scope,tile_rows", [("global", 0), ("global", 2), ("local", 0), ("local", 4)])
-def test_sharded_siglip_matches_dense_values_and_gradients_on_8_devices(scope, tile_rows):
+@pytest.mark.parametrize("scope,tile_rows,fsdp", [("global", 0, 1), ("global", 2, 2), ("local", 0, 1), ("local", 4, 2)])
+def test_sharded_siglip_matches_dense_values_and_gradients_on_8_devices(scope, tile_rows, fsdp):
   from egoexo_jax import sharding  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(8)
+  mesh = sharding.make_mesh(8, fsdp=fsdp)  # the scenes split over data x fsdp, as the trainer splits batches
   ego, exo = evgap_inputs(scenes=16, m=2, n=3, dim=6, seed=3)
   scalars = (np.float32(1.3), np.float32(-2.5))
   sharded = lambda e, x, s, b: losses.siglip_group_loss_sharded(e, x, s, b, mesh=mesh, scope=scope, tile_rows=tile_rows)

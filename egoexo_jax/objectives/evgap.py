@@ -21,7 +21,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from egoexo_jax import losses
+from egoexo_jax import losses, sharding
 from egoexo_jax.input import feature_pipeline, feature_records
 
 STEPS = (feature_pipeline.PAIR, feature_pipeline.GROUP)
@@ -95,7 +95,7 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
   ego_layers, exo_layers = embeddings[:, :, :m], embeddings[:, :, m:]
   bias = params["group_bias"] if config.loss.use_group_bias else jnp.zeros((), jnp.float32)
   per_layer = [losses.siglip_group_loss_sharded(ego, exo, params["group_log_scale"], bias,
-                                                mesh=mesh, scope=config.loss.group_scope,
+                                                mesh=mesh, scope=config.loss.group_scope, axis_name=sharding.BATCH_AXES,
                                                 tile_rows=config.loss.get("tile_rows", 0))
                for ego, exo in zip(ego_layers, exo_layers)]
   total, scalars = _layer_losses(per_layer, config)

@@ -1,0 +1,90 @@
+"""The compact training loop of the downstream models: Adam, epochs, validation, best checkpoint, JSON.
+
+These are small models trained on fixed features, not video pre-training, so they do not go through
+egoexo_jax/train.py: one jitted Adam step, a validation pass after every epoch, and the parameters of
+the best epoch (by `selection_metric`, higher is better) written to `<output_dir>/best.msgpack`
+(flax.serialization bytes, written whole or not at all). The caller scores the test set with the
+parameters this returns: the best epoch's, read back from that file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import flax
+import jax
+import numpy as np
+import optax
+from absl import logging
+
+from egoexo_jax import atomic_files
+
+BEST_CHECKPOINT = "best.msgpack"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  epochs: int = 50
+  learning_rate: float = 5e-4
+  weight_decay: float = 0.0
+  seed: int = 0
+
+
+def write_json(path: str, content: Any) -> None:
+  with atomic_files.atomic_write(path, "w") as f:
+    json.dump(content, f, indent=1)
+    f.write("\n")
+
+
+def fit(params: Any, loss_fn: Callable[[Any, dict, jax.Array], jax.Array],
+        epoch_batches: Callable[[int], Iterable[dict]], evaluate: Callable[[Any], dict[str, float]],
+        selection_metric: str, settings: LoopSettings, output_dir: str) -> tuple[Any, list[dict]]:
+  """Trains `params` for `settings.epochs` epochs; returns (the best epoch's parameters, history).
+
+  loss_fn(params, batch, rng) -> scalar; epoch_batches(epoch) -> that epoch's batches (dicts of
+  arrays, shuffled by the caller); evaluate(params) -> validation metrics holding `selection_metric`.
+  history: one dict per epoch (epoch, train_loss, seconds, validation metrics).
+  """
+  optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay) if settings.weight_decay \
+      else optax.adam(settings.learning_rate)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  os.makedirs(output_dir, exist_ok=True)
+  best_path = os.path.join(output_dir, BEST_CHECKPOINT)
+  rng = jax.random.key(settings.seed)
+  history, best = [], -np.inf
+  for epoch in range(1, settings.epochs + 1):
+    start, epoch_losses = time.perf_counter(), []
+    for batch in epoch_batches(epoch):
+      rng, step_rng = jax.random.split(rng)
+      params, opt_state, loss = step(params, opt_state, batch, step_rng)
+      epoch_losses.append(loss)
+    if not epoch_losses:
+      raise ValueError("an epoch produced no batches: the training set is empty")
+    train_loss = float(np.mean(jax.device_get(epoch_losses)))
+    if not np.isfinite(train_loss):
+      raise FloatingPointError(f"non-finite training loss at epoch {epoch}; the best checkpoint is kept")
+    validation = evaluate(params)
+    if selection_metric not in validation:
+      raise KeyError(f"selection metric '{selection_metric}' not among the validation metrics {sorted(validation)}")
+    record = {"epoch": epoch, "train_loss": train_loss, "seconds": time.perf_counter() - start, **validation}
+    if validation[selection_metric] > best:
+      best = validation[selection_metric]
+      with atomic_files.atomic_write(best_path) as f:
+        f.write(flax.serialization.to_bytes(params))
+      record["best"] = True
+    history.append(record)
+    logging.info("epoch %d/%d  train loss %.4f  %s", epoch, settings.epochs, train_loss,
+                 "  ".join(f"{k} {v:.2f}" for k, v in validation.items()))
+  with open(best_path, "rb") as f:
+    return flax.serialization.from_bytes(params, f.read()), history
