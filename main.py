@@ -2,9 +2,15 @@ r"""Trains an egoexo_jax model.
 
   python main.py --config=configs/egoexo.py:small --workdir=runs/egoexo_small
 
-Multi-host (TPU pods, multi-node GPU): run the same command on every host; jax.distributed is
-initialised from the environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS/
-JAX_NUM_PROCESSES/JAX_PROCESS_ID) when --multihost is set.
+Multi-host (TPU pods, multi-node GPU): run the same command on every host with --multihost.
+jax.distributed is initialised from the cluster (TPU metadata, SLURM, Open MPI) or from the flags
+--coordinator_address (or JAX_COORDINATOR_ADDRESS), --num_processes and --process_id, e.g. two
+processes on one machine:
+
+  python main.py ... --multihost --coordinator_address=localhost:12355 --num_processes=2 --process_id=0
+  python main.py ... --multihost --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
+
+The workdir must be on storage every host sees (checkpoints are written by all of them).
 """
 
 from absl import app, flags, logging
@@ -14,6 +20,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, records and TensorBoard files.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (default: from the cluster or "
+                    "JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (default: from the cluster).")
+flags.DEFINE_integer("process_id", None, "This process's index (default: from the cluster).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,7 +33,11 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
 
   if FLAGS.multihost:
-    jax.distributed.initialize()
+    # Cross-process collectives of the CPU backend (tests, CPU clusters) go over Gloo; GPUs and TPUs
+    # use their own (NCCL, ICI) whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
   from egoexo_jax import train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),

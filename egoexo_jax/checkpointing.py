@@ -217,6 +217,16 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def restore_on_this_host(path: str) -> Any:
+  """The pytree saved in a `state` folder, every array whole on this process's first device, whatever
+  mesh or number of processes wrote it (Orbax alone refuses a checkpoint whose devices are not here)."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(path, target)
+
+
 def latest_step_dir(path: str) -> str:
   """A step folder from a workdir, its `checkpoints` folder, or a step folder itself (newest step)."""
   path = os.path.abspath(path)
@@ -240,7 +250,7 @@ def load_backbone(path: str, params: Any, batch_stats: Any, subtree: str = "back
   """
   source_subtree = source_subtree or subtree
   step_dir = latest_step_dir(path)
-  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, STATE))
+  saved = restore_on_this_host(os.path.join(step_dir, STATE))
   out = []
   for collection, current in (("params", params), ("batch_stats", batch_stats)):
     if subtree not in current:

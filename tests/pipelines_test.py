@@ -97,7 +97,7 @@ def test_hosts_get_disjoint_slices_of_each_epoch(real_record_pattern):
   source = sources.open_records(real_record_pattern)
   import grain
   order = grain.MapDataset.source(range(len(source))).seed(config.seed).shuffle().repeat()
-  host_items = [[order[process::2][i] for i in range(3)] for process in range(2)]
+  host_items = [[order[process * 3 + i] for i in range(3)] for process in range(2)]  # rows of global batch 0
   assert sorted(host_items[0] + host_items[1]) == list(range(6))  # one epoch, split without overlap
   labels = [next(iter(pipelines.make_train_dataset(config, real_record_pattern, process_index=p,
                                                    process_count=2)))["label"] for p in range(2)]

@@ -7,13 +7,14 @@ The Ego-Exo train pipeline, per host:
     -> EgoExoTrainTransform (random: clip start, scale jitter, crop, flip; boxes -> maps)
        + 'record_index' (the record's index in the sorted shards)
     -> skip unreadable records ('skipped_records': how many were passed over for this example)
-    -> this host's slice [process_index::process_count]
+    -> this host's rows of each global batch (HostRowsDataset)
     -> batch(per-host batch) -> worker processes (mp_prefetch)
 
 Every random choice comes from the per-element RNG that Grain derives from the seed and the
-element's index in the global stream (the host slice comes after the transform, and a host computes
+element's index in the global stream (the host split comes after the transform, and a host computes
 only its own elements), so the global stream is the same for any number of workers or hosts: global
-batch k is elements [kB, (k+1)B) whatever the topology. An iterator restored from a checkpointed state
+batch k is elements [kB, (k+1)B) in this order whatever the topology, host h holding rows
+[h B/P, (h+1) B/P) of it (the rows its devices hold, as jax.devices() is ordered by process). An iterator restored from a checkpointed state
 continues with exactly the batches the interrupted run would have seen.
 
 A record that cannot be read or decoded (CRC mismatch, a broken tf.Example, a corrupt JPEG) is logged
@@ -258,10 +259,33 @@ class SkipUnreadableDataset(grain.MapDataset):
     return f"SkipUnreadableDataset(max_consecutive={self._max_consecutive})"
 
 
+class HostRowsDataset(grain.MapDataset):
+  """This host's rows of every global batch of `parent`: with b = B / P rows per host, element j is
+  element (j // b) B + h b + (j % b) of the global stream, so the hosts' batches stacked in process
+  order are the global batches of one process."""
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, global_batch_size: int):
+    super().__init__(parent)
+    self._host, self._hosts, self._global_batch = process_index, process_count, global_batch_size
+    self._rows = global_batch_size // process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._hosts
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._rows)
+    return self._parent[batch * self._global_batch + self._host * self._rows + row]
+
+  def __str__(self) -> str:
+    return f"HostRowsDataset(host={self._host} of {self._hosts}, rows={self._rows} of {self._global_batch})"
+
+
 def batched_stream(config, source, transform: grain.transforms.RandomMap, *, process_index: int = 0,
                    process_count: int = 1) -> grain.IterDataset:
   """source -> seed, global shuffle, repeat -> transform + record index -> skip unreadable records ->
-  this host's slice -> per-host batches -> workers.
+  this host's rows of each global batch -> per-host batches -> workers.
 
   The common tail of every training pipeline: deterministic for a seed, the same global stream for any
   number of workers and hosts, and checkpointable. Examples gain HOST_KEYS (record_index, skipped_records).
@@ -272,7 +296,8 @@ def batched_stream(config, source, transform: grain.transforms.RandomMap, *, pro
   dataset = grain.MapDataset.source(indexed).seed(config.seed).shuffle().repeat()
   dataset = dataset.random_map(IndexedTransform(transform, indexed))
   dataset = SkipUnreadableDataset(dataset)
-  dataset = dataset[process_index::process_count]  # lazy: a host computes only its own elements
+  # Lazy: a host reads and transforms only its own rows.
+  dataset = HostRowsDataset(dataset, process_index, process_count, config.global_batch_size)
   dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
                                                       prefetch_buffer_size=config.data.prefetch_batches))
