@@ -1,0 +1,115 @@
+"""Shared settings of the fine-tuning configs (finetune_charades_ego.py, finetune_epic100.py, finetune_epic55.py).
+
+The full size follows the Ego-Exo release's Slow-only R50 8x8 fine-tuning recipe (PySlowFast): SGD momentum
+0.9, weight decay 1e-4, batch 64, train clips of 8 frames every 8th from short side [256, 320] cropped to
+224, test 10 clips x 3 crops of 256 at short side 256. `:small` shrinks the network to the one of
+`configs/egoexo.py:small`, so a small pre-training run can start it (`--config.init_from=<its workdir>`).
+"""
+
+import math
+
+import ml_collections
+
+
+def parse_arg(arg: str, config_file: str) -> tuple[bool, bool]:
+  """`arg` of `--config=<file>:<arg>`: comma-separated options among 'small' and 'star' -> (small, star)."""
+  options = [a for a in arg.split(",") if a]
+  unknown = sorted(set(options) - {"small", "star"})
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}: use {config_file}[:small][,star] "
+                     "('small': a CPU-sized run on the shipped clips; 'star': Ego-Exo* with the interaction loss)")
+  return "small" in options, "star" in options
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+  return int(math.ceil(epochs * num_examples / batch_size))
+
+
+def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.objective = "finetune"  # egoexo_jax/objectives/finetune.py
+
+  config.data = ml_collections.ConfigDict()
+  # Glob of record shards; empty: convert `manifest` into <workdir>/records on first use.
+  config.data.train_records = ""
+  config.data.manifest = ""
+  config.data.multi_label = False
+  # What a record's `labels` hold: per head, labels[i] is the class of head label_layout[i]; multi-label,
+  # the class ids of the single head named here. The heads' sizes are model.num_classes.
+  config.data.label_layout = ()
+  config.data.label_intervals = ""  # multi-label: {video_id: [[class, start, end]]} for clip-level labels
+  config.data.num_train_examples = 0  # records per epoch, to turn epochs into steps
+  config.data.ego_logits = ""
+  config.data.object_logits = ""
+  # Ego-Exo*: detector output on the target videos (convert.py's --hand_object_dir format).
+  config.data.hand_object_dir = ""
+  config.data.convert_short_side = 160 if small else 320
+  config.data.clip_length = 8
+  config.data.frame_stride = 4 if small else 8
+  config.data.crop_size = 112 if small else 224
+  config.data.min_short_side = 128 if small else 256
+  config.data.max_short_side = 160 if small else 320
+  config.data.box_score_threshold = 0.5
+  config.data.num_workers = 1 if small else 12
+  config.data.read_threads = 2 if small else 16
+  config.data.prefetch_batches = 2
+  config.data.batch_timeout_s = 600  # seconds to wait for a batch before stopping with an error
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "finetune"  # egoexo_jax/models/finetune.py
+  config.model.num_classes = ml_collections.ConfigDict()  # head name -> classes
+  config.model.backbone = "slow_r50"
+  config.model.backbone_args = ml_collections.ConfigDict(
+      dict(stage_blocks=(1, 1, 1, 1), width=16) if small else {})
+  config.model.dropout_rate = 0.5
+  config.model.use_interaction_head = star
+  config.model.interaction_channels = 128 if small else 512
+  config.model.dtype = "float32" if small else "bfloat16"
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.weight_interaction = 0.0  # per map (hand, object), as the released HANDOBJ weights
+
+  config.evaluate = ml_collections.ConfigDict()
+  config.evaluate.manifest = ""  # converted into <workdir>/records/eval when --records is not given
+  config.evaluate.num_clips = 10
+  config.evaluate.num_crops = 3
+  config.evaluate.short_side = 128 if small else 256
+  config.evaluate.crop_size = 128 if small else 256
+  config.evaluate.placement = "spread"  # the Ego-Exo Charades/EPIC loaders' clip placement
+  config.evaluate.ensemble = "mean"  # how views combine: 'mean' or 'max' (of probabilities)
+  config.evaluate.batch_size = 30 if small else 120  # views per forward pass (a multiple of the devices)
+
+  config.global_batch_size = 8 if small else 64
+  config.epochs = 0.0
+  config.num_train_steps = 0
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"
+  config.optimizer.schedule = "cosine"
+  config.optimizer.base_learning_rate = 0.0
+  config.optimizer.reference_batch_size = 64  # PySlowFast's rates are for batch 64; scaled linearly
+  config.optimizer.warmup_steps = 0
+  config.optimizer.warmup_start_fraction = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = True
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.decay_steps = ()
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.frozen = ()
+
+  # The pre-training run whose backbone starts this one (heads stay new): a workdir or checkpoint, or
+  # "backbone=<run>,interaction_head=<run>:interaction_head" to carry Ego-Exo's map head over too.
+  config.init_from = ""
+
+  config.mesh = ml_collections.ConfigDict()  # data x fsdp, as configs/egoexo.py (sharding.py)
+  config.mesh.num_devices = -1
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.fsdp_min_size = 2**14
+
+  config.log_every_steps = 10 if small else 100
+  config.checkpoint_every_steps = 50 if small else 2_000
+  config.max_checkpoints_to_keep = 3
+  config.async_checkpointing = True
+  config.profile_steps = ()
+  return config
