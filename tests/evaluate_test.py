@@ -1,0 +1,154 @@
+"""Evaluation: mAP against sklearn, top-k and EPIC action accuracy against hand-worked and brute-force
+references, view aggregation and batching against the formula, and the CLI end to end on the shipped clips."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from egoexo_jax import checkpointing, evaluate, sharding, train
+from egoexo_jax.input import convert
+from egoexo_jax.models import build_model
+from finetune_test import TINY_FLAGS, tiny_finetune_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mean_average_precision_equals_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  labels = (rng.uniform(size=(60, 12)) < 0.2).astype(np.int64)
+  labels[:, 3] = 0  # classes without a positive are left out, as PySlowFast's get_map does
+  labels[:, 7] = 0
+  scores = np.round(rng.uniform(size=(60, 12)), 1)  # rounded: many ties, which AP must treat as sklearn does
+  keep = labels.any(axis=0)
+  expected_per_class = average_precision_score(labels[:, keep], scores[:, keep], average=None)
+  mean_ap, per_class = evaluate.mean_average_precision(labels, scores)
+  np.testing.assert_allclose(per_class[keep], expected_per_class, rtol=1e-12)
+  assert np.isnan(per_class[~keep]).all()
+  assert mean_ap == pytest.approx(np.mean(expected_per_class), rel=1e-12)
+  for k in np.flatnonzero(keep)[:3]:  # one class at a time, too
+    assert evaluate.average_precision(labels[:, k], scores[:, k]) == pytest.approx(
+        average_precision_score(labels[:, k], scores[:, k]), rel=1e-12)
+
+
+def test_average_precision_by_hand():
+  # Ranked: 0.9 (+), 0.8 (-), 0.7 (+), 0.7 (-): the tie forms one threshold -> P = 1, then 2/4 at R = 1.
+  assert evaluate.average_precision(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.7])) == pytest.approx(
+      0.5 * 1 + 0.5 * 0.5)
+  with pytest.raises(ValueError, match="no class has a positive"):
+    evaluate.mean_average_precision(np.zeros((3, 2)), np.ones((3, 2)))
+
+
+def test_top_k_accuracy_by_hand():
+  scores = np.array([[0.1, 0.5, 0.2, 0.15, 0.05, 0.0], [0.3, 0.1, 0.2, 0.25, 0.05, 0.01]])
+  # Row 0 ranks 1, 2, 3, 0, 4, 5; row 1 ranks 0, 3, 2, 1, 4, 5.
+  assert evaluate.top_k_accuracy(scores, np.array([1, 5]), ks=(1, 5)) == {1: 0.5, 5: 0.5}
+  assert evaluate.top_k_accuracy(scores, np.array([3, 3]), ks=(1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
+
+
+def test_action_accuracy_by_hand():
+  verbs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.5, 0.3, 0.2]])
+  nouns = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+  # Segment 0: pairs by p(v) p(n): (0,0) .30, (1,0) .18, (0,1) .15, (2,0) .12, (1,1) .09, (2,1) .06, (0,2) .05:
+  # its label (1, 0) is 2nd. Segment 1: (2, 1) is first. Segment 2: (1, 2) = .03 is 8th.
+  accuracy = evaluate.action_top_k_accuracy(verbs, nouns, np.array([1, 2, 1]), np.array([0, 1, 2]), ks=(1, 5))
+  assert accuracy == {1: pytest.approx(1 / 3), 5: pytest.approx(2 / 3)}
+
+
+def test_action_accuracy_equals_ranking_the_whole_verb_noun_grid():
+  rng = np.random.default_rng(1)
+  verbs, nouns = rng.dirichlet(np.ones(9), size=40), rng.dirichlet(np.ones(11), size=40)
+  verb_labels, noun_labels = rng.integers(0, 9, 40), rng.integers(0, 11, 40)
+  joint = (verbs[:, :, None] * nouns[:, None, :]).reshape(40, -1)  # the EPIC evaluation's action scores
+  expected = evaluate.top_k_accuracy(joint, verb_labels * 11 + noun_labels, ks=(1, 5))
+  assert evaluate.action_top_k_accuracy(verbs, nouns, verb_labels, noun_labels, ks=(1, 5)) == expected
+  # top-1: right exactly when both the verb and the noun are.
+  both = (verbs.argmax(1) == verb_labels) & (nouns.argmax(1) == noun_labels)
+  assert expected[1] == pytest.approx(both.mean())
+
+
+def test_views_combine_by_the_formula_and_batching_keeps_the_order():
+  rng = np.random.default_rng(2)
+  view_scores = rng.uniform(size=(4, 6, 5))
+  np.testing.assert_array_equal(evaluate.aggregate_views(view_scores, "max"), view_scores.max(axis=1))
+  np.testing.assert_allclose(evaluate.aggregate_views(view_scores, "mean"), view_scores.sum(axis=1) / 6)
+  with pytest.raises(ValueError, match="use 'max' or 'mean'"):
+    evaluate.aggregate_views(view_scores, "sum")
+
+  # predict(): 3 records x 6 views in batches of 4 straddle records; the last batch is padded.
+  elements = [{"video_id": f"r{i}", "views": rng.integers(0, 255, (6, 2, 4, 4, 3)).astype(np.uint8),
+               "labels": np.array([i, 2 * i])} for i in range(3)]
+  calls = []
+
+  def forward(views):
+    calls.append(len(views))
+    return {"action": views.reshape(len(views), -1)[:, :5].astype(np.float32)}
+
+  ids, labels, scores = evaluate.predict(iter(elements), forward, batch_size=4)
+  assert calls == [4] * 5 and ids == ["r0", "r1", "r2"]
+  np.testing.assert_array_equal(labels, [[0, 0], [1, 2], [2, 4]])
+  for i, element in enumerate(elements):
+    np.testing.assert_array_equal(scores["action"][i], element["views"].reshape(6, -1)[:, :5])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def run_cli(args):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-m", "egoexo_jax.evaluate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
+  """A Charades-Ego-format model (random weights, saved as a run's checkpoint) on the shipped clips:
+  evaluate.manifest is converted, 3 videos x 30 views run through a 4-device forward, and the files agree."""
+  config = tiny_finetune_config("finetune_charades_ego")
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")  # compiles the initialisation faster on CPU
+  try:
+    model = build_model(config.model)
+    optimizer, _ = train.make_optimizer(config)
+    state, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  finally:
+    jax.config.update("jax_default_prng_impl", previous)
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=1, async_save=False)
+  checkpointing.save(manager, 7, state)
+  manager.close()
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+
+  output = tmp_path / "results.json"
+  result = run_cli(["--config=configs/finetune_charades_ego.py:small", f"--workdir={tmp_path}",
+                    f"--output={output}", *TINY_FLAGS])
+  assert '"checkpoint_step": 7' in result.stdout
+  results = json.loads(output.read_text())
+  assert results["num_records"] == 3 and results["views"]["views_per_record"] == 30 and results["ensemble"] == "max"
+  assert results["metrics"]["num_classes_with_positives"] == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # read-only
+  assert list((tmp_path / "eval").glob("events.out.tfevents.*"))  # CLU scalars
+
+  predictions = np.load(results["predictions"])
+  assert predictions["action_views"].shape == (3, 30, 157) and predictions["action_views"].dtype == np.float16
+  np.testing.assert_allclose(predictions["action"], predictions["action_views"].astype(np.float32).max(axis=1),
+                             rtol=1e-3)
+  labels = predictions["labels"]
+  assert sorted(predictions["ids"]) == ["box", "carphone_pristine", "cup"]
+  assert {int(k) for k in np.flatnonzero(labels.any(axis=0))} == {19, 40, 107}
+  keep = labels.any(axis=0)
+  assert results["metrics"]["mAP"] == pytest.approx(
+      average_precision_score(labels[:, keep], predictions["action"][:, keep], average=None).mean(), rel=1e-6)
+  # The records came from the shipped test manifest, converted once into the workdir.
+  assert (tmp_path / "records" / "eval.json").exists()
+  assert convert.read_manifest(str(ROOT / "data/finetune/charades_ego_test_manifest.csv"))[0].video_id == "box"
