@@ -241,6 +241,8 @@ def test_paper_settings_of_both_steps():
   assert (pair.model.width, pair.model.num_layers, pair.model.num_heads, pair.model.mlp_dim) == (512, 6, 8, 2048)
   assert pair.data.feature_dim == 2048 and pair.loss.auxiliary_weight == group.loss.auxiliary_weight == 0.2
   assert (pair.loss.step, group.loss.step, group.loss.group_scope) == ("pair", "group", "local")
+  assert group.model.group_log_scale_init == pytest.approx(np.log10(1 / 0.7)) and group.loss.use_group_bias
+  assert group.model.group_bias_init == -10.0 and pair.model.pair_log_scale_init == 0.0
   assert train.parse_init_from(group.init_from) == {"encoder": ("runs/evgap_pair", "encoder"),
                                                     "heads": ("runs/evgap_pair", "heads")}
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
@@ -262,7 +264,8 @@ def test_step_1_then_step_2_through_the_trainer(demo_prefix, tmp_path):
   pair_config = tiny("evgap_pair", demo_prefix)
   pair_state = train.train_and_evaluate(pair_config, str(tmp_path / "pair"))
   assert int(pair_state.step) == 4
-  group_config = tiny("evgap_group", demo_prefix, **{"loss.group_scope": "global"})  # the ring, on 8 devices
+  # The ring, over a data x fsdp = 4 x 2 mesh of the 8 devices.
+  group_config = tiny("evgap_group", demo_prefix, **{"loss.group_scope": "global", "mesh.fsdp": 2})
   group_config.init_from = f"encoder={tmp_path / 'pair'}:encoder,heads={tmp_path / 'pair'}:heads"
   group_state = train.train_and_evaluate(group_config, str(tmp_path / "group"))
   assert int(group_state.step) == 4
