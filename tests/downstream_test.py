@@ -130,7 +130,7 @@ def test_anticipation_samples_stop_tau_a_before_each_segment():
   features = np.arange(20, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
   segments = [annotations.Segment(0, 1, 0, 0, 0), annotations.Segment(1, 3, 1, 1, 0),
               annotations.Segment(3, 10, 2, 2, 1), annotations.Segment(10, 20, 3, 0, 1)]
-  sequence = annotations.Sequence_("r", "v", features, segments)
+  sequence = annotations.ViewSequence("r", "v", features, segments)
   observed, mask, labels = annotations.anticipation_samples(sequence, fps=2.0, anticipation_seconds=1.0,
                                                             observed_frames=4)
   # tau_a = 2 frames: segments at 0 and 1 have nothing before them; the one at 3 sees frame 0 only,
@@ -185,9 +185,9 @@ def test_extraction_writes_the_encoder_features_of_every_view(tmp_path):
   manifest = tmp_path / "views.csv"
   rows = (DEMO / "views.csv").read_text().splitlines()
   manifest.write_text("\n".join(rows[:1] + [r.replace("features/", f"{DEMO}/features/") for r in rows[1:]
-                                            if r.startswith("tree_r0")]) + "\n")
+                                            if r.startswith(("tree_r0,ego_0", "tree_r0,exo_1"))]) + "\n")
   written = extract.extract_manifest(config, str(tmp_path / "run"), str(manifest), str(tmp_path / "tokens"))
-  assert len(written) == 5
+  assert sorted(pathlib.Path(p).name for p in written) == ["ego_0.npy", "exo_1.npy"]
   raw = np.load(DEMO / "features" / "tree_r0" / "exo_1.npy").astype(np.float32)  # 68 frames
   tokens = np.load(tmp_path / "tokens" / "tree_r0" / "exo_1.npy")
   assert tokens.shape == (68, 8)

@@ -146,15 +146,15 @@ def test_pair_batches_hold_whole_groups_of_one_recording(demo_prefix):
     assert batch["ego"].shape == (16, 8, 128) and batch["exo"].shape == (16, 8, 128)
     for g in range(16 // group):
       rows = slice(g * group, (g + 1) * group)
-      assert len(set(batch["record"][rows])) == 1  # a group: windows of one recording
+      assert len(set(batch["record_index"][rows])) == 1  # a group: windows of one recording
       windows = batch["window"][rows]
       np.testing.assert_array_equal(np.diff(windows), 1)  # consecutive, distinct windows: hard negatives
-      recording = source[int(batch["record"][rows][0])]
+      recording = source[int(batch["record_index"][rows][0])]
       for i in range(g * group, (g + 1) * group):
         assert config.data.window_frames / 2 - 1 <= batch["span"][i] <= 2 * config.data.window_frames
         check_window(recording, recording.views_of_kind("ego"), batch["ego"][i], batch["start"][i], batch["span"][i], 8)
         check_window(recording, recording.views_of_kind("exo"), batch["exo"][i], batch["start"][i], batch["span"][i], 8)
-    pairs = set(zip(batch["record"].tolist(), batch["window"].tolist()))
+    pairs = set(zip(batch["record_index"].tolist(), batch["window"].tolist()))
     assert len(pairs) == 16  # no window twice
 
 
@@ -164,9 +164,9 @@ def test_group_batches_share_timestamps_and_never_repeat_a_scene(demo_prefix):
   iterator = iter(feature_pipeline.make_dataset(config, source, "group"))
   for batch in take(iterator, 6):
     assert batch["ego"].shape == (8, 4, 8, 128) and batch["exo"].shape == (8, 8, 8, 128)
-    assert len(set(zip(batch["record"].tolist(), batch["window"].tolist()))) == 8  # 8 distinct scenes
+    assert len(set(zip(batch["record_index"].tolist(), batch["window"].tolist()))) == 8  # 8 distinct scenes
     for s in range(8):
-      recording = source[int(batch["record"][s])]
+      recording = source[int(batch["record_index"][s])]
       ego, exo = batch["ego_views"][s], batch["exo_views"][s]
       assert {recording.view_kinds[v] for v in ego} == {"ego"} and {recording.view_kinds[v] for v in exo} == {"exo"}
       # The demo has 2 ego and 3 exo views: all are used, the rest drawn again (with replacement).

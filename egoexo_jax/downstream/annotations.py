@@ -58,7 +58,8 @@ def read_segments(path: str) -> dict[str, list[Segment]]:
     segments.sort(key=lambda s: s.start)
     for a, b in zip(segments, segments[1:]):
       if b.start < a.end:
-        raise AnnotationError(f"{path}: segments of '{recording}' overlap: [{a.start}, {a.end}) and [{b.start}, {b.end})")
+        raise AnnotationError(f"{path}: segments of '{recording}' overlap: [{a.start}, {a.end}) and "
+                              f"[{b.start}, {b.end})")
   return by_recording
 
 
@@ -100,7 +101,7 @@ def load_features(features_dir: str, recording: str, view: str) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class Sequence_:
+class ViewSequence:
   """One view of one recording: features (T, C) and its segments."""
 
   recording: str
@@ -110,7 +111,7 @@ class Sequence_:
 
 
 def load_sequences(features_dir: str, segments: dict[str, list[Segment]], recordings: Sequence[str],
-                   views: Sequence[str] = ()) -> list[Sequence_]:
+                   views: Sequence[str] = ()) -> list[ViewSequence]:
   """Every (recording, view) pair of `recordings` x `views` (empty: all views found), with segments."""
   sequences = []
   for recording in recordings:
@@ -126,7 +127,7 @@ def load_sequences(features_dir: str, segments: dict[str, list[Segment]], record
       last = max(s.end for s in segments[recording])
       if last > len(features) + LENGTH_TOLERANCE:
         raise AnnotationError(f"segments of '{recording}' reach frame {last} but '{view}' has {len(features)} frames")
-      sequences.append(Sequence_(recording, view, features, segments[recording]))
+      sequences.append(ViewSequence(recording, view, features, segments[recording]))
   if not sequences:
     raise AnnotationError("no sequences selected")
   return sequences
@@ -139,7 +140,7 @@ def num_classes(segments: dict[str, list[Segment]], field: str) -> int:
 # --------------------------------------------------------------------------- anticipation
 
 
-def anticipation_samples(sequence: Sequence_, fps: float, anticipation_seconds: float, observed_frames: int
+def anticipation_samples(sequence: ViewSequence, fps: float, anticipation_seconds: float, observed_frames: int
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The anticipation examples of one sequence (EPIC-Kitchens / Assembly101 protocol).
 

@@ -59,7 +59,7 @@ class AnticipationSettings:
   batch_size: int = 64
 
 
-def examples(sequences: Sequence[annotations.Sequence_], settings: AnticipationSettings) -> dict[str, np.ndarray]:
+def examples(sequences: Sequence[annotations.ViewSequence], settings: AnticipationSettings) -> dict[str, np.ndarray]:
   parts = [annotations.anticipation_samples(s, settings.fps, settings.anticipation_seconds, settings.observed_frames)
            for s in sequences]
   return {"observed": np.concatenate([p[0] for p in parts]), "mask": np.concatenate([p[1] for p in parts]),

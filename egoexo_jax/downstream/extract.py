@@ -115,7 +115,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("subtree", "encoder", "Name of the encoder's parameter subtree in the checkpoint.")
   flags.DEFINE_string("manifest", None, "View manifest CSV (recording,view,kind,path[,fps]) of the input features.")
   flags.DEFINE_string("output_dir", None, "Output folder: <recording>/<view>.npy.")
-  flags.DEFINE_enum("mode", "tokens", MODES, "Per-frame tokens of consecutive windows, or centred windows' class tokens.")
+  flags.DEFINE_enum("mode", "tokens", MODES,
+                    "Per-frame tokens of consecutive windows, or centred windows' class tokens.")
   flags.DEFINE_integer("layer", -1, "Layer whose class token is used in 'class' mode.")
   flags.DEFINE_integer("batch_windows", 256, "Windows per encoder call.")
   flags.mark_flags_as_required(["config", "checkpoint", "manifest", "output_dir"])

@@ -38,7 +38,7 @@ class SegmentationSettings:
   length_multiple: int = 16  # sequences are zero-padded to one length, a multiple of this (one compilation)
 
 
-def pad(sequences: Sequence[annotations.Sequence_], length: int) -> dict[str, np.ndarray]:
+def pad(sequences: Sequence[annotations.ViewSequence], length: int) -> dict[str, np.ndarray]:
   """Sequences -> 'features' (B, length, C), 'mask' (B, length) float32, 'labels' (B, length) int32 (-1 pad)."""
   dim = sequences[0].features.shape[1]
   batch = {"features": np.zeros((len(sequences), length, dim), np.float32),

@@ -12,13 +12,14 @@ the windows stay synchronised.
 Step 1 (pairs): an element is G = `windows_per_recording` (10) consecutive windows of one record, and
 each window becomes an ego-exo pair (one ego and one exo view drawn at random per pair). The other
 pairs of the same recording in the batch are hard negatives. Batches of B pairs hold B / G elements.
-  'ego', 'exo' (B, w1, C); 'record', 'window' (B,) int32 (record index, nominal window number);
+  'ego', 'exo' (B, w1, C); 'record_index' (B,) int64 (into the records' index; the trainer keeps it on
+  the host and names it when a loss is not finite), 'window' (B,) int32 (the nominal window number);
   'start', 'span' (B,) float32 (the augmented window, in recording frames).
 Step 2 (groups): an element is one window (a scene) of one record, seen by M ego and N exo views
 (`ego_views_per_group` 4, `exo_views_per_group` 8). A recording with fewer views of a kind gives all of
 them once, in random order, and fills the rest by drawing among them with replacement.
-  'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N), 'record', 'window'
-  (B,) int32; 'start', 'span' (B,) float32.
+  'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32; 'record_index'
+  (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
 
 Batches are planned per epoch (`EpochPlan`): epoch e shuffles its elements with a generator seeded by
 (seed, e) and cuts them into batches, dropping the remainder. So no element (no scene, no window) is
@@ -39,6 +40,7 @@ import numpy as np
 from absl import logging
 
 from egoexo_jax.input.feature_records import FeatureRecordSource
+from egoexo_jax.input.pipelines import RECORD_INDEX  # 'record_index': kept on the host, named on a NaN loss
 
 PAIR, GROUP = "pair", "group"
 
@@ -186,7 +188,7 @@ class BuildBatch(grain.transforms.RandomMap):
       out["span"].append(span)
       out["window"].append(window)
     return {"ego": np.stack(out["ego"]).astype(self.dtype), "exo": np.stack(out["exo"]).astype(self.dtype),
-            "record": np.full(self.windows_per_element, record_index, np.int32),
+            RECORD_INDEX: np.full(self.windows_per_element, record_index, np.int64),
             "window": np.asarray(out["window"], np.int32), "start": np.asarray(out["start"], np.float32),
             "span": np.asarray(out["span"], np.float32)}
 
@@ -198,7 +200,7 @@ class BuildBatch(grain.transforms.RandomMap):
     return {"ego": np.stack([resample(recording.features[v], start, span, w1) for v in ego]).astype(self.dtype),
             "exo": np.stack([resample(recording.features[v], start, span, w1) for v in exo]).astype(self.dtype),
             "ego_views": ego.astype(np.int32), "exo_views": exo.astype(np.int32),
-            "record": np.int32(record_index), "window": np.int32(window),
+            RECORD_INDEX: np.int64(record_index), "window": np.int32(window),
             "start": np.float32(recording.first_frame + start),
             "span": np.float32(span)}
 

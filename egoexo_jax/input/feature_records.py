@@ -91,16 +91,18 @@ def encode_recording(recording: FeatureRecording) -> bytes:
     raise ValueError(f"recording '{recording.recording_id}': features must be (views, frames, dim) float16/32, "
                      f"got {features.dtype} {features.shape} for {len(recording.view_names)} views")
   little = features.astype(features.dtype.newbyteorder("<"), copy=False)
+  strings = lambda values: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=values))
+  ints = lambda values: feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=values))
   values = {
-      "recording_id": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[recording.recording_id.encode()])),
-      "first_frame": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[recording.first_frame])),
+      "recording_id": strings([recording.recording_id.encode()]),
+      "first_frame": ints([recording.first_frame]),
       "fps": feature_pb2.Feature(float_list=feature_pb2.FloatList(value=[recording.fps])),
-      "num_frames": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[features.shape[1]])),
-      "feature_dim": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[features.shape[2]])),
-      "dtype": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[features.dtype.name.encode()])),
-      "view_names": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[v.encode() for v in recording.view_names])),
-      "view_kinds": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[k.encode() for k in recording.view_kinds])),
-      "features": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[v.tobytes() for v in little])),
+      "num_frames": ints([features.shape[1]]),
+      "feature_dim": ints([features.shape[2]]),
+      "dtype": strings([features.dtype.name.encode()]),
+      "view_names": strings([v.encode() for v in recording.view_names]),
+      "view_kinds": strings([k.encode() for k in recording.view_kinds]),
+      "features": strings([v.tobytes() for v in little]),
   }
   example = example_pb2.Example(features=feature_pb2.Features(feature=values))
   return example.SerializeToString(deterministic=True)

@@ -4,8 +4,9 @@
           negatives); CLIP pair loss on every layer's embedding, scale exp(params['pair_log_scale']).
   'group' (step 2): batches of B scenes, each M ego + N exo synchronised windows; SigLIP group loss
           (block-diagonal positives) with scale exp(params['group_log_scale']) and, when
-          loss.use_group_bias, bias params['group_bias'] (else 0), over each device's own scenes (loss.group_scope 'local', the paper's)
-          or over the global batch with a ppermute ring (loss.group_scope 'global').
+          loss.use_group_bias, bias params['group_bias'] (else 0), over each device's own scenes
+          (loss.group_scope 'local', the paper's) or over the global batch with a ppermute ring
+          (loss.group_scope 'global').
 
 Both: total = L_L + w sum_{l<L} L_l over the L layers' class-token embeddings (w = loss.auxiliary_weight,
 0.2). Scalars: loss, loss_last_layer, loss_auxiliary (the mean over layers 1..L-1), logit_scale (t),
