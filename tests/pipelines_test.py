@@ -119,3 +119,66 @@ def test_records_that_do_not_fit_the_config_are_named(real_record_pattern):
   multi = records.VideoRecord(**{**record.__dict__, "labels": np.array([1, 2])})
   with pytest.raises(pipelines.ConfigMismatchError, match="exactly one action label"):
     pipelines.egoexo_transform(tiny_config(real_record_pattern)).apply(multi, None)
+
+
+# --------------------------------------------------------------------------- record ids and unreadable records
+
+
+def write_records_with_corrupt_ones(real_pattern: str, path, with_real: bool = True) -> dict[int, str]:
+  """The six real records, then record 6 (a copy of real_1 whose JPEG frames are garbage) and record 7
+  (a copy of real_2 whose payload has a flipped byte: CRC mismatch). Returns {index: why unreadable}.
+  with_real False: only the two unreadable records."""
+  import dataclasses
+  real = [sources.open_records(real_pattern)[i] for i in range(6)]
+  broken_jpeg = dataclasses.replace(real[1], video_id="broken_jpeg", frames=[b"\xff\xd8 not a jpeg"] * real[1].num_frames)
+  with open(path, "wb") as f:
+    for record in (real if with_real else []) + [broken_jpeg]:
+      records.write_tfrecord(f, records.encode_example(record))
+    start = f.tell()
+    records.write_tfrecord(f, records.encode_example(dataclasses.replace(real[2], video_id="bad_crc")))
+  data = bytearray(open(path, "rb").read())
+  data[start + 12 + 40] ^= 0xFF  # a byte inside record 7's payload (after its 12-byte header)
+  open(path, "wb").write(bytes(data))
+  return {6: "cannot decode", 7: "data CRC mismatch"} if with_real else {0: "cannot decode", 1: "data CRC mismatch"}
+
+
+def expected_positions(num_records: int, unreadable, seed: int, count: int) -> list[tuple[int, int]]:
+  """(record index, records skipped) of the first `count` examples of the global stream, by the rule:
+  position p takes the first readable record at positions p, p + 1, ... of the shuffled order."""
+  import grain
+  order = grain.MapDataset.source(range(num_records)).seed(seed).shuffle().repeat()
+  out = []
+  for p in range(count):
+    q = p
+    while order[q] in unreadable:
+      q += 1
+    out.append((order[q], q - p))
+  return out
+
+
+def test_unreadable_records_are_skipped_counted_and_named(real_record_pattern, tmp_path, caplog):
+  import logging
+  pattern = str(tmp_path / "mixed.tfrecord-00000-of-00001")
+  unreadable = write_records_with_corrupt_ones(real_record_pattern, pattern)
+  config = tiny_config(pattern)
+  caplog.set_level(logging.WARNING)
+  batches = take(iter(pipelines.make_train_dataset(config, pattern)), 4)
+  got = [(int(i), int(s)) for b in batches for i, s in zip(b["record_index"], b["skipped_records"])]
+  want = expected_positions(8, unreadable, config.seed, 32)
+  assert got == want
+  assert sum(s for _, s in want) > 0 and not {i for i, _ in got} & set(unreadable)
+  # Each skip names the file, the record number, its index and id, and why.
+  assert f"{pattern}#6 (record index 6, id 'broken_jpeg'): cannot decode: UnidentifiedImageError" in caplog.text
+  assert f"{pattern}#7: corrupt record payload (data CRC mismatch) (record index 7)" in caplog.text
+  # Two hosts hold the rows of the same global batches.
+  hosts = [next(iter(pipelines.make_train_dataset(config, pattern, process_index=h, process_count=2)))
+           for h in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["record_index"] for h in hosts]), batches[0]["record_index"])
+  np.testing.assert_array_equal(np.concatenate([h["clips"] for h in hosts]), batches[0]["clips"])
+
+
+def test_a_dataset_of_unreadable_records_is_an_error(real_record_pattern, tmp_path):
+  pattern = str(tmp_path / "bad.tfrecord-00000-of-00001")
+  write_records_with_corrupt_ones(real_record_pattern, pattern, with_real=False)
+  with pytest.raises(records.RecordError, match=r"101 records in a row \(stream positions 0..100\) are unreadable"):
+    next(iter(pipelines.make_train_dataset(tiny_config(pattern), pattern)))
