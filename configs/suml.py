@@ -82,6 +82,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.num_workers = 1 if small else 12
   config.data.read_threads = 2 if small else 16
   config.data.prefetch_batches = 2
+  config.data.batch_timeout_s = 600  # stop with an error when no batch comes for this long; 0: wait forever
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "suml"  # egoexo_jax/models/suml.py
@@ -130,13 +131,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # "ego_backbone=<Kinetics or Ego-Exo run>,exo_backbone=<stage (a) run>:exo_backbone,exo_head_<i>=...".
   config.init_from = ""
 
+  # Devices: data x fsdp (egoexo_jax/sharding.py); per_device negatives mean per device of this mesh.
   config.mesh = ml_collections.ConfigDict()
   config.mesh.num_devices = -1
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.fsdp_min_size = 2**14
 
   config.log_every_steps = 10 if small else 100
   config.checkpoint_every_steps = 50 if small else 5_000
   config.max_checkpoints_to_keep = 3
   config.async_checkpointing = True
+  config.profile_steps = ()  # (start, stop): a JAX profiler trace of those steps into <workdir>/profile
 
   if baseline == "fpv_only":
     config.loss.alignment = "none"

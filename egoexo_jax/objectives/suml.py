@@ -43,15 +43,15 @@ NEGATIVES = ("global", "per_device")
 
 
 def loss_weights(config) -> dict[str, float]:
-  return {"exo_task": config.loss.weight_exo_task, "align": config.loss.weight_align,
-          "video_text": config.loss.weight_video_text}
+  """w_t, w_align, w_m of Eq. 12 by term name ('align' is 0 when loss.alignment is 'none')."""
+  align = config.loss.weight_align if config.loss.alignment != "none" else 0.0
+  return {"exo_task": config.loss.weight_exo_task, "align": align, "video_text": config.loss.weight_video_text}
 
 
 def needs_exo(config) -> bool:
   """Whether the step sees exo clips (every variant but FPV-only)."""
   w = loss_weights(config)
-  return (config.stage == "exo" or bool(w["exo_task"]) or bool(w["video_text"])
-          or (config.loss.alignment != "none" and bool(w["align"])))
+  return config.stage == "exo" or bool(w["exo_task"]) or bool(w["video_text"]) or bool(w["align"])
 
 
 def needs_text(config) -> bool:
@@ -158,18 +158,16 @@ def _check_text_dims(outputs, batch) -> None:
 
 
 def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
-  """Stage (a): L_t. Stage (b): Eq. 12 with the configured alignment. Scalars: loss, loss_ego_task,
-  loss_exo_task, loss_align, loss_video_text (unweighted; 0 when not computed), accuracies, and
-  aligned_pair_fraction (SUM-L) or domain_accuracy (Domain-adapt)."""
+  """Stage (a): L_t. Stage (b): Eq. 12 with the configured alignment. Scalars: loss and the unweighted
+  terms computed in this configuration (loss_ego_task, loss_exo_task, loss_align, loss_video_text),
+  accuracies, and aligned_pair_fraction (SUM-L) or domain_accuracy (Domain-adapt)."""
   dtype = jnp.dtype(config.model.dtype)
   ego = transforms.normalize_clips(batch["ego_clips"], dtype) if "ego_clips" in batch else None
   exo = transforms.normalize_clips(batch["exo_clips"], dtype) if "exo_clips" in batch else None
   dropout_rng, align_rng = jax.random.split(rng)
   outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, ego, exo, train=True,
                                  rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-  zero = jnp.zeros((), jnp.float32)
-  terms = {"ego_task": zero, "exo_task": zero, "align": zero, "video_text": zero}
-  scalars = {}
+  terms, scalars = {}, {}
   if exo is not None:
     terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_label"], config.data.exo_labels, "exo")
     scalars.update(accuracy)
