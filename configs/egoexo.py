@@ -51,7 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.prefetch_batches = 2
   # Seconds to wait for a batch before stopping with an error naming the step and the workers' state
   # (a hung Grain worker or unreachable storage); 0 waits forever. Covers worker start-up at step 1.
-  config.data.batch_timeout_s = 600
+  config.data.batch_timeout_s = 600.0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "egoexo"

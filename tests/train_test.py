@@ -156,3 +156,58 @@ def test_init_from_maps_subtrees_between_runs(tmp_path):
       "ego_backbone": ("runs/k", "backbone"), "exo_backbone": ("runs/x", "exo_backbone")}
   with pytest.raises(ValueError, match="is not 'subtree=path"):
     train.parse_init_from("ego_backbone=runs/k,=runs/x")
+
+
+# --------------------------------------------------------------------------- reliability at scale (issue 8)
+
+
+def test_corrupt_records_are_counted_the_step_profiled_and_a_nan_batch_named(real_record_pattern, tmp_path,
+                                                                              monkeypatch):
+  """One run over real records plus a garbage-JPEG and a bad-CRC record: step 1 logs how many records
+  were skipped (train/skipped_records), the host memory and a profiler trace; step 2's loss is NaN
+  (learning rate 1e30) and the error names the records of step 2's batch."""
+  from pipelines_test import expected_positions, write_records_with_corrupt_ones
+  pattern = str(tmp_path / "mixed.tfrecord-00000-of-00001")
+  unreadable = write_records_with_corrupt_ones(real_record_pattern, pattern)
+  # A seed whose first batch meets an unreadable record, by the skipping rule (pipelines_test).
+  seed = next(s for s in range(100) if sum(k for _, k in expected_positions(8, unreadable, s, 8)) > 0)
+  expected = expected_positions(8, unreadable, seed, 16)
+  config = tiny_config(pattern, seed=seed, log_every_steps=1, profile_steps=(1, 1),
+                       **{"optimizer.base_learning_rate": 1e30})
+  logged = []
+  real_write_summary = train.write_summary
+  monkeypatch.setattr(train, "write_summary", lambda *args: logged.append(args) or real_write_summary(*args))
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 2: loss=nan") as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  (_, step, *_, extra), = logged  # (writer, step, ..., extra) of step 1 only
+  assert step == 1 and extra["skipped_records"] == sum(k for _, k in expected[:8]) > 0
+  assert set(extra) == {"skipped_records", "host_rss_gib"} and 0.1 < extra["host_rss_gib"] < 64
+  assert glob.glob(str(tmp_path / "run" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  step2_records = sorted(i for i, _ in expected[8:16])
+  assert f"the batch's records (index into the sorted record shards): {step2_records}" in str(error.value)
+
+
+def test_a_hung_input_pipeline_stops_the_run_naming_the_step(real_record_pattern, tmp_path, monkeypatch):
+  import threading
+  from egoexo_jax.input import sources
+  release = threading.Event()
+
+  class HangingSource:  # a source on storage that stopped answering
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, index):
+      release.wait()
+      return self.source[index]
+
+  real_open = sources.open_records
+  monkeypatch.setattr(sources, "open_records", lambda pattern: HangingSource(real_open(pattern)))
+  config = tiny_config(real_record_pattern, **{"data.batch_timeout_s": 1.0})
+  try:
+    with pytest.raises(TimeoutError, match=r"step 1: no batch from the input pipeline within data.batch_timeout_s = 1 s"):
+      train.train_and_evaluate(config, str(tmp_path))
+  finally:
+    release.set()
