@@ -14,8 +14,9 @@ Laptop / CPU size, on the shipped exo clips of data/suml/exo.csv (8 segments, 3 
 
   python main.py --config=configs/suml_exo.py:small --workdir=runs/suml_exo_small
 
-Expected for `:small` on a 2-core CPU (measured): about a minute for 60 steps; the 3-class loss falls
-from about 1.1 (ln 3) to under 0.2. The clips are not a real exo dataset (data/suml/README.md).
+Expected for `:small` (measured on a 2-core CPU shared with other jobs: 1 min 39 s with conversion and
+compilation): the 3-class loss averages 1.00 over steps 1-10 and 0.045 over steps 51-60, accuracy 1.0.
+The clips are not a real exo dataset (data/suml/README.md).
 """
 
 from configs import suml

@@ -5,7 +5,7 @@
     exo clips -> f_t ('exo_backbone') -> pool -> h_t ('exo_projection') -> z_t
                                               -> g_t ('exo_head_<i>')    -> exo task logits
 
-Switches (SUM-L Table 6 and the baselines of its Table 5):
+Switches (the SUM-L Table 6 ablations and the Domain-adapt baseline):
   share_backbone       one 'backbone' subtree encodes both views (ego and exo clips in one batch, so
                        BatchNorm sees both); the projection and task heads stay per view.
   freeze_exo_backbone  the exo encoder runs in inference mode (BatchNorm running statistics, no gradient);

@@ -183,7 +183,8 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
         arrays.update(ego_text=batch["ego_text"], exo_text=batch["exo_text"])
       if config.loss.negatives == "per_device":
         axes = sharding.BATCH_AXES  # every device of the mesh holds its own slice of the batch
-        per_device = lambda a, r: jax.tree.map(lambda x: jax.lax.pmean(x, axes), batch_coupled_terms(a, r, config=config))
+        per_device = lambda a, r: jax.tree.map(lambda x: jax.lax.pmean(x, axes),
+                                               batch_coupled_terms(a, r, config=config))
         coupled = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P()), out_specs=P())(arrays, align_rng)
       else:
         coupled = batch_coupled_terms(arrays, align_rng, config=config)
