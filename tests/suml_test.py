@@ -143,6 +143,13 @@ def test_pairing_errors_name_the_clip_and_the_file(suml_records, tmp_path):
     suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True)
 
 
+def test_true_pair_csv_gives_each_ego_clip_its_declared_exo_clip():
+  table = suml_pipeline.load_pair_table(str(DATA / "suml" / "declared_true_pairs.csv"))
+  declared = dict(line.split(",") for line in (DATA / "suml" / "declared_true_pairs.csv").read_text().split()[1:])
+  assert {e: str(table.exo_ids[table.candidates[table.row(e), 0]]) for e in declared} == declared
+  assert table.k == 1 and table.ego_text is None
+
+
 def test_label_encodings():
   np.testing.assert_array_equal(suml_pipeline.encode_labels(np.array([3, 7]), (5, 10), "single", "r"), [3, 7])
   np.testing.assert_array_equal(suml_pipeline.encode_labels(np.array([1, 6]), (5, 3), "multi_label", "r"),

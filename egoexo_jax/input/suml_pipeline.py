@@ -132,19 +132,18 @@ def load_pair_table(path: str) -> PairTable:
                      np.asarray(pairs.pair_indices, np.int32), np.asarray(pairs.ego_embeddings, np.float32),
                      np.asarray(pairs.exo_embeddings, np.float32))
   if path.endswith(".csv"):
-    ego_rows, exo_row = {}, {}
+    partner, exo_row = {}, {}  # ego id -> the row of its exo clip; exo id -> row
     for _, where, fields in csv_rows.read_csv_rows(path, ("ego_id", "exo_id"), PairingError):
       ego_id, exo_id = (fields["ego_id"] or "").strip(), (fields["exo_id"] or "").strip()
       if not ego_id or not exo_id:
         raise PairingError(f"{where}: empty ego_id or exo_id")
-      if ego_id in ego_rows:
+      if ego_id in partner:
         raise PairingError(f"{where}: ego clip '{ego_id}' is paired twice")
-      ego_rows[ego_id] = exo_row.setdefault(exo_id, len(exo_row))
-    if not ego_rows:
+      partner[ego_id] = exo_row.setdefault(exo_id, len(exo_row))
+    if not partner:
       raise PairingError(f"{path}: no pairs")
-    exo_ids = np.asarray(list(exo_row), str)
-    candidates = np.asarray(list(ego_rows.values()), np.int32)[:, None]
-    return PairTable(path, {e: i for i, e in enumerate(ego_rows)}, exo_ids, candidates, None, None)
+    return PairTable(path, {e: i for i, e in enumerate(partner)}, np.asarray(list(exo_row), str),
+                     np.asarray(list(partner.values()), np.int32)[:, None], None, None)
   raise PairingError(f"{path}: pairs must be a narration pair file (.npz) or a true-pair CSV (.csv)")
 
 
