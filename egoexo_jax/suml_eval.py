@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from egoexo_jax import atomic_files, checkpointing
+from egoexo_jax.evaluate import mean_average_precision, top_k_accuracy
 from egoexo_jax.input import sources, suml_pipeline, transforms
 from egoexo_jax.models import build_model
 
@@ -34,42 +35,18 @@ from egoexo_jax.models import build_model
 # --------------------------------------------------------------------------- metrics
 
 
-def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-  """(N,) bool: whether labels[i] is among the k highest of logits[i] (ties broken by class order)."""
-  top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-  return np.any(top == labels[:, None], axis=1)
-
-
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-  """AP of one class: sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first."""
-  order = np.argsort(-scores, kind="stable")
-  scores, targets = scores[order], targets[order].astype(np.float64)
-  last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-  true_positives = np.cumsum(targets)[last_of_tie]
-  precision = true_positives / (last_of_tie + 1)
-  recall = true_positives / true_positives[-1]
-  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-  """mAP of (N, K) scores against (N, K) 0/1 targets over the classes with at least one positive."""
-  classes = np.flatnonzero(targets.sum(axis=0) > 0)
-  if not classes.size:
-    raise ValueError("no class has a positive example; mAP is undefined")
-  return float(np.mean([average_precision(scores[:, c], targets[:, c]) for c in classes]))
-
-
 def classification_metrics(logits: Sequence[np.ndarray], targets: np.ndarray, kind: str) -> dict[str, float]:
   """Metrics of per-head logits [(N, K_i)] against 'single' labels (N, H) or 'multi_label' targets (N, sum K)."""
   if kind == "multi_label":
-    return {"mAP": mean_average_precision(np.concatenate(logits, axis=1), targets)}
+    return {"mAP": mean_average_precision(targets, np.concatenate(logits, axis=1))[0]}
   metrics, all_right = {}, np.ones(len(targets), bool)
   for i, head in enumerate(logits):
-    right = top_k_accuracy(head, targets[:, i], 1)
+    ranked = np.argsort(-head, axis=1, kind="stable")
+    right = ranked[:, 0] == targets[:, i]
     all_right &= right
     metrics[f"top1_{i}"] = float(right.mean())
     if head.shape[1] > 5:
-      metrics[f"top5_{i}"] = float(top_k_accuracy(head, targets[:, i], 5).mean())
+      metrics[f"top5_{i}"] = top_k_accuracy(head, targets[:, i], ks=(5,))[5]
   metrics["top1"] = float(all_right.mean())
   return metrics
 
