@@ -3,6 +3,7 @@ r"""Input-pipeline speed: egoexo_jax's Grain train pipeline against a PySlowFast
   python bench/input_pipeline.py                                     # 0, 1, 2 workers (~2 min on 2 cores)
   python bench/input_pipeline.py --workers=0,4,8,16 --min_seconds=30   # a big box
   python bench/input_pipeline.py --format=array_record --size=small
+  python bench/input_pipeline.py --workers=1 --peer=false --short_side=256 --jpeg_quality=75   # lighter records
 
 Both sides make the same training clips from the videos of --manifest (default data/manifest.csv):
 T = 8 frames tau = 8 apart from a random start inside a random manifest segment, short-side scale
@@ -27,6 +28,7 @@ in its --read_threads threads; the peer runs in the main process (torch's own in
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import os
 import pathlib
@@ -52,6 +54,8 @@ flags.DEFINE_string("manifest", str(ROOT / "data" / "manifest.csv"), "Video mani
 flags.DEFINE_string("pseudo_labels", str(ROOT / "data" / "pseudo_labels"),
                     "Folder with ego_logits.pkl, object_logits.pkl and hand_object/ for the records ('' for none).")
 flags.DEFINE_integer("short_side", 320, "Short side of the stored record frames.")
+flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored record frames (the converter's default: 90).")
+flags.DEFINE_bool("peer", True, "Also measure the PySlowFast-style PyAV peer.")
 flags.DEFINE_enum("format", "tfrecord", convert.FORMATS, "Record format to convert to and read.")
 flags.DEFINE_enum("size", "r50", ["r50", "small"], "Data settings of configs/egoexo.py ('' or 'small').")
 flags.DEFINE_list("workers", ["0", "1", "2"], "Worker process counts to measure.")
@@ -188,9 +192,10 @@ def convert_records(folder: str) -> str:
       ego_logits=str(labels / "ego_logits.pkl") if labels else None,
       object_logits=str(labels / "object_logits.pkl") if labels else None,
       hand_object_dir=str(labels / "hand_object") if labels else None, formats=(FLAGS.format,),
-      workers=max(1, os.cpu_count() or 1))
-  print(f"records: {report.summary_line()} ({FLAGS.format}) at short side {FLAGS.short_side} in "
-        f"{time.perf_counter() - tick:.1f} s (untimed)")
+      workers=max(1, os.cpu_count() or 1), jpeg_quality=FLAGS.jpeg_quality)
+  size = sum(os.path.getsize(f) for f in glob.glob(f"{prefix}.{FLAGS.format}-*"))
+  print(f"records: {report.summary_line()} ({FLAGS.format}) at short side {FLAGS.short_side}, JPEG quality "
+        f"{FLAGS.jpeg_quality}, {size / 2**20:.1f} MiB, in {time.perf_counter() - tick:.1f} s (untimed)")
   return f"{prefix}.{FLAGS.format}-*"
 
 
@@ -220,22 +225,27 @@ def main(argv):
       iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
       grain_result = measure(iterator, FLAGS.batch_size)
       iterator.close()
-      iterator = peer_iterator(rows, config, workers)
-      peer_result = measure(iterator, FLAGS.batch_size)
-      del iterator  # stops the DataLoader's workers
+      peer_result = None
+      if FLAGS.peer:
+        iterator = peer_iterator(rows, config, workers)
+        peer_result = measure(iterator, FLAGS.batch_size)
+        del iterator  # stops the DataLoader's workers
       results.append((workers, grain_result, peer_result))
-      print(f"  {workers} workers: Grain {grain_result['clips_per_s']:.1f} clips/s, "
-            f"peer {peer_result['clips_per_s']:.1f} clips/s")
+      print(f"  {workers} workers: Grain {grain_result['clips_per_s']:.1f} clips/s "
+            f"({grain_result['clips_per_cpu_s']:.1f} per CPU-second)"
+            + (f", peer {peer_result['clips_per_s']:.1f} clips/s" if peer_result else ""))
 
   print()
-  print(f"Grain: {FLAGS.format} records at short side {FLAGS.short_side}, {data.read_threads} read threads per "
-        "process, uint8 out; peer: PyAV from the video files, float32 out")
+  print(f"Grain: {FLAGS.format} records at short side {FLAGS.short_side} (JPEG quality {FLAGS.jpeg_quality}), "
+        f"{data.read_threads} read threads per process, uint8 out; peer: PyAV from the video files, float32 out")
   header = (f"{'pipeline':24} {'workers':>7} {'clips/s':>8} {'cores busy':>10} {'clips/CPU-s':>11} "
             f"{'others busy':>11} {'warm-up s':>9} {'Grain/peer':>10} {'per core':>8}")
   print(header)
   print("-" * len(header))
   for workers, grain_result, peer_result in results:
     for name, r in (("egoexo_jax Grain", grain_result), ("PySlowFast-style PyAV", peer_result)):
+      if r is None:
+        continue
       ratio = per_core = ""
       if r is peer_result:
         ratio = f"{grain_result['clips_per_s'] / peer_result['clips_per_s']:.2f}"
