@@ -8,6 +8,10 @@ set `model.num_classes`/`num_train_steps` for your data):
   python main.py --config=configs/egoexo.py --workdir=runs/egoexo \
       --config.data.train_records='/data/k400/train.tfrecord-*'
 
+On a pod or several GPU hosts, the same command on every host with --multihost (main.py); add
+`--config.mesh.fsdp=8` to shard parameters and optimiser state 8 ways (data parallel over the rest),
+`--config.profile_steps='(100,105)'` for a profiler trace in <workdir>/profile.
+
 Laptop / CPU size, on the real clips shipped in data/ (converted into the workdir on first run):
 
   python main.py --config=configs/egoexo.py:small --workdir=runs/egoexo_small
