@@ -33,6 +33,9 @@ def worker_report() -> str:
   entries = []
   for child in psutil.Process().children(recursive=False):
     try:
+      command = " ".join(child.cmdline())
+      if "resource_tracker" in command:  # multiprocessing's shared-memory bookkeeper, not a worker
+        continue
       entries.append(f"pid {child.pid} {child.status()} ({' '.join(child.cmdline()[-2:])[:60]})")
     except psutil.Error:
       entries.append(f"pid {child.pid} gone")
