@@ -125,21 +125,24 @@ def main(argv):
   state, _, terms = step_fn(state, resident)
   jax.block_until_ready(terms)
   print(f"first step (compiles): {time.perf_counter() - tick:.1f} s")
-  # Dispatched back to back and waited on once, as the trainer runs them (it reads each loss a step late).
-  steps = FLAGS.step_only_steps or (30 if on_gpu else 5)
-  tick = time.perf_counter()
-  for _ in range(steps):
-    state, _, terms = step_fn(state, resident)
-  jax.block_until_ready((state, terms))
-  step_s = (time.perf_counter() - tick) / steps
-  step_only = FLAGS.batch_size / step_s
-  print(f"step only: {step_only:.1f} clips/s ({1000 * step_s:.0f} ms/step)")
+
+  def time_step_only(state):
+    """Clips/s of steps dispatched back to back on the resident batch (the trainer reads each loss a
+    step late), over at least --min_seconds / 2 and --step_only_steps steps."""
+    tick, steps = time.perf_counter(), 0
+    while steps < (FLAGS.step_only_steps or (30 if on_gpu else 5)) or time.perf_counter() - tick < FLAGS.min_seconds / 2:
+      state, _, terms = step_fn(state, resident)
+      steps += 1
+    jax.block_until_ready((state, terms))
+    return state, steps * FLAGS.batch_size / (time.perf_counter() - tick)
 
   rows = convert.read_manifest(FLAGS.manifest)
   results = []
   with tempfile.TemporaryDirectory() as folder:
     pattern = input_pipeline.convert_records(folder)
     for workers in map(int, FLAGS.workers):
+      state, step_only = time_step_only(state)  # next to each row: other processes' load drifts
+      print(f"  step only: {step_only:.1f} clips/s")
       grain_config = copy.deepcopy(config)
       grain_config.data.num_workers = workers
       iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
@@ -156,22 +159,23 @@ def main(argv):
         alone = input_pipeline.measure(iterator, FLAGS.batch_size)
       finally:
         iterator.close()
-      results.append((workers, grain_result, peer_result, alone))
+      results.append((workers, step_only, grain_result, peer_result, alone))
       print(f"  {workers} workers: Grain end to end {grain_result['clips_per_s']:.1f} clips/s"
             + (f", peer {peer_result['clips_per_s']:.1f} clips/s" if peer_result else "")
             + f"; pipeline alone {alone['clips_per_s']:.1f} clips/s, {alone['clips_per_cpu_s']:.1f} per CPU-second")
 
   print()
-  print(f"records: {FLAGS.format} at short side {FLAGS.short_side}, JPEG quality {FLAGS.jpeg_quality}; step only "
-        f"{step_only:.1f} clips/s")
-  header = (f"{'input':26} {'workers':>7} {'clips/s':>8} {'of step-only':>12} {'data wait':>9} {'cores busy':>10}")
+  print(f"records: {FLAGS.format} at short side {FLAGS.short_side}, JPEG quality {FLAGS.jpeg_quality}")
+  header = (f"{'input':26} {'workers':>7} {'clips/s':>8} {'step only':>9} {'of step-only':>12} {'data wait':>9} "
+            f"{'cores busy':>10}")
   print(header)
   print("-" * len(header))
-  for workers, grain_result, peer_result, _ in results:
+  for workers, step_only, grain_result, peer_result, _ in results:
     for name, r in (("Grain records (egoexo_jax)", grain_result), ("PyAV from video (peer)", peer_result)):
       if r is not None:
-        print(f"{name:26} {workers:7d} {r['clips_per_s']:8.1f} {r['clips_per_s'] / step_only:12.0%} "
+        print(f"{name:26} {workers:7d} {r['clips_per_s']:8.1f} {step_only:9.1f} {r['clips_per_s'] / step_only:12.0%} "
               f"{r['data_wait']:9.0%} {r['cores_busy']:10.2f}")
+  step_only = max(r[1] for r in results)
   per_cpu_s = max(alone["clips_per_cpu_s"] for *_, alone in results)
   print(f"Grain pipeline: {per_cpu_s:.1f} clips per CPU-second at best, so feeding the step-only rate "
         f"({step_only:.0f} clips/s) takes about {step_only / per_cpu_s:.2f} cores of decoding.")
