@@ -10,11 +10,13 @@ parts that differ, as plain functions:
       the model's variables, from example inputs of the configured shapes;
   loss(model, params, batch_stats, batch, *, config, rng, mesh) -> (total, (terms, new_batch_stats))
       the scalar to minimise on the global batch, a dict of float32 scalars to average and log
-      ('total' among them; losses per term, accuracies), and the updated BatchNorm statistics.
-      `batch` holds global jax.Arrays sharded over the mesh's `data` axis; a loss that needs
-      explicit collectives (per-device negatives, ring passes) uses jax.shard_map over `mesh`.
+      ('loss' among them; losses per term, accuracies), and the updated BatchNorm statistics.
+      `batch` holds global jax.Arrays sharded over the mesh's batch axes (`sharding.BATCH_AXES`,
+      data x fsdp); a loss that needs explicit collectives (per-device negatives, ring passes)
+      uses jax.shard_map over `mesh` with those axes.
 
-Objectives: egoexo (Ego-Exo pre-training and view classification).
+Objectives: egoexo (Ego-Exo pre-training and view classification), suml (SUM-L stages (a) and (b)
+and its baselines), evgap (EVGAP steps 1 and 2), finetune (Charades-Ego / EPIC-Kitchens, Ego-Exo*).
 """
 
 from __future__ import annotations
