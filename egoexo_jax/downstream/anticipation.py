@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from egoexo_jax import losses
 from egoexo_jax.downstream import annotations, loop, metrics
@@ -113,21 +113,12 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
       "task": "action anticipation", "features_dir": os.path.abspath(features_dir),
       "settings": dataclasses.asdict(settings), "loop": dataclasses.asdict(loop_settings), "num_classes": num_classes,
       "examples": {name: int(len(data["labels"])) for name, data in sets.items()},
-      "best_epoch": max((h for h in history if h.get("best")), key=lambda h: h["epoch"])["epoch"],
-      "history": history, "test": test_scores,
   }
-  loop.write_json(os.path.join(output_dir, "results.json"), results)
-  logging.info("test: %s", "  ".join(f"{k} {v:.2f}" for k, v in test_scores.items()))
-  return results
+  return loop.write_results(output_dir, results, history, test_scores)
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("features_dir", None, "Folder of <recording>/<view>.npy per-frame features.")
-  flags.DEFINE_string("segments", None, "Segments CSV: recording,start_frame,end_frame,action,verb,object.")
-  flags.DEFINE_string("split", None, "Split CSV: recording,split (train/val/test).")
-  flags.DEFINE_string("output_dir", None, "Where best.msgpack and results.json go.")
-  flags.DEFINE_list("train_views", [], "Views to train and validate on (default: all).")
-  flags.DEFINE_list("test_views", [], "Views to test on (default: the train views); a held-out view = novel view.")
+  loop.define_data_flags()
   flags.DEFINE_float("fps", 30.0, "Frames per second of the features.")
   flags.DEFINE_float("anticipation_seconds", 1.0, "Gap tau_a between the observed frames and the segment.")
   flags.DEFINE_integer("observed_frames", 60, "Frames observed before the gap.")

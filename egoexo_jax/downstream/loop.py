@@ -40,6 +40,28 @@ def write_json(path: str, content: Any) -> None:
     f.write("\n")
 
 
+def write_results(output_dir: str, results: dict[str, Any], history: list[dict], test_scores: dict[str, float]
+                  ) -> dict[str, Any]:
+  """Adds the best epoch, the history and the test scores to `results`, writes <output_dir>/results.json
+  and logs the test scores; returns the completed results."""
+  results = {**results, "best_epoch": max((h for h in history if h.get("best")), key=lambda h: h["epoch"])["epoch"],
+             "history": history, "test": test_scores}
+  write_json(os.path.join(output_dir, "results.json"), results)
+  logging.info("test: %s", "  ".join(f"{k} {v:.2f}" for k, v in test_scores.items()))
+  return results
+
+
+def define_data_flags() -> None:
+  """The flags both downstream CLIs share: features, annotations, output folder and the view split."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("features_dir", None, "Folder of <recording>/<view>.npy per-frame features.")
+  flags.DEFINE_string("segments", None, "Segments CSV: recording,start_frame,end_frame,action,verb,object.")
+  flags.DEFINE_string("split", None, "Split CSV: recording,split (train/val/test).")
+  flags.DEFINE_string("output_dir", None, "Where best.msgpack and results.json go.")
+  flags.DEFINE_list("train_views", [], "Views to train and validate on (default: all).")
+  flags.DEFINE_list("test_views", [], "Views to test on (default: the train views); a held-out view = novel view.")
+
+
 def fit(params: Any, loss_fn: Callable[[Any, dict, jax.Array], jax.Array],
         epoch_batches: Callable[[int], Iterable[dict]], evaluate: Callable[[Any], dict[str, float]],
         selection_metric: str, settings: LoopSettings, output_dir: str) -> tuple[Any, list[dict]]:

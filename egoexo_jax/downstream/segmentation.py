@@ -21,7 +21,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from egoexo_jax.downstream import annotations, loop, metrics, mstcn
 
@@ -105,21 +105,12 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
       "num_classes": num_classes, "feature_dim": dim,
       "train_views": sorted({s.view for s in train}), "test_views": sorted({s.view for s in test}),
       "sequences": {"train": len(train), "val": len(val), "test": len(test)},
-      "best_epoch": max((h for h in history if h.get("best")), key=lambda h: h["epoch"])["epoch"],
-      "history": history, "test": test_scores,
   }
-  loop.write_json(os.path.join(output_dir, "results.json"), results)
-  logging.info("test: %s", "  ".join(f"{k} {v:.2f}" for k, v in test_scores.items()))
-  return results
+  return loop.write_results(output_dir, results, history, test_scores)
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("features_dir", None, "Folder of <recording>/<view>.npy per-frame features.")
-  flags.DEFINE_string("segments", None, "Segments CSV: recording,start_frame,end_frame,action,verb,object.")
-  flags.DEFINE_string("split", None, "Split CSV: recording,split (train/val/test).")
-  flags.DEFINE_string("output_dir", None, "Where best.msgpack and results.json go.")
-  flags.DEFINE_list("train_views", [], "Views to train and validate on (default: all).")
-  flags.DEFINE_list("test_views", [], "Views to test on (default: the train views); a held-out view = novel view.")
+  loop.define_data_flags()
   flags.DEFINE_integer("epochs", 50, "Training epochs.")
   flags.DEFINE_float("learning_rate", 5e-4, "Adam learning rate (MS-TCN: 5e-4).")
   flags.DEFINE_integer("batch_size", 1, "Sequences per batch (MS-TCN: 1).")
