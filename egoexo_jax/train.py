@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from egoexo_jax import checkpointing, metrics, monitoring, objectives, sharding
 from egoexo_jax.input import pipelines
@@ -252,6 +251,9 @@ def write_summary(writer, step: int, config, train_metrics, elapsed: float, wind
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains until `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
+  # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
+  # images), which the step functions above, the benches and the tests of the step do not need.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
