@@ -66,10 +66,14 @@ TSM_R50 = dict(stage_blocks=R50_BLOCKS, temporal_kernels=(1, 1, 1, 1), stem_temp
 class Conv3D(nn.Module):
   """Bias-free conv over (B, T, H, W, C), padded by k // 2 on each side (PyTorch padding), PySlowFast init.
 
-  Its parameter is 'kernel' of shape (kt, kh, kw, C_in, features), as nn.Conv's. A kernel with kt = 1
-  and no temporal stride (all but four convs of Slow-only R50) runs as a 2-D conv over B*T frames:
-  the same maths, and XLA:CPU's 3-D convolutions of such kernels, their gradients above all, are
-  several times slower than its 2-D ones.
+  Its parameter is 'kernel' of shape (kt, kh, kw, C_in, features), as nn.Conv's. Two kinds of kernel
+  run as 2-D convs, the same maths:
+  - kt = 1, no temporal stride (all but nine convs of Slow-only R50): over B*T frames. XLA:CPU's 3-D
+    convolutions of such kernels, their gradients above all, are several times slower than its 2-D ones.
+  - kh = kw = 1, no spatial stride (the nine temporal conv_a of Slow-only R50, SlowFast's lateral
+    fusion): over a (T, H*W) image per clip. XLA:GPU lays 3-D convolutions out channels-first (NCDHW),
+    so each such conv, forward and both gradients, paid cuDNN's and XLA's layout transposes around it:
+    on an H100, Slow-only R50's step spent 30 of its 111 ms in those transposes.
   """
 
   features: int
@@ -89,6 +93,12 @@ class Conv3D(nn.Module):
       y = jax.lax.conv_general_dilated(x.reshape(batch * time, *x.shape[2:]), kernel[0], self.strides[1:],
                                        padding[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"))
       return y.reshape(batch, time, *y.shape[1:])
+    if self.kernel_size[1:] == (1, 1) and self.strides[1:] == (1, 1):
+      batch, time, height, width, channels = x.shape
+      y = jax.lax.conv_general_dilated(x.reshape(batch, time, height * width, channels), kernel[:, 0],
+                                       (self.strides[0], 1), [padding[0], (0, 0)],
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y.reshape(batch, y.shape[1], height, width, y.shape[-1])
     return jax.lax.conv_general_dilated(x, kernel, self.strides, padding,
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
