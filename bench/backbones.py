@@ -80,6 +80,8 @@ flags.DEFINE_enum("attention", None, ["xla", "cudnn"], "Attention implementation
                   "attention_implementation field.")
 flags.DEFINE_enum("triton_gemm", None, ["true", "false"], "Sets --xla_gpu_enable_triton_gemm.")
 flags.DEFINE_string("xla_flags", "", "Extra XLA flags, appended to XLA_FLAGS before JAX starts a backend.")
+flags.DEFINE_string("dump_dir", None, "Write each JAX step's optimised HLO (<backbone>.hlo.txt) and a profiler trace "
+                    "of 3 steps (<dump_dir>/trace) here, to see which kernels take the time.")
 FLAGS = flags.FLAGS
 
 NUM_CLASSES = 400
@@ -173,6 +175,9 @@ def build_jax(name: str, args: dict, frames: int, crop: int, batch: int, dtype: 
   tick = time.perf_counter()
   compiled = jax.jit(train_step, donate_argnums=0).lower(state, clips, labels).compile()
   compile_s = time.perf_counter() - tick
+  if FLAGS.dump_dir:
+    os.makedirs(FLAGS.dump_dir, exist_ok=True)
+    pathlib.Path(FLAGS.dump_dir, f"{name}.hlo.txt").write_text(compiled.as_text())
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}
   memory = compiled.memory_analysis()
@@ -206,7 +211,7 @@ def build_torch_peer(args: dict, frames: int, crop: int, batch: int, dtype: str)
   if cuda:
     torch.backends.cudnn.benchmark = True
     torch.cuda.reset_peak_memory_stats(device)
-  _, arch = backbones.backbone_arguments("slow_r50", args)
+  arch = torch_slow_resnet.resolved_arguments(*backbones.backbone_arguments("slow_r50", args))
   model = torch_slow_resnet.SlowResNet(arch["stage_blocks"], arch["width"], arch["temporal_kernels"],
                                        NUM_CLASSES).to(device).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -298,6 +303,10 @@ def main(argv):
       try:
         step, info = build()
         result = time_steps(step, info, warmup, steps)
+        if FLAGS.dump_dir and label == name:
+          with jax.profiler.trace(os.path.join(FLAGS.dump_dir, "trace")):
+            for _ in range(3):
+              step()
         del step
       except Exception as error:  # pylint: disable=broad-except
         traceback.print_exc()
@@ -306,6 +315,7 @@ def main(argv):
       xla = result["xla_flops"] / batch if result["xla_flops"] else None
       rows.append(dict(result, label=label, frames=frames, analytic=analytic, xla=xla, flops=analytic or xla,
                        clips_per_s=batch / result["median_s"], peak=result["peak_bytes"]()))
+      print(f"  {label}: {1e3 * result['median_s']:.1f} ms/step, {batch / result['median_s']:.1f} clips/s", flush=True)
 
   print()
   header = (f"{'backbone':15} {'frames':>6} {'params M':>8} {'ms/step':>9} {'clips/s':>8} {'GFLOP an.':>9} "

@@ -142,7 +142,7 @@ def main(argv):
     pattern = input_pipeline.convert_records(folder)
     for workers in map(int, FLAGS.workers):
       state, step_only = time_step_only(state)  # next to each row: other processes' load drifts
-      print(f"  step only: {step_only:.1f} clips/s")
+      print(f"  step only: {step_only:.1f} clips/s", flush=True)
       grain_config = copy.deepcopy(config)
       grain_config.data.num_workers = workers
       iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
@@ -150,9 +150,13 @@ def main(argv):
         state, grain_result = run_steps(step_fn, state, iterator, mesh, FLAGS.batch_size)
       finally:
         iterator.close()
+      print(f"  {workers} workers: Grain end to end {grain_result['clips_per_s']:.1f} clips/s, data wait "
+            f"{grain_result['data_wait']:.0%}", flush=True)
       peer_result = None
       if FLAGS.peer:
         state, peer_result = run_steps(step_fn, state, peer_batches(rows, config, workers), mesh, FLAGS.batch_size)
+        print(f"  {workers} workers: PyAV peer end to end {peer_result['clips_per_s']:.1f} clips/s, data wait "
+              f"{peer_result['data_wait']:.0%}", flush=True)
       # The pipeline alone, for its per-CPU-second rate.
       iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
       try:
@@ -160,9 +164,8 @@ def main(argv):
       finally:
         iterator.close()
       results.append((workers, step_only, grain_result, peer_result, alone))
-      print(f"  {workers} workers: Grain end to end {grain_result['clips_per_s']:.1f} clips/s"
-            + (f", peer {peer_result['clips_per_s']:.1f} clips/s" if peer_result else "")
-            + f"; pipeline alone {alone['clips_per_s']:.1f} clips/s, {alone['clips_per_cpu_s']:.1f} per CPU-second")
+      print(f"  {workers} workers: pipeline alone {alone['clips_per_s']:.1f} clips/s, "
+            f"{alone['clips_per_cpu_s']:.1f} per CPU-second", flush=True)
 
   print()
   print(f"records: {FLAGS.format} at short side {FLAGS.short_side}, JPEG quality {FLAGS.jpeg_quality}")

@@ -18,6 +18,14 @@ from torch import nn
 STAGE_SPATIAL_STRIDES = (1, 2, 2, 2)  # res2..res5, on the first block of each stage
 
 
+def resolved_arguments(module, preset: dict) -> dict:
+  """A Flax backbone's full arguments: `preset` (from backbones.backbone_arguments) over the module's field
+  defaults, so that stage_blocks, width and temporal_kernels are there even where the preset omits them."""
+  defaults = {name: field.default for name, field in module.__dataclass_fields__.items()
+              if isinstance(field.default, (int, float, tuple, str, bool))}
+  return {**defaults, **preset}
+
+
 def conv3d(in_width: int, out_width: int, kernel: tuple[int, int, int],
            stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv3d:
   """Bias-free conv padded by k // 2 per dim; PySlowFast's c2_msra_fill init (kaiming normal, fan_out)."""

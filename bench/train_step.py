@@ -199,7 +199,8 @@ def build_torch(config, device: torch.device, autocast: bool, compile_model: boo
   torch.manual_seed(0)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-  _, arch = backbones.backbone_arguments(model_config.backbone, model_config.backbone_args)
+  arch = torch_slow_resnet.resolved_arguments(*backbones.backbone_arguments(model_config.backbone,
+                                                                             model_config.backbone_args))
   model = torch_slow_resnet.SlowResNet(arch["stage_blocks"], arch["width"], arch["temporal_kernels"],
                                        model_config.num_classes, model_config.dropout_rate).to(device).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optimizer.momentum,
@@ -252,7 +253,7 @@ def main(argv):
   r50 = slow_resnet_macs((3, 4, 6, 3), 64, (1, 1, 3, 3), 8, 224, 400)["network"]
   print(f"analytic check: Slow-only R50 8x8 at 224^2 = {r50 / 1e9:.2f} GMAC forward (published {R50_PUBLISHED_GMACS})")
   assert abs(r50 / 1e9 - R50_PUBLISHED_GMACS) < 0.1, r50
-  _, arch = backbones.backbone_arguments(model.backbone, model.backbone_args)
+  arch = torch_slow_resnet.resolved_arguments(*backbones.backbone_arguments(model.backbone, model.backbone_args))
   macs = slow_resnet_macs(arch["stage_blocks"], arch["width"], arch["temporal_kernels"], data.clip_length, data.crop_size,
                           model.num_classes, num_object_classes=model.num_object_classes,
                           interaction_channels=model.interaction_channels)
