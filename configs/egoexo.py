@@ -51,7 +51,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.max_short_side = 160 if small else 320
   config.data.box_score_threshold = 0.5
   config.data.num_workers = 1 if small else 12  # Grain worker processes per host
-  config.data.read_threads = 2 if small else 16
+  # Whole batches built at once per worker: Grain runs no more read threads than prefetch_batches.
+  config.data.read_threads = 2
   config.data.prefetch_batches = 2
   # Seconds to wait for a batch before stopping with an error naming the step and the workers' state
   # (a hung Grain worker or unreachable storage); 0 waits forever. Covers worker start-up at step 1.

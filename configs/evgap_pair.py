@@ -57,7 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.exo_views_per_group = 8  # step 2: N
   config.data.batch_dtype = "float32" if small else "float16"  # host -> device transfer
   config.data.num_workers = 0 if small else 8
-  config.data.read_threads = 1 if small else 8
+  config.data.read_threads = 2
   config.data.prefetch_batches = 2
   config.data.batch_timeout_s = 600  # seconds to wait for a batch before stopping with an error
 

@@ -52,7 +52,7 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.data.max_short_side = 160 if small else 320
   config.data.box_score_threshold = 0.5
   config.data.num_workers = 1 if small else 12
-  config.data.read_threads = 2 if small else 16
+  config.data.read_threads = 2
   config.data.prefetch_batches = 2
   config.data.batch_timeout_s = 600  # seconds to wait for a batch before stopping with an error
 

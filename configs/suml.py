@@ -85,7 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.min_short_side = 128 if small else 256
   config.data.max_short_side = 160 if small else 320
   config.data.num_workers = 1 if small else 12
-  config.data.read_threads = 2 if small else 16
+  config.data.read_threads = 2
   config.data.prefetch_batches = 2
   config.data.batch_timeout_s = 600  # stop with an error when no batch comes for this long; 0: wait forever
 
