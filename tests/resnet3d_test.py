@@ -151,6 +151,24 @@ def numpy_temporal_shift(x, fold_div=8):
   return out
 
 
+@pytest.mark.parametrize("kernel,stride", [
+    ((1, 3, 3), (1, 2, 2)),  # runs as a 2-D conv over B*T frames
+    ((3, 1, 1), (1, 1, 1)),  # runs as a 2-D conv over a (T, H*W) image: Slow-only's temporal conv_a
+    ((5, 1, 1), (4, 1, 1)),  # the same, time-strided: SlowFast's lateral fusion
+    ((3, 3, 3), (1, 2, 2)),  # a true 3-D conv (R3D)
+])
+def test_conv3d_matches_torch_conv3d(kernel, stride):
+  """Every path of Conv3D computes PyTorch's conv3d with padding k // 2."""
+  x = np.random.default_rng(1).normal(size=(2, 8, 6, 5, 4)).astype(np.float32)
+  conv = resnet3d.Conv3D(3, kernel, stride)
+  variables = conv.init(jax.random.key(0), jnp.asarray(x))
+  out = np.asarray(conv.apply(variables, jnp.asarray(x)))
+  weight = torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(4, 3, 0, 1, 2).copy())
+  expected = torch.nn.functional.conv3d(torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy()), weight,
+                                        stride=stride, padding=tuple(k // 2 for k in kernel))
+  np.testing.assert_allclose(out, expected.numpy().transpose(0, 2, 3, 4, 1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 3, 3, 16), (1, 1, 2, 2, 8), (1, 4, 1, 1, 20)])
 def test_temporal_shift_matches_numpy(shape):
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
