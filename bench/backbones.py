@@ -201,7 +201,6 @@ def build_jax(name: str, args: dict, frames: int, crop: int, batch: int, dtype: 
 def build_torch_peer(args: dict, frames: int, crop: int, batch: int, dtype: str):
   """The PyTorch Slow-only ResNet step (CUDA: torch.compile, bf16 autocast when dtype is bfloat16)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import torch_slow_resnet  # pylint: disable=g-import-not-at-top
 
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,16 +218,8 @@ def build_torch_peer(args: dict, frames: int, crop: int, batch: int, dtype: str)
   clips = torch.randint(0, 256, (batch, 3, frames, crop, crop), dtype=torch.uint8, device=device)
   labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
-  def step():
-    x = (clips.float() / 255.0 - transforms.MEAN) / transforms.STD
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-      logits = forward(x)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if cuda:
-      torch.cuda.synchronize()
+  step = torch_slow_resnet.make_train_step(forward, optimizer, clips, labels, mean=transforms.MEAN, std=transforms.STD,
+                                           autocast=autocast)
 
   name = "torch " + ("compile" if cuda else "eager") + (" bf16" if autocast else " fp32")
   peak = (lambda: torch.cuda.max_memory_allocated(device)) if cuda else (lambda: None)

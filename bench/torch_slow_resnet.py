@@ -91,3 +91,24 @@ class SlowResNet(nn.Module):
       x = block(x)
     features = x.float().mean(dim=(2, 3, 4))  # pooled in float32, as the Flax model does
     return self.head(self.dropout(features))
+
+
+def make_train_step(forward, optimizer: torch.optim.Optimizer, clips: torch.Tensor, labels: torch.Tensor, *,
+                    mean: float, std: float, autocast: bool):
+  """The peer's training step on resident uint8 clips (B, 3, T, H, W) as a closure: normalise with `mean`
+  and `std` (0-1 scale), forward under bf16 autocast when `autocast`, cross-entropy in float32, backward,
+  optimizer step; on CUDA it waits for the device before returning."""
+
+  def step():
+    x = (clips.float() / 255.0 - mean) / std
+    with torch.autocast(clips.device.type, dtype=torch.bfloat16, enabled=autocast):
+      logits = forward(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if clips.device.type == "cuda":
+      torch.cuda.synchronize()
+
+  return step
+

@@ -40,7 +40,6 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 import jax
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import torch_slow_resnet
 from configs import egoexo as egoexo_config
@@ -211,16 +210,8 @@ def build_torch(config, device: torch.device, autocast: bool, compile_model: boo
                         device=device)
   labels = torch.randint(0, model_config.num_classes, (batch,), device=device)
 
-  def step():
-    x = (clips.float() / 255.0 - transforms.MEAN) / transforms.STD
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-      logits = forward(x)
-    loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if device.type == "cuda":
-      torch.cuda.synchronize()
+  step = torch_slow_resnet.make_train_step(forward, optimizer, clips, labels, mean=transforms.MEAN, std=transforms.STD,
+                                           autocast=autocast)
 
   name = "PyTorch " + ("torch.compile" if compile_model else "eager") + (" bf16 autocast" if autocast else " float32")
   where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
