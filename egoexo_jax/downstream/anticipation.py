@@ -127,7 +127,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
   flags.DEFINE_integer("hidden", 256, "Channels of the temporal layers.")
   flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and dropout.")
-  flags.mark_flags_as_required(["features_dir", "segments", "split", "output_dir"])
 
 
 def main(argv):

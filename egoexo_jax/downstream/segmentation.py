@@ -119,7 +119,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_features", 64, "Channels per layer.")
   flags.DEFINE_float("dropout", 0.5, "Dropout rate.")
   flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and dropout.")
-  flags.mark_flags_as_required(["features_dir", "segments", "split", "output_dir"])
 
 
 def main(argv):
