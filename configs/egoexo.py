@@ -26,6 +26,21 @@ stand-in teachers (data/README.md): the numbers show that training works, not ac
 import ml_collections
 
 
+def mesh_config() -> ml_collections.ConfigDict:
+  """`config.mesh` of every objective's config: all devices, data parallel.
+
+  Devices: data x fsdp (sharding.py). The batch is split over both axes; parameters and optimiser
+  state are fully sharded over `fsdp` (each array of >= fsdp_min_size elements along its largest
+  dimension divisible by fsdp) and replicated over `data`. fsdp = 1: plain data parallelism.
+  """
+  mesh = ml_collections.ConfigDict()
+  mesh.num_devices = -1  # devices to use, from the first; -1: all
+  mesh.data = -1  # -1: the devices fsdp leaves
+  mesh.fsdp = 1
+  mesh.fsdp_min_size = 2**14  # elements; smaller arrays stay replicated
+  return mesh
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: '' for the paper-size run, 'small' for a CPU-sized run on the embedded data."""
   if arg not in ("", "small"):
@@ -96,14 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # "subtree=path[:subtree there],..." (train.parse_init_from).
   config.init_from = ""
 
-  # Devices: data x fsdp (sharding.py). The batch is split over both axes; parameters and optimiser
-  # state are fully sharded over `fsdp` (each array of >= fsdp_min_size elements along its largest
-  # dimension divisible by fsdp) and replicated over `data`. fsdp = 1: plain data parallelism.
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.num_devices = -1  # devices to use, from the first; -1: all
-  config.mesh.data = -1  # -1: the devices fsdp leaves
-  config.mesh.fsdp = 1
-  config.mesh.fsdp_min_size = 2**14  # elements; smaller arrays stay replicated
+  config.mesh = mesh_config()
 
   config.log_every_steps = 20 if small else 100
   config.checkpoint_every_steps = 100 if small else 5_000

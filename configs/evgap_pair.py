@@ -29,6 +29,8 @@ README.md): the numbers show the machinery trains, nothing more. Then step 2: co
 
 import ml_collections
 
+from configs import egoexo
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: '' for the paper-size run, 'small' for a CPU run on data/evgap."""
@@ -97,11 +99,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.init_from = ""
 
   # Devices: data x fsdp (sharding.py); the SigLIP ring runs over both axes. fsdp = 1: data parallelism.
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.num_devices = -1
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.fsdp_min_size = 2**14
+  config.mesh = egoexo.mesh_config()
   config.profile_steps = ()
 
   config.log_every_steps = 20 if small else 100

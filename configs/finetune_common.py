@@ -10,6 +10,8 @@ import math
 
 import ml_collections
 
+from configs import egoexo
+
 
 def parse_arg(arg: str, config_file: str) -> tuple[bool, bool]:
   """`arg` of `--config=<file>:<arg>`: comma-separated options among 'small' and 'star' -> (small, star)."""
@@ -101,11 +103,7 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   # "backbone=<run>,interaction_head=<run>:interaction_head" to carry Ego-Exo's map head over too.
   config.init_from = ""
 
-  config.mesh = ml_collections.ConfigDict()  # data x fsdp, as configs/egoexo.py (sharding.py)
-  config.mesh.num_devices = -1
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.fsdp_min_size = 2**14
+  config.mesh = egoexo.mesh_config()
 
   config.log_every_steps = 10 if small else 100
   config.checkpoint_every_steps = 50 if small else 2_000

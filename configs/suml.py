@@ -46,6 +46,8 @@ negatives to its own slice of the batch.
 
 import ml_collections
 
+from configs import egoexo
+
 BASELINES = ("suml", "fpv_only", "typical_cl", "triplet", "domain_adapt", "joint_embed")
 
 
@@ -137,11 +139,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.init_from = ""
 
   # Devices: data x fsdp (egoexo_jax/sharding.py); per_device negatives mean per device of this mesh.
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.num_devices = -1
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.fsdp_min_size = 2**14
+  config.mesh = egoexo.mesh_config()
 
   config.log_every_steps = 10 if small else 100
   config.checkpoint_every_steps = 50 if small else 5_000
