@@ -139,7 +139,7 @@ def test_torchvision_weights_give_torchvision_logits(tmp_path):
   path = tmp_path / "tiny_resnet.pth"
   torch.save(net.state_dict(), path)
 
-  state_dict = resnet2d.load_torchvision_state_dict(str(path))
+  state_dict = resnet2d.load_torch_state_dict(str(path))
   assert state_dict["layer1.0.downsample.0.weight"].shape == (32, 8, 1, 1)
   variables = resnet2d.convert_torchvision_resnet(state_dict, TINY["stage_blocks"], width=TINY["width"],
                                                   num_classes=TINY["num_classes"])
@@ -161,17 +161,17 @@ def test_load_accepts_training_checkpoints_and_reports_bad_files(tmp_path):
   wrapped = {"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 3}
   for name, content in (("raw", net.state_dict()), ("wrapped", wrapped), ("model", {"model": net.state_dict()})):
     torch.save(content, tmp_path / f"{name}.pth")
-    loaded = resnet2d.load_torchvision_state_dict(str(tmp_path / f"{name}.pth"))
+    loaded = resnet2d.load_torch_state_dict(str(tmp_path / f"{name}.pth"))
     assert sorted(loaded) == sorted(raw)
     for key, value in raw.items():
       np.testing.assert_array_equal(loaded[key], value)
 
   (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
   with pytest.raises(resnet2d.WeightImportError, match="junk.pth: cannot read a PyTorch checkpoint"):
-    resnet2d.load_torchvision_state_dict(str(tmp_path / "junk.pth"))
+    resnet2d.load_torch_state_dict(str(tmp_path / "junk.pth"))
   torch.save([1, 2], tmp_path / "list.pth")
   with pytest.raises(resnet2d.WeightImportError, match="expected a state dict"):
-    resnet2d.load_torchvision_state_dict(str(tmp_path / "list.pth"))
+    resnet2d.load_torch_state_dict(str(tmp_path / "list.pth"))
 
 
 def test_build_model_and_train_mode():

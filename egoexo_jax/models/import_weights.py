@@ -57,7 +57,7 @@ import orbax.checkpoint as ocp
 
 from egoexo_jax import atomic_files, checkpointing
 from egoexo_jax.models import backbones, egoexo, resnet3d
-from egoexo_jax.models.resnet2d import WeightImportError, load_torchvision_state_dict
+from egoexo_jax.models.resnet2d import WeightImportError, load_torch_state_dict
 
 FORMATS = ("pyslowfast", "caffe2", "torchvision")
 
@@ -80,28 +80,9 @@ def load_pyslowfast_checkpoint(path: str) -> dict[str, np.ndarray]:
   """A PySlowFast `.pyth` file -> {PySlowFast name: NumPy array}, floating-point tensors as float32.
 
   Takes the checkpoint's 'model_state' (as PySlowFast and Ego-Exo save it), or the file itself when it
-  is a bare state dict. A 'module.' prefix on every key (DataParallel) is removed. Loaded with
-  `weights_only=True`: tensors and plain containers only, no code from the file is run.
+  is a bare state dict (`resnet2d.load_torch_state_dict`: 'module.' prefixes removed, no code run).
   """
-  import torch  # pylint: disable=g-import-not-at-top  (only weight import needs torch)
-
-  try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # torch raises many kinds for corrupt or non-torch files
-    raise WeightImportError(f"{path}: cannot read a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-  state_dict = checkpoint.get("model_state", checkpoint) if isinstance(checkpoint, Mapping) else None
-  if not isinstance(state_dict, Mapping) or not state_dict:
-    raise WeightImportError(f"{path}: expected {{'model_state': state dict}} or a state dict, found "
-                            f"{type(checkpoint).__name__}")
-  prefix = "module." if all(k.startswith("module.") for k in state_dict) else ""
-  arrays = {}
-  for key, value in state_dict.items():
-    if not isinstance(value, torch.Tensor):
-      raise WeightImportError(f"{path}: model_state entry '{key}' is a {type(value).__name__}, not a tensor")
-    arrays[key[len(prefix):]] = value.detach().to(torch.float32).numpy() if value.is_floating_point() else value.numpy()
-  return arrays
+  return load_torch_state_dict(path, container_keys=("model_state",))
 
 
 def caffe2_to_pyslowfast(blob: str) -> str:
@@ -378,7 +359,7 @@ def import_file(input_path: str, weight_format: str, backbone: str, output_dir: 
   Returns a summary: the model arguments the variables fit, the imported subtrees and parameter count.
   """
   if weight_format == "torchvision":
-    variables = inflate_torchvision(load_torchvision_state_dict(input_path), backbone, backbone_args=backbone_args)
+    variables = inflate_torchvision(load_torch_state_dict(input_path), backbone, backbone_args=backbone_args)
     arguments = dict(backbone=backbone, backbone_args=dict(backbone_args or {}), heads=[])
   elif weight_format in ("pyslowfast", "caffe2"):
     state_dict, sources = (load_caffe2_checkpoint(input_path) if weight_format == "caffe2"

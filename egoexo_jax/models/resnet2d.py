@@ -131,12 +131,13 @@ class WeightImportError(ValueError):
   """A state dict that does not fit the network; the message names the keys and shapes at fault."""
 
 
-def load_torchvision_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a torchvision checkpoint (.pth) into {name: NumPy array}, floating-point tensors as float32.
+def load_torch_state_dict(path: str, container_keys: Sequence[str] = ("state_dict", "model")) -> dict[str, np.ndarray]:
+  """Reads a PyTorch checkpoint into {name: NumPy array}, floating-point tensors as float32.
 
-  Accepts a raw state dict (what torchvision publishes) or a training checkpoint holding one under
-  'state_dict' or 'model'. A 'module.' prefix on every key (nn.DataParallel) is removed. Loaded with
-  `weights_only=True`: tensors and plain containers only, no code from the file is run.
+  Accepts a raw state dict (what torchvision publishes) or a training checkpoint holding one under the
+  first of `container_keys` it has (torchvision-style training scripts: 'state_dict' or 'model';
+  PySlowFast and Ego-Exo: 'model_state'). A 'module.' prefix on every key (nn.DataParallel) is removed.
+  Loaded with `weights_only=True`: tensors and plain containers only, no code from the file is run.
   """
   import torch  # pylint: disable=g-import-not-at-top  (only weight import needs torch)
 
@@ -148,13 +149,14 @@ def load_torchvision_state_dict(path: str) -> dict[str, np.ndarray]:
     raise WeightImportError(f"{path}: cannot read a PyTorch checkpoint ({type(e).__name__}: {e})") from e
   state_dict = checkpoint
   if isinstance(checkpoint, Mapping):
-    for key in ("state_dict", "model"):
+    for key in container_keys:
       if isinstance(checkpoint.get(key), Mapping):
         state_dict = checkpoint[key]
         break
   if not isinstance(state_dict, Mapping) or not state_dict:
-    raise WeightImportError(f"{path}: expected a state dict {{name: tensor}} (or one under 'state_dict' / "
-                            f"'model'), found {type(state_dict).__name__}")
+    under = " / ".join(f"'{key}'" for key in container_keys)
+    raise WeightImportError(f"{path}: expected a state dict {{name: tensor}} (or one under {under}), found "
+                            f"{type(state_dict).__name__}")
   if all(key.startswith("module.") for key in state_dict):
     state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
   arrays = {}

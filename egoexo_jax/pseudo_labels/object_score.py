@@ -412,7 +412,7 @@ def main(argv: Sequence[str]) -> None:
   from egoexo_jax.models import resnet2d  # pylint: disable=g-import-not-at-top
 
   key_of = manifest_paths(f.manifest) if f.manifest else None  # fail on a bad manifest before scoring
-  state_dict = resnet2d.load_torchvision_state_dict(f.weights)
+  state_dict = resnet2d.load_torch_state_dict(f.weights)
   config = resnet2d.infer_torchvision_config(state_dict)
   variables = resnet2d.convert_torchvision_resnet(state_dict, **config)
   del state_dict
