@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import io
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -93,6 +94,11 @@ def tiny_config(record_pattern: str = "", **overrides):
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
   config.async_checkpointing = False
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets each dotted key of `overrides` ('data.clip_length') in `config`; returns `config`."""
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")
@@ -100,3 +106,12 @@ def tiny_config(record_pattern: str = "", **overrides):
       node = node[part]
     node[leaf] = value
   return config
+
+
+def assert_trees_close(a, b, rtol, atol):
+  """Same tree structure, and every leaf close."""
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)

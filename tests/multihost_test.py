@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from conftest import tiny_config
+from conftest import assert_trees_close, tiny_config
 from egoexo_jax import sharding, train
 from egoexo_jax.models import build_model
 
@@ -72,14 +72,6 @@ def saved_state(workdir, step, config):
   abstract, _ = train.abstract_state(model, optimizer, config, sharding.make_mesh(1))
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"), abstract)
   return jax.device_get((state.params, state.batch_stats, state.opt_state))
-
-
-def assert_trees_close(a, b, rtol, atol):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def test_two_processes_train_as_one_and_resume_in_one(real_record_pattern, tmp_path, caplog):

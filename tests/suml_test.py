@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATA
+from conftest import DATA, apply_overrides
 from losses_test import np_decoupled, np_info_nce, np_normalize, np_semantic_alignment
 from configs import suml as suml_config
 from configs import suml_eval as suml_eval_config
@@ -58,13 +58,7 @@ def shrink(config, records=("", ""), **overrides):
   config.update(global_batch_size=8, num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2,
                 async_checkpointing=False)
   config.optimizer.warmup_steps = 1
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return apply_overrides(config, overrides)
 
 
 def tiny(records=("", ""), arg="small", **overrides):

@@ -7,18 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_trees_close, tiny_config
 from egoexo_jax import checkpointing, sharding, train
 from egoexo_jax.input import pipelines
 from egoexo_jax.models import build_model
-
-
-def assert_trees_close(a, b, rtol, atol):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern):
