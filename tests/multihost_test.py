@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from conftest import assert_trees_close, tiny_config
