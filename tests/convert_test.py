@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 
@@ -261,7 +262,8 @@ def test_corrupt_and_truncated_videos_are_skipped_or_fatal(tmp_path):
           ("half_cup.mp4", "1", "", "", ""), ("half_box.mp4", "0", "", "", ""),
           ("half_cup.mp4", "1", "", "6", "7"), ("missing.mp4", "1", "", "", "")]
   manifest = write_manifest(tmp_path, rows)
-  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32)
+  # 5 of the 6 rows are bad on purpose: the default guard (min_fraction_written 0.5) would refuse the run.
+  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32, min_fraction_written=0.0)
   assert report.written == 1
   skipped = dict(report.skipped)
   assert [p for p, _ in report.skipped] == ["garbage.mp4", "half_cup.mp4", "half_box.mp4", "half_cup.mp4",
@@ -364,3 +366,120 @@ def test_logit_pickles_from_parallel_scorers_are_merged(tmp_path):
   np.testing.assert_array_equal(merged["v3"], [3.0, 4.0])
   with pytest.raises(convert.PseudoLabelError, match=r"c\.pkl: entry 'v1' differs from the one in .*a\.pkl"):
     convert.load_logit_files(f"{first},{clash}", "ego_logits", length=2)
+
+
+# --------------------------------------------------------------------------- bad teacher boxes and odd videos
+
+
+def write_detections(tmp_path, per_frame_hands) -> str:
+  """An .npy of carphone_pristine (176 x 144, 120 frames) whose frames 0.. hold the given hand rows."""
+  per_frame = np.empty((120, 2), dtype=object)
+  for k, hands in enumerate(per_frame_hands):
+    per_frame[k] = (None, np.asarray(hands, np.float32))
+  folder = tmp_path / "hand_object" / "clips"
+  folder.mkdir(parents=True, exist_ok=True)
+  np.save(folder / "carphone_pristine.npy", per_frame, allow_pickle=True)
+  return str(tmp_path / "hand_object")
+
+
+@pytest.mark.parametrize("bad_row,message", [
+    ([10, 20, 30, float("nan"), .9], r"frame 2 \(hands\): 1 detections with a non-finite coordinate"),
+    ([88, 20, 17.6, 72, .9], r"frame 2 \(hands\): 1 detections with an inverted box"),
+    ([17.6, 14.4, 88, 72, 50.0], r"frame 2 \(hands\): 1 detections with a score outside \[0, 1\], e.g. 50"),
+])
+def test_bad_boxes_refuse_the_video_naming_file_and_frame(tmp_path, bad_row, message):
+  good = [17.6, 14.4, 88.0, 72.0, 0.9]
+  hand_object_dir = write_detections(tmp_path, [[good], [], [good, bad_row]])
+  manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "talk", "", ""),
+                                       ("clips/cup.mp4", "1", "cup", "0", "1")])
+  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32,
+                                    hand_object_dir=hand_object_dir)
+  assert report.written == 1  # 1 of 2 meets the default min_fraction_written of 0.5
+  (path, reason), = report.skipped
+  assert path == "clips/carphone_pristine.mp4" and re.search(r"carphone_pristine\.npy: " + message, reason)
+  assert "--repair_boxes" in reason
+  with pytest.raises(convert.ConversionError, match=r"carphone_pristine\.mp4 \(manifest line 2\): .*" + message):
+    convert.convert_manifest(manifest, str(tmp_path / "strict" / "t"), short_side=32,
+                             hand_object_dir=hand_object_dir, strict=True)
+
+
+def test_repair_boxes_drops_nan_and_inverted_rows_and_clips_scores(tmp_path, caplog):
+  good = [17.6, 14.4, 88.0, 72.0, 0.9]
+  rows = [good, [10, 20, 30, float("nan"), .9], [88, 20, 17.6, 72, .9], [0, 0, 176, 144, 1.7], [0, 0, 176, 144, -2]]
+  hand_object_dir = write_detections(tmp_path, [rows])
+  manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "talk", "", "")])
+  caplog.set_level("WARNING")
+  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32,
+                                    hand_object_dir=hand_object_dir, repair_boxes=True, box_score_threshold=0.0)
+  assert report.written == 1 and not report.skipped
+  record = sources.open_records(str(tmp_path / "out" / "t.tfrecord-*"))[0]
+  np.testing.assert_allclose(record.hand_boxes, [[0, .1, .1, .5, .5, .9], [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]],
+                             atol=1e-6)
+  assert records.box_problem(record.hand_boxes) is None
+  assert "frame 0 (hands): 1 detections with a non-finite coordinate or score" in caplog.text
+  assert "2 detections with a score outside [0, 1], e.g. 1.7: clipped into [0, 1]" in caplog.text
+
+
+def test_video_with_non_utf8_metadata_converts(tmp_path):
+  """A title tag holding Latin-1 bytes (as old AVI tools wrote): PyAV's default open raises on it."""
+  for ext in ("avi", "mp4"):
+    path = tmp_path / f"made.{ext}"
+    with av.open(str(path), "w") as container:
+      container.metadata["title"] = "PLACEHOLDER!"
+      stream = container.add_stream("mpeg4", rate=10)
+      stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+      for i in range(12):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+          container.mux(packet)
+      for packet in stream.encode():
+        container.mux(packet)
+    data = path.read_bytes()
+    assert data.count(b"PLACEHOLDER!") == 1
+    (tmp_path / f"odd.{ext}").write_bytes(data.replace(b"PLACEHOLDER!", b"caf\xe9 \xff\xfe tags"))
+    with pytest.raises(UnicodeDecodeError):
+      av.open(str(tmp_path / f"odd.{ext}")).close()  # the input really has the problem
+  manifest = write_manifest(tmp_path, [("odd.avi", "1", "odd_avi", "", ""), ("odd.mp4", "2", "odd_mp4", "", "")])
+  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32)
+  assert report.written == 2 and not report.skipped
+  source = sources.open_records(str(tmp_path / "out" / "t.tfrecord-*"))
+  assert [source[i].num_frames for i in range(2)] == [12, 12]
+
+
+def test_unexpected_error_in_one_video_is_reported_and_skipped_or_fatal(tmp_path, monkeypatch):
+  real_decode = convert.decode_segment
+
+  def decode(file, *args, **kwargs):
+    if file.endswith("tree.avi"):
+      raise KeyError("a bug in one code path")
+    return real_decode(file, *args, **kwargs)
+
+  monkeypatch.setattr(convert, "decode_segment", decode)  # workers=1: the conversion runs in this process
+  manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "", "0", "1"),
+                                       ("clips/tree.avi", "2", "", "0", "2")])
+  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32)
+  assert report.written == 1
+  assert report.skipped == [("clips/tree.avi", "unexpected error: KeyError: 'a bug in one code path'")]
+  with pytest.raises(convert.ConversionError, match=r"tree\.avi \(manifest line 3\): unexpected error: KeyError"):
+    convert.convert_manifest(manifest, str(tmp_path / "strict" / "t"), short_side=32, strict=True)
+
+
+def test_too_few_records_written_is_an_error_and_writes_nothing(tmp_path):
+  rows = [("clips/carphone_pristine.mp4", "5", "", "0", "1"), ("gone_1.mp4", "1", "", "", ""),
+          ("gone_2.mp4", "1", "", "", "")]
+  manifest = write_manifest(tmp_path, rows)
+  with pytest.raises(convert.ConversionError, match=r"wrote 1 of 3 videos, under min_fraction_written=0\.5; "
+                     r"nothing was written\. Most common reasons: 2 x 'cannot decode'"):
+    convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32)
+  assert output_files(tmp_path / "out") == []
+  report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32, min_fraction_written=0.3)
+  assert report.written == 1
+  # The command line: no video at all exits 1 with one line, even with the guard off.
+  none = write_manifest(tmp_path, [("gone_1.mp4", "1", "", "", "")])
+  result = subprocess.run(
+      [sys.executable, "-m", "egoexo_jax.input.convert", f"--manifest={none}",
+       f"--output_prefix={tmp_path / 'none' / 't'}", "--min_fraction_written=0"],
+      capture_output=True, text=True, check=False, cwd=DATA.parent)
+  assert result.returncode == 1
+  assert "error: " in result.stderr and "wrote 0 of 1 videos" in result.stderr
+  assert output_files(tmp_path / "none") == []

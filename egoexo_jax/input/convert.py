@@ -46,8 +46,16 @@ Decisions worth knowing:
     extra ones are ignored; a larger difference is an error naming the file. Videos with an `.npy`
     are decoded from their first frame (no seeking) so that frame indices line up.
   * A video that cannot be decoded, decodes to no frames in its segment, or stops well before its
-    declared duration (a truncated file) is logged and skipped; `strict` makes it fatal. Errors in
-    the manifest or in teacher files are always fatal.
+    declared duration (a truncated file) is logged and skipped; `strict` makes it fatal. So is any
+    unexpected exception while converting one video (reported with its path, never a traceback from
+    the worker pool). Container metadata that is not valid UTF-8 (common in old AVI files) is ignored:
+    such videos convert. Errors in the manifest or in teacher files are always fatal.
+  * Detector boxes are checked at write time (teacher_checks): a video with NaN, inverted or
+    out-of-[0, 1]-score boxes is refused (skipped, naming the file and frame) unless `repair_boxes`.
+  * A run that writes fewer than `min_fraction_written` (default 0.5) of the manifest's videos, or none,
+    writes nothing and raises ConversionError (the command exits 1). Skipping is for a few bad files
+    among many; losing half or more means a systematic cause (a wrong folder or path template, a codec
+    this FFmpeg lacks, a box-format mismatch), and the records would silently be another dataset.
   * Record i of the manifest (i counts data rows, skipped or not) goes to shard i % num_shards, so
     a video's shard does not depend on which other videos failed.
 """
@@ -62,6 +70,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import sys
 from typing import Sequence
 
 from absl import app
@@ -71,7 +80,7 @@ import av
 import numpy as np
 
 from egoexo_jax import atomic_files
-from egoexo_jax.input import csv_rows, records
+from egoexo_jax.input import csv_rows, records, teacher_checks
 
 FORMATS = ("tfrecord", "array_record")
 NPY_LENGTH_TOLERANCE = 2  # frames of disagreement allowed between an .npy and the decoded video
@@ -274,10 +283,11 @@ def _load_detections(npy_path: str) -> list:
 
 
 def _detections_to_rows(detections, frame: int, width: int, height: int, where: str,
-                        min_score: float = 0.0) -> np.ndarray:
+                        min_score: float = 0.0, repair: bool = False, warnings: list | None = None) -> np.ndarray:
   """N x >=5 [x1, y1, x2, y2, score, ...] in pixels -> rows [frame, x1, y1, x2, y2, score] in [0, 1].
 
-  Detections scoring under `min_score` are dropped.
+  Rows are checked first (teacher_checks: refused, or with `repair` mended and a note appended to
+  `warnings`); then detections scoring under `min_score` are dropped.
   """
   if detections is None:
     return np.zeros((0, records.BOX_COLUMNS), np.float32)
@@ -287,6 +297,9 @@ def _detections_to_rows(detections, frame: int, width: int, height: int, where: 
   if detections.ndim != 2 or detections.shape[1] < 5:
     raise PseudoLabelError(f"{where}: detections of shape {detections.shape}; expected N x >=5 "
                            "[x1, y1, x2, y2, score, ...]")
+  detections, notes = teacher_checks.check_detections(detections, where, repair)
+  if warnings is not None:
+    warnings.extend(notes)
   detections = detections[detections[:, 4] >= min_score]
   scale = np.array([width, height, width, height], np.float32)
   coords = np.clip(detections[:, :4] / scale, 0.0, 1.0)
@@ -295,8 +308,8 @@ def _detections_to_rows(detections, frame: int, width: int, height: int, where: 
 
 
 def convert_detections(entries: Sequence, npy_path: str, *, first_frame: int, num_frames: int,
-                       decoded_frames: int, width: int, height: int,
-                       min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                       decoded_frames: int, width: int, height: int, min_score: float = 0.0,
+                       repair: bool = False, warnings: list | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Detector output over a whole video -> (hand_boxes, object_boxes) rows for a stored segment.
 
   `entries[k]` belongs to decoded frame k of the original video; the segment is the decoded frames
@@ -315,8 +328,10 @@ def convert_detections(entries: Sequence, npy_path: str, *, first_frame: int, nu
       raise PseudoLabelError(f"{npy_path}: frame {k} holds {len(entry)} items; expected a pair "
                              "(object_detections, hand_detections)")
     where = f"{npy_path}: frame {k}"
-    objects.append(_detections_to_rows(entry[0], k - first_frame, width, height, where, min_score))
-    hands.append(_detections_to_rows(entry[1], k - first_frame, width, height, where, min_score))
+    objects.append(_detections_to_rows(entry[0], k - first_frame, width, height, where + " (objects)", min_score,
+                                       repair, warnings))
+    hands.append(_detections_to_rows(entry[1], k - first_frame, width, height, where + " (hands)", min_score,
+                                     repair, warnings))
   empty = np.zeros((0, records.BOX_COLUMNS), np.float32)
   return (np.concatenate(hands) if hands else empty), (np.concatenate(objects) if objects else empty)
 
@@ -443,7 +458,7 @@ def decode_segment(file: str, start: float | None, end: float | None, *, short_s
   seek = start > 0 and not from_beginning
   try:
     while True:
-      with av.open(file) as container:
+      with av.open(file, metadata_errors="ignore") as container:  # non-UTF-8 tags must not stop decoding
         if not container.streams.video:
           raise VideoError("no video stream")
         decoded = _decode_pass(container, start, end, short_side=short_side, jpeg_quality=jpeg_quality, seek=seek)
@@ -469,6 +484,7 @@ class RowTask:
   object_logits: np.ndarray | None
   npy_path: str | None  # detector output for this video (.npy or .json), if the file exists
   box_score_threshold: float = 0.5
+  repair_boxes: bool = False
 
 
 @dataclasses.dataclass
@@ -481,19 +497,29 @@ class RowResult:
 
 
 def convert_row(task: RowTask) -> RowResult:
-  """Decodes one manifest row into a VideoRecord; a bad video becomes a failure, not an exception."""
-  row = task.row
+  """Decodes one manifest row into a VideoRecord. A bad video, refused boxes or any unexpected exception
+  become a failure naming the cause, not an exception; teacher-file errors (PseudoLabelError) propagate."""
   try:
-    decoded = decode_segment(row.file, row.start_sec, row.end_sec, short_side=task.short_side,
-                             jpeg_quality=task.jpeg_quality, from_beginning=task.npy_path is not None)
-  except VideoError as e:
-    return RowResult(task.index, row, None, str(e), [])
+    return _convert_row(task)
+  except (VideoError, teacher_checks.BoxContentError) as e:
+    return RowResult(task.index, task.row, None, str(e), [])
+  except PseudoLabelError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (one odd video must not end the whole conversion)
+    return RowResult(task.index, task.row, None, f"unexpected error: {type(e).__name__}: {e}", [])
+
+
+def _convert_row(task: RowTask) -> RowResult:
+  row = task.row
+  decoded = decode_segment(row.file, row.start_sec, row.end_sec, short_side=task.short_side,
+                           jpeg_quality=task.jpeg_quality, from_beginning=task.npy_path is not None)
   hand_boxes = object_boxes = None
   if task.npy_path is not None:
     hand_boxes, object_boxes = convert_detections(
         _load_detections(task.npy_path), task.npy_path, first_frame=decoded.first_frame,
         num_frames=len(decoded.jpegs), decoded_frames=decoded.decoded_frames,
-        width=decoded.original_width, height=decoded.original_height, min_score=task.box_score_threshold)
+        width=decoded.original_width, height=decoded.original_height, min_score=task.box_score_threshold,
+        repair=task.repair_boxes, warnings=decoded.warnings)
   record = records.VideoRecord(
       video_id=row.video_id, fps=decoded.fps, height=decoded.height, width=decoded.width,
       frames=decoded.jpegs, labels=np.asarray(row.labels, np.int64), ego_logits=task.ego_logits,
@@ -653,8 +679,14 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
                      num_shards: int = 1, formats: Sequence[str] = ("tfrecord",), ego_logits: str | None = None,
                      object_logits: str | None = None, hand_object_dir: str | None = None,
                      allow_missing_pseudo_labels: bool = False, box_score_threshold: float = 0.5,
-                     strict: bool = False, workers: int = 1) -> ConversionReport:
-  """Converts every video of a manifest into record shards and a `<output_prefix>.json` summary."""
+                     strict: bool = False, workers: int = 1, repair_boxes: bool = False,
+                     min_fraction_written: float = 0.5) -> ConversionReport:
+  """Converts every video of a manifest into record shards and a `<output_prefix>.json` summary.
+
+  Raises ConversionError, writing nothing, when fewer than `min_fraction_written` of the rows (or none)
+  could be written (module docstring)."""
+  if not 0.0 <= min_fraction_written <= 1.0:
+    raise ValueError(f"min_fraction_written is {min_fraction_written}; it must be in [0, 1]")
   formats = tuple(formats)
   if not formats or any(fmt not in FORMATS for fmt in formats) or len(set(formats)) != len(formats):
     raise ValueError(f"formats must be distinct values among {FORMATS}, got {formats}")
@@ -681,7 +713,7 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
                     hand_object_npy_path(hand_object_dir, path) + " (or .json)")
 
   tasks = [RowTask(i, row, short_side, jpeg_quality, ego_vectors[i], object_vectors[i], npy_paths[i],
-                   box_score_threshold)
+                   box_score_threshold, repair_boxes)
            for i, row in enumerate(rows)]
 
   output_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -710,6 +742,7 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
       for shard_set in shard_sets:
         shard_set.write(result.index % num_shards, data)
       stats.add(result.record)
+    _check_written(manifest_path, len(stats.num_frames), len(rows), skipped, min_fraction_written)
   except BaseException:
     for shard_set in shard_sets:
       shard_set.abort()
@@ -736,6 +769,20 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
   return report
 
 
+def _check_written(manifest_path: str, written: int, total: int, skipped: list, min_fraction: float) -> None:
+  """Raises ConversionError when no record, or under `min_fraction` of the rows, were written."""
+  if written and written >= min_fraction * total:
+    return
+  reasons: dict[str, int] = {}
+  for _, reason in skipped:
+    reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
+  common = "; ".join(f"{n} x '{r}'" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+  first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+  raise ConversionError(
+      f"{manifest_path}: wrote {written} of {total} videos, under min_fraction_written={min_fraction:g}; "
+      f"nothing was written. Most common reasons: {common or 'none'}{first}")
+
+
 # --------------------------------------------------------------------------- command line
 
 def _define_flags() -> None:
@@ -754,6 +801,10 @@ def _define_flags() -> None:
   flags.DEFINE_float("box_score_threshold", 0.5, "Drop detector boxes scoring under this (Ego-Exo: 0.5).")
   flags.DEFINE_bool("strict", False, "Stop at the first video that cannot be converted.")
   flags.DEFINE_integer("workers", 1, "Decoding processes.")
+  flags.DEFINE_bool("repair_boxes", False, "Drop NaN and inverted detector boxes and clip scores into [0, 1] "
+                    "instead of refusing the video (see teacher_checks).")
+  flags.DEFINE_float("min_fraction_written", 0.5, "Fail, writing nothing, when fewer than this fraction of "
+                     "the manifest's videos (or none) convert.")
   flags.mark_flags_as_required(["manifest", "output_prefix"])
 
 
@@ -761,11 +812,15 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  report = convert_manifest(
-      f.manifest, f.output_prefix, short_side=f.short_side, jpeg_quality=f.jpeg_quality, num_shards=f.num_shards,
-      formats=f.formats, ego_logits=f.ego_logits, object_logits=f.object_logits,
-      hand_object_dir=f.hand_object_dir, allow_missing_pseudo_labels=f.allow_missing_pseudo_labels,
-      box_score_threshold=f.box_score_threshold, strict=f.strict, workers=f.workers)
+  try:
+    report = convert_manifest(
+        f.manifest, f.output_prefix, short_side=f.short_side, jpeg_quality=f.jpeg_quality, num_shards=f.num_shards,
+        formats=f.formats, ego_logits=f.ego_logits, object_logits=f.object_logits,
+        hand_object_dir=f.hand_object_dir, allow_missing_pseudo_labels=f.allow_missing_pseudo_labels,
+        box_score_threshold=f.box_score_threshold, strict=f.strict, workers=f.workers,
+        repair_boxes=f.repair_boxes, min_fraction_written=f.min_fraction_written)
+  except ConversionError as e:
+    sys.exit(f"error: {e}")
   print(report.summary_line())
   print(f"summary: {report.summary_file}")
 

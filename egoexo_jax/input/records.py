@@ -18,7 +18,9 @@ Fields of each tf.Example (all written by `convert.py`, read by the pipelines):
 Box coordinates are normalised to [0, 1] by the stored frame's width and height, so they
 survive any later resize; `frame` indexes the stored frames. An absent box key means "no
 detector output for this video" (the interaction loss is masked); a present empty list means
-"the detector ran and found nothing" (all-zero maps are the target).
+"the detector ran and found nothing" (all-zero maps are the target). Valid box rows are finite, have
+0 <= x1 <= x2 <= 1, 0 <= y1 <= y2 <= 1 and a score in [0, 1] (`box_problem`); the converter refuses
+or repairs other rows at write time and the training transforms skip a record holding one.
 
 Records are framed as TFRecord (length, masked CRC32C of the length, data, masked CRC32C of
 the data), byte-compatible with `tf.data.TFRecordDataset`, or stored in ArrayRecord files.
@@ -61,6 +63,24 @@ class VideoRecord:
   @property
   def num_frames(self) -> int:
     return len(self.frames)
+
+
+def box_problem(rows: np.ndarray) -> str | None:
+  """What is wrong with the first invalid row of (N, 6) box rows (frame, x1, y1, x2, y2, score), naming the
+  row and its frame; None when every row is valid (finite, corners in [0, 1] and ordered, score in [0, 1])."""
+  rows = np.asarray(rows, np.float32).reshape(-1, BOX_COLUMNS)
+  checks = (
+      (~np.all(np.isfinite(rows), axis=1), "has a non-finite value"),
+      (np.any((rows[:, 1:5] < 0) | (rows[:, 1:5] > 1), axis=1), "has a coordinate outside [0, 1]"),
+      ((rows[:, 3] < rows[:, 1]) | (rows[:, 4] < rows[:, 2]), "is inverted (x2 < x1 or y2 < y1)"),
+      ((rows[:, 5] < 0) | (rows[:, 5] > 1), "has a score outside [0, 1]"),
+  )
+  for bad, what in checks:
+    if bad.any():
+      k = int(np.argmax(bad))
+      return (f"box row {k} (frame {rows[k, 0]:g}) {what}: {rows[k, 1:].tolist()} "
+              f"({int(bad.sum())} such rows)")
+  return None
 
 
 # --------------------------------------------------------------------------- tf.Example
