@@ -159,8 +159,9 @@ def run_cli(*args):
 
 def test_cli_writes_manifest_summary_and_intervals_and_fails_naming_the_line(tmp_path):
   output = tmp_path / "out" / "charades_train.csv"
+  # Manifests made before the videos are downloaded: none exists, so the flag is needed.
   result = run_cli("--dataset=charades_ego", f"--csv={DATA / 'CharadesEgo_v1_train_only1st_sample.csv'}",
-                   "--video_root=/videos", f"--output={output}")
+                   "--video_root=/videos", f"--output={output}", "--allow_missing_videos")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "wrote 3 records (1 rows skipped, 3 videos not found)" in result.stdout
   lines = output.read_text().splitlines()
@@ -191,3 +192,20 @@ def test_shipped_manifests_are_their_annotation_files(dataset, source, manifest)
   assert [(r.video_id, r.labels, r.start_sec, r.end_sec) for r in shipped] == [
       (r.video_id, r.labels, r.start_sec, r.end_sec) for r in expected]
   assert all(os.path.exists(row.file) and row.file.startswith(str(folder / "..")) for row in shipped)
+
+
+def test_cli_fails_writing_nothing_when_none_of_the_videos_exists(tmp_path):
+  csv_path = DATA / "CharadesEgo_v1_train_only1st_sample.csv"
+  output = tmp_path / "out" / "charades_train.csv"
+  result = run_cli("--dataset=charades_ego", f"--csv={csv_path}", f"--video_root={tmp_path / 'nowhere'}",
+                   f"--output={output}")
+  assert result.returncode == 1
+  assert f"none of the 3 videos of {csv_path} exists under --video_root={tmp_path / 'nowhere'}" in result.stderr
+  assert not output.exists() and not (tmp_path / "out" / "charades_train.json").exists()
+  # One video present is enough: the others are reported as not found, as before.
+  (tmp_path / "videos").mkdir()
+  (tmp_path / "videos" / "AB12CEGO.mp4").write_bytes(b"")
+  result = run_cli("--dataset=charades_ego", f"--csv={csv_path}", f"--video_root={tmp_path / 'videos'}",
+                   f"--output={output}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "2 videos not found" in result.stdout

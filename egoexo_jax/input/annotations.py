@@ -33,6 +33,8 @@ and Charades intervals are rescaled by --frame_rate (the rate the frames were ex
 Manifest paths are relative to the manifest's folder when --video_root is relative, absolute when it is.
 Each output comes with `<output stem>.json`: dataset, label layout, class counts, records, skipped rows.
 Malformed rows (a bad timestamp, an unknown class, a missing column) stop with an error naming file:line.
+When none of the videos exists under --video_root (a wrong root or template), the command writes nothing
+and exits 1, unless --allow_missing_videos (e.g. manifests made before the videos are downloaded).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Sequence
 
 from egoexo_jax import atomic_files
@@ -291,6 +294,12 @@ def manifest_path(video_root: str, relative: str, manifest: str) -> str:
   return os.path.relpath(full, os.path.dirname(os.path.abspath(manifest)))
 
 
+def missing_videos(annotations: Annotations, video_root: str) -> tuple[int, list[str]]:
+  """(how many record paths can be checked, those not found under video_root); frame folders are not checked."""
+  checked = [r.path for r in annotations.records if not _is_frame_pattern(r.path)]
+  return len(checked), [p for p in checked if not os.path.exists(os.path.join(video_root, p))]
+
+
 def write_outputs(annotations: Annotations, source_csv: str, video_root: str, output: str) -> dict:
   """Writes the manifest CSV, its `<stem>.json` summary (returned) and, when present, the intervals
   (`<stem>_intervals.json`) and class names (`<stem>_classes.txt`)."""
@@ -309,8 +318,7 @@ def write_outputs(annotations: Annotations, source_csv: str, video_root: str, ou
              else zip(annotations.num_classes, record.labels))
     for head, label in pairs:
       counts[(head, label - offsets[head])] += 1
-  missing = [r.path for r in annotations.records
-             if not _is_frame_pattern(r.path) and not os.path.exists(os.path.join(video_root, r.path))]
+  _, missing = missing_videos(annotations, video_root)
   summary = {
       "dataset": annotations.dataset, "source": source_csv, "manifest": output,
       "video_root": video_root, "num_records": len(annotations.records),
@@ -352,6 +360,7 @@ def _define_flags() -> None:
   flags.DEFINE_float("frame_rate", None, "Frame-folder input: the rate the frames were extracted at (Charades).")
   flags.DEFINE_string("classes", None, "Kinetics: class names, one per line (line number = class id).")
   flags.DEFINE_list("num_classes", None, "Override the class counts (Charades: 157; EPIC: verbs,nouns).")
+  flags.DEFINE_bool("allow_missing_videos", False, "Write the manifest even when none of its videos exist yet.")
   flags.mark_flags_as_required(["dataset", "csv", "video_root", "output"])
 
 
@@ -367,6 +376,11 @@ def main(argv: Sequence[str]) -> None:
       class_names = [line.strip() for line in fh if line.strip()]
   annotations = read_annotations(f.dataset, f.csv, video_template=f.video_template, frame_rate=f.frame_rate,
                                  class_names=class_names, num_classes=[int(n) for n in f.num_classes or []])
+  checked, missing = missing_videos(annotations, f.video_root)
+  if checked and len(missing) == checked and not f.allow_missing_videos:
+    sys.exit(f"error: none of the {checked} videos of {f.csv} exists under --video_root={f.video_root} (e.g. "
+             f"{os.path.join(f.video_root, missing[0])}); check --video_root and --video_template, or pass "
+             "--allow_missing_videos to write the manifest anyway. Nothing was written.")
   summary = write_outputs(annotations, f.csv, f.video_root, f.output)
   for reason in annotations.skipped:
     logging.warning("skipped %s", reason)
