@@ -72,6 +72,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Seconds to wait for a batch before stopping with an error naming the step and the workers' state
   # (a hung Grain worker or unreachable storage); 0 waits forever. Covers worker start-up at step 1.
   config.data.batch_timeout_s = 600.0
+  config.data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
+  config.data.check_records = 32  # records checked against the config when the data is opened
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "egoexo"

@@ -57,6 +57,8 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.data.read_threads = 2
   config.data.prefetch_batches = 2
   config.data.batch_timeout_s = 600  # seconds to wait for a batch before stopping with an error
+  config.data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
+  config.data.check_records = 32  # records checked against the config when the data is opened
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "finetune"  # egoexo_jax/models/finetune.py

@@ -90,6 +90,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.read_threads = 2
   config.data.prefetch_batches = 2
   config.data.batch_timeout_s = 600  # stop with an error when no batch comes for this long; 0: wait forever
+  config.data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
+  config.data.check_records = 32  # records checked against the config when the data is opened
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "suml"  # egoexo_jax/models/suml.py

@@ -182,3 +182,70 @@ def test_a_dataset_of_unreadable_records_is_an_error(real_record_pattern, tmp_pa
   write_records_with_corrupt_ones(real_record_pattern, pattern, with_real=False)
   with pytest.raises(records.RecordError, match=r"101 records in a row \(stream positions 0..100\) are unreadable"):
     next(iter(pipelines.make_train_dataset(tiny_config(pattern), pattern)))
+
+
+# --------------------------------------------------------------------------- records whose content does not fit
+
+
+def write_records_with_bad_content(real_pattern: str, path) -> dict[int, str]:
+  """The six real records, then four readable records whose content fails the transform's check:
+  6 a label outside [0, 3), 7 a NaN hand-box coordinate, 8 object logits of length 7 (not 10), 9 an inverted
+  object box. Returns {index: what the skip message says}."""
+  import dataclasses
+  real = [sources.open_records(real_pattern)[i] for i in range(6)]
+  nan_box = real[1].hand_boxes.copy()
+  nan_box[1, 3] = np.nan
+  inverted = real[3].object_boxes.copy()
+  inverted[2, [1, 3]] = inverted[2, [3, 1]]
+  bad = [dataclasses.replace(real[0], video_id="bad_label", labels=np.array([99])),
+         dataclasses.replace(real[1], video_id="nan_box", hand_boxes=nan_box),
+         dataclasses.replace(real[2], video_id="short_logits", object_logits=np.zeros(7, np.float32)),
+         dataclasses.replace(real[3], video_id="inverted_box", object_boxes=inverted)]
+  with open(path, "wb") as f:
+    for record in real + bad:
+      records.write_tfrecord(f, records.encode_example(record))
+  return {6: "label 99 is outside [0, 3)", 7: "field 'hand_boxes': box row 1 (frame 2) has a non-finite value",
+          8: "field 'object_logits' has 7 values but the config expects 10",
+          9: "field 'object_boxes': box row 2 (frame 2) is inverted"}
+
+
+def test_records_whose_content_does_not_fit_are_skipped_counted_and_named(real_record_pattern, tmp_path, caplog):
+  import logging
+  pattern = str(tmp_path / "content.tfrecord-00000-of-00001")
+  bad = write_records_with_bad_content(real_record_pattern, pattern)
+  config = tiny_config(pattern)
+  caplog.set_level(logging.INFO)
+  batches = take(iter(pipelines.make_train_dataset(config, pattern)), 4)
+  got = [(int(i), int(s)) for b in batches for i, s in zip(b["record_index"], b["skipped_records"])]
+  assert got == expected_positions(10, bad, config.seed, 32)  # the position rule of unreadable records
+  assert sum(s for _, s in got) > 0 and not {i for i, _ in got} & set(bad)
+  for batch in batches:
+    assert np.all(np.isfinite(batch["interaction_map"])) and batch["interaction_map"].max() <= 1
+  drawn = {i for i in bad if f"(record index {i}, id " in caplog.text}
+  assert drawn  # the stream met some of them; each is named by file, number, index, id and reason
+  for i in drawn:
+    assert f"{pattern}#{i} (record index {i}, id '" in caplog.text and bad[i] in caplog.text
+  # The check at open sampled every record (10 < data.check_records) and logged the four.
+  assert "Checked 10 records against the config: 0 unreadable, 4 do not fit (skipped when drawn)" in caplog.text
+  assert f"Record check at open: {pattern}#6 (record index 6): record 'bad_label': label 99" in caplog.text
+
+
+def test_data_that_does_not_fit_the_config_at_all_stops_before_the_first_step(real_record_pattern):
+  config = tiny_config(real_record_pattern, **{"model.num_object_classes": 1000})
+  with pytest.raises(pipelines.ConfigMismatchError,
+                     match=r"none of the 6 records checked when opening the data fits the config, e\.g\. "
+                           r".*#0 \(record index 0\): record 'real_0': field 'object_logits' has 10 values"):
+    pipelines.make_train_dataset(config, real_record_pattern)
+
+
+def test_damaged_shards_are_skipped_unless_data_strict(real_record_pattern, tmp_path):
+  import shutil
+  for i in range(2):
+    shutil.copy(real_record_pattern, tmp_path / f"r.tfrecord-0000{i}-of-00002")
+  with open(tmp_path / "r.tfrecord-00001-of-00002", "r+b") as f:
+    f.truncate(100)  # only the first record's header survives, and it is cut
+  pattern = str(tmp_path / "r.tfrecord-*")
+  batch = next(iter(pipelines.make_train_dataset(tiny_config(pattern), pattern)))
+  assert batch["record_index"].max() < 6  # only shard 0's six records are left
+  with pytest.raises(records.RecordError, match=r"r\.tfrecord-00001-of-00002#0: truncated record"):
+    pipelines.make_train_dataset(tiny_config(pattern, **{"data.strict": True}), pattern)

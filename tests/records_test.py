@@ -1,6 +1,7 @@
 """Record format and random-access sources: tf.Example round trip, TFRecord framing, errors."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -134,3 +135,84 @@ def test_unmatched_pattern_and_mixed_formats(tmp_path):
   with pytest.raises(ValueError, match="mixes TFRecord and ArrayRecord"):
     sources.open_records(str(tmp_path / "m.*"))
 
+
+
+# --------------------------------------------------------------------------- opening a dataset (issue 15)
+
+
+def test_box_problem_names_the_first_invalid_row_and_its_frame():
+  good = [[0, .1, .2, .3, .4, .9], [2, 0, 0, 1, 1, 1.0]]
+  assert records.box_problem(np.array(good, np.float32)) is None
+  assert records.box_problem(np.zeros((0, 6), np.float32)) is None
+  cases = [
+      ([3, .1, .2, np.nan, .4, .9], r"box row 2 \(frame 3\) has a non-finite value: \[0\.1, 0\.2, nan, 0\.4, 0\.9\]"),
+      ([3, .3, .2, .1, .4, .9], r"box row 2 \(frame 3\) is inverted \(x2 < x1 or y2 < y1\)"),
+      ([3, .1, .5, .3, .4, .9], r"box row 2 \(frame 3\) is inverted"),
+      ([3, .1, .2, .3, .4, 50.0], r"box row 2 \(frame 3\) has a score outside \[0, 1\]: .*50\.0\] \(1 such rows\)"),
+      ([3, -.1, .2, .3, .4, .9], r"box row 2 \(frame 3\) has a coordinate outside \[0, 1\]"),
+  ]
+  for bad, message in cases:
+    problem = records.box_problem(np.array(good + [bad], np.float32))
+    assert problem is not None and re.search(message, problem), problem
+
+
+def test_paths_with_glob_characters_and_commas_are_taken_literally(tmp_path):
+  folder = tmp_path / "run[1],b"  # a workdir whose name is a glob class and holds a comma
+  folder.mkdir()
+  for i in range(2):
+    write_shard(folder / f"t.tfrecord-0000{i}-of-00002", [make_record(2 * i), make_record(2 * i + 1)])
+  (tmp_path / "run1").mkdir()  # what the unescaped class '[1]' would match instead
+  write_shard(tmp_path / "run1" / "t.tfrecord-00000-of-00001", [make_record(7)])
+  source = sources.open_records(str(folder / "t.tfrecord-*"))
+  assert len(source) == 4 and source[3].video_id == "video_3" and source.where(2).startswith(str(folder))
+  # A comma-separated list whose entries contain commas, a literal path and a glob.
+  first = str(folder / "t.tfrecord-00000-of-00002")
+  assert sources.expand_pattern(f"{first},{tmp_path / 'run1' / '*'}") == [
+      first, str(tmp_path / "run1" / "t.tfrecord-00000-of-00001")]
+  assert sources.expand_pattern(f"{tmp_path / 'run1' / '*'}, {first}")[1] == first
+  with pytest.raises(FileNotFoundError, match=r"no record files match '.*nothing\.tfrecord'"):
+    sources.expand_pattern(f"{first},{tmp_path / 'nothing.tfrecord'}")
+
+
+def test_a_missing_shard_of_a_set_is_an_error_naming_it(tmp_path):
+  for i in (0, 2, 3):
+    write_shard(tmp_path / f"s.tfrecord-0000{i}-of-00004", [make_record(i)])
+  with pytest.raises(FileNotFoundError, match=r"s\.tfrecord-00001-of-00004 is missing \(1 of 4 shards"):
+    sources.open_records(str(tmp_path / "s.tfrecord-*"), strict=False)
+  write_shard(tmp_path / "s.tfrecord-00001-of-00004", [make_record(1)])
+  assert len(sources.open_records(str(tmp_path / "s.tfrecord-*"))) == 4
+
+
+def test_damaged_shards_keep_their_records_before_the_damage_unless_strict(tmp_path, caplog):
+  write_shard(tmp_path / "d.tfrecord-00000-of-00003", [make_record(0), make_record(1)])
+  write_shard(tmp_path / "d.tfrecord-00001-of-00003", [make_record(2), make_record(3), make_record(4)])
+  write_shard(tmp_path / "d.tfrecord-00002-of-00003", [make_record(5), make_record(6)])
+  truncated = tmp_path / "d.tfrecord-00001-of-00003"
+  with open(truncated, "r+b") as f:
+    f.truncate(os.path.getsize(truncated) - 20)  # record 2 of shard 1 is cut
+  data = bytearray((tmp_path / "d.tfrecord-00002-of-00003").read_bytes())
+  data[0] ^= 0xFF  # shard 2's first header: its length CRC no longer matches
+  (tmp_path / "d.tfrecord-00002-of-00003").write_bytes(bytes(data))
+  pattern = str(tmp_path / "d.tfrecord-*")
+  with pytest.raises(records.RecordError, match=r"00001-of-00003#2: truncated record"):
+    sources.open_records(pattern, strict=True)
+  caplog.set_level("INFO")
+  source = sources.open_records(pattern, strict=False)
+  assert [source[i].video_id for i in range(len(source))] == ["video_0", "video_1", "video_2", "video_3"]
+  assert [p for p, _ in source.damaged] == [str(truncated), str(tmp_path / "d.tfrecord-00002-of-00003")]
+  assert "DAMAGED SHARD" in caplog.text and "keeping its first 2 records" in caplog.text
+  assert f"Opened 3 record files (4 records) for '{pattern}'; 2 DAMAGED" in caplog.text
+
+
+def test_a_pattern_without_records_is_an_error_naming_it(tmp_path):
+  (tmp_path / "e.tfrecord-00000-of-00001").write_bytes(b"")
+  with pytest.raises(records.RecordError, match=r"'.*e\.tfrecord-\*' matches 1 files but they hold no records"):
+    sources.open_records(str(tmp_path / "e.tfrecord-*"))
+
+
+def test_sample_indices_spread_over_shards_first_records_first():
+  # shards of 3, 0, 7 and 2 records
+  assert sources.sample_indices([0, 3, 3, 10], 12, 5) == [0, 3, 10, 1, 4]
+  assert sources.sample_indices([0, 3, 3, 10], 12, 2) == [0, 10]
+  assert sources.sample_indices([0, 3, 3, 10], 12, 100) == [0, 3, 10, 1, 4, 11, 2, 5, 6, 7, 8, 9]
+  assert sources.sample_indices([0], 0, 5) == []

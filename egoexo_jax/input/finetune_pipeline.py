@@ -29,7 +29,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from egoexo_jax.input import pipelines, records, sources, transforms
+from egoexo_jax.input import pipelines, records, transforms
 
 
 def head_sizes(config) -> tuple[tuple[str, int], ...]:
@@ -66,7 +66,18 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
   box_score_threshold: float = 0.5
   label_intervals: dict | None = dataclasses.field(default=None, hash=False, compare=False)
 
+  def check(self, record: records.VideoRecord) -> None:
+    """Raises ConfigMismatchError when the record's labels do not fit the heads, it has no label
+    intervals (when used) or, with `interaction`, a box field holds an invalid row."""
+    record_labels(record, self.heads, self.multi_label)
+    if self.multi_label and self.label_intervals is not None and record.video_id not in self.label_intervals:
+      raise pipelines.ConfigMismatchError(f"record '{record.video_id}' has no entry in config.data.label_intervals")
+    if self.interaction:
+      pipelines.check_boxes(record)
+
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if self.interaction:
+      pipelines.check_boxes(record)
     indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng)
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
@@ -152,7 +163,7 @@ def finetune_transform(config) -> FinetuneTrainTransform:
 def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
   """The per-host fine-tuning stream of batches of `global_batch_size / process_count` examples."""
-  return pipelines.batched_stream(config, sources.open_records(record_pattern), finetune_transform(config),
+  return pipelines.batched_stream(config, pipelines.open_train_records(config, record_pattern), finetune_transform(config),
                                   process_index=process_index, process_count=process_count)
 
 

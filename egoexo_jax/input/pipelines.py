@@ -17,9 +17,14 @@ batch k is elements [kB, (k+1)B) in this order whatever the topology, host h hol
 [h B/P, (h+1) B/P) of it (the rows its devices hold, as jax.devices() is ordered by process). An iterator restored from a checkpointed state
 continues with exactly the batches the interrupted run would have seen.
 
-A record that cannot be read or decoded (CRC mismatch, a broken tf.Example, a corrupt JPEG) is logged
-with its file, record number, index and id and replaced by the next element of the stream; the count
-rides in the example as 'skipped_records' and the trainer logs train/skipped_records. 'record_index'
+A record that cannot be read or decoded (CRC mismatch, a broken tf.Example, a corrupt JPEG), or whose
+content fails the transform's `check` (a label out of range, teacher logits of the wrong length, a NaN
+or inverted box: ConfigMismatchError), is logged with its file, record number, index and id and
+replaced by the next element of the stream; the count rides in the example as 'skipped_records' and
+the trainer logs train/skipped_records. So a bad record met days into a run costs one warning, also
+after a resume, never the run. When the stream is built, `check_sample` runs the same check on a
+bounded sample (`data.check_records`, default 32: the first records of shards spread over the set) and
+stops when none of them fits the config (a systematic mismatch, e.g. num_classes), before any step. 'record_index'
 and 'skipped_records' stay on the host (HOST_KEYS); the trainer pops them before the device put.
 """
 
@@ -37,7 +42,9 @@ from egoexo_jax.input import records, sources, transforms
 
 
 class ConfigMismatchError(ValueError):
-  """A record whose contents do not fit the config (label range, teacher vector length)."""
+  """A record whose contents do not fit the config or the format's rules (label range, teacher vector
+  length, non-finite teacher values, invalid boxes). In a training stream such a record is skipped
+  like an unreadable one; a dataset whose sampled records all fail is an error when it is opened."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +69,24 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return self.apply(record, rng)
 
+  def check(self, record: records.VideoRecord) -> None:
+    """Raises ConfigMismatchError naming the record and field when its content does not fit the config:
+    one label in [0, num_classes), teacher vectors of the configured lengths and finite, valid boxes."""
+    self._single_label(record)
+    for key, size in (("ego_logits", 2), ("object_logits", self.num_object_classes)):
+      signal = getattr(record, key)
+      if signal is None:
+        continue
+      if signal.shape != (size,):
+        raise ConfigMismatchError(
+            f"record '{record.video_id}': field '{key}' has {signal.size} values but the config expects {size}")
+      if not np.all(np.isfinite(signal)):
+        raise ConfigMismatchError(f"record '{record.video_id}': field '{key}' holds non-finite values")
+    check_boxes(record)
+
   def apply(self, record: records.VideoRecord, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     """The transform itself; rng None gives the deterministic centre clip used for evaluation."""
+    self.check(record)
     indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng)
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
@@ -76,9 +99,6 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
       mask_key = "has_" + key.split("_")[0]
       if signal is None:
         example[key], example[mask_key] = np.zeros(size, np.float32), np.float32(0)
-      elif signal.shape != (size,):
-        raise ConfigMismatchError(
-            f"record '{record.video_id}': field '{key}' has {signal.size} values but the config expects {size}")
       else:
         example[key], example[mask_key] = signal.astype(np.float32), np.float32(1)
     has_boxes = record.hand_boxes is not None or record.object_boxes is not None
@@ -99,6 +119,16 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
       raise ConfigMismatchError(
           f"record '{record.video_id}': label {label} is outside [0, {self.num_classes}) (config model.num_classes)")
     return label
+
+
+def check_boxes(record: records.VideoRecord) -> None:
+  """Raises ConfigMismatchError when a box field of `record` holds an invalid row (records.box_problem):
+  such rows would become wrong map targets (a score of 50, an inverted box drawn as 'no hands')."""
+  for key in ("hand_boxes", "object_boxes"):
+    boxes = getattr(record, key)
+    problem = None if boxes is None else records.box_problem(boxes)
+    if problem:
+      raise ConfigMismatchError(f"record '{record.video_id}': field '{key}': {problem}")
 
 
 def feature_grid(config) -> tuple[int, int, int]:
@@ -190,6 +220,14 @@ class IndexedSource:
   def where(self, index: int) -> str:
     return self.source.where(index) if hasattr(self.source, "where") else f"record {index} of {self.source!r}"
 
+  def describe(self, index: int) -> str:
+    """'file#n (id ...)' of a record, for messages; reads the record."""
+    try:
+      record_id = getattr(self.source[index], "video_id", None)
+    except Exception as e:  # pylint: disable=broad-except  (a message must not fail on a bad record)
+      record_id = f"unreadable: {type(e).__name__}"
+    return f"{self.where(index)} (id {record_id!r})"
+
   def __getitem__(self, index: int):
     try:
       return index, self.source[index]
@@ -216,10 +254,11 @@ class IndexedTransform(grain.transforms.RandomMap):
     apply = getattr(self.transform, "random_map", self.transform)
     try:
       example = apply(record, rng)
-    except (records.RecordError, OSError, SyntaxError) as e:
+    except (records.RecordError, OSError, SyntaxError, ConfigMismatchError) as e:
       record_id = getattr(record, "video_id", None)
+      what = "does not fit" if isinstance(e, ConfigMismatchError) else "cannot decode"
       raise UnreadableRecordError(f"{self.source.where(index)} (record index {index}"
-                                  f"{f', id {record_id!r}' if record_id else ''}): cannot decode: "
+                                  f"{f', id {record_id!r}' if record_id else ''}): {what}: "
                                   f"{type(e).__name__}: {e}", index) from e
     example[RECORD_INDEX] = np.int64(index)
     return example
@@ -282,6 +321,41 @@ class HostRowsDataset(grain.MapDataset):
     return f"HostRowsDataset(host={self._host} of {self._hosts}, rows={self._rows} of {self._global_batch})"
 
 
+DEFAULT_CHECK_RECORDS = 32  # records read by check_sample: bounded, so opening stays fast at any size
+
+
+def check_sample(source, transform, limit: int = DEFAULT_CHECK_RECORDS) -> int:
+  """Runs `transform.check` on up to `limit` records spread over the shards (`source.sample_indices`);
+  logs each record that fails (it will be skipped when drawn) and raises ConfigMismatchError when every
+  sampled record fails: the data and the config disagree as a whole. Returns how many failed.
+  A no-op for transforms without `check` or sources without `sample_indices`."""
+  check = getattr(transform, "check", None)
+  if check is None or not hasattr(source, "sample_indices"):
+    return 0
+  indexed = IndexedSource(source)
+  sample = source.sample_indices(limit)
+  unreadable, unfit = [], []
+  for index in sample:
+    try:
+      record = source[index]
+    except records.RecordError as e:
+      unreadable.append(index)
+      logging.warning("Record check at open: %s (record index %d); it will be skipped when drawn", e, index)
+      continue
+    try:
+      check(record)
+    except ConfigMismatchError as e:
+      unfit.append(f"{indexed.where(index)} (record index {index}): {e}")
+      logging.warning("Record check at open: %s; it will be skipped when drawn", unfit[-1])
+  readable = len(sample) - len(unreadable)
+  if readable and len(unfit) == readable:
+    raise ConfigMismatchError(f"none of the {readable} records checked when opening the data fits the config, "
+                              f"e.g. {unfit[0]}")
+  logging.info("Checked %d records against the config: %d unreadable, %d do not fit (skipped when drawn).",
+               len(sample), len(unreadable), len(unfit))
+  return len(unreadable) + len(unfit)
+
+
 def batched_stream(config, source, transform: grain.transforms.RandomMap, *, process_index: int = 0,
                    process_count: int = 1) -> grain.IterDataset:
   """source -> seed, global shuffle, repeat -> transform + record index -> skip unreadable records ->
@@ -289,9 +363,12 @@ def batched_stream(config, source, transform: grain.transforms.RandomMap, *, pro
 
   The common tail of every training pipeline: deterministic for a seed, the same global stream for any
   number of workers and hosts, and checkpointable. Examples gain HOST_KEYS (record_index, skipped_records).
+  The records are checked first (check_sample). The returned dataset carries `describe_record(index)`
+  ('file#n (id ...)'), which the trainer uses to name the records of a batch in errors.
   """
   if config.global_batch_size % process_count:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by {process_count} hosts")
+  check_sample(source, transform, config.data.get("check_records", DEFAULT_CHECK_RECORDS))
   indexed = IndexedSource(source)
   dataset = grain.MapDataset.source(indexed).seed(config.seed).shuffle().repeat()
   dataset = dataset.random_map(IndexedTransform(transform, indexed))
@@ -304,11 +381,17 @@ def batched_stream(config, source, transform: grain.transforms.RandomMap, *, pro
   if config.data.num_workers > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers,
                                                                per_worker_buffer_size=config.data.prefetch_batches))
+  dataset.describe_record = indexed.describe
   return dataset
 
 
 def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
   """The per-host Ego-Exo training stream of batches of `global_batch_size / process_count` examples."""
-  return batched_stream(config, sources.open_records(record_pattern), egoexo_transform(config),
+  return batched_stream(config, open_train_records(config, record_pattern), egoexo_transform(config),
                         process_index=process_index, process_count=process_count)
+
+
+def open_train_records(config, record_pattern: str):
+  """sources.open_records for training: damaged shards are skipped past unless `config.data.strict`."""
+  return sources.open_records(record_pattern, strict=bool(config.data.get("strict", False)))

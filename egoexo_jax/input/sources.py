@@ -4,6 +4,21 @@ Grain reads TFRecord only sequentially; `TFRecordSource` indexes each shard once
 12-byte record headers and seeks over payloads) so TFRecords get what ArrayRecord gives:
 global shuffling and an iterator state that is just an index. Every record read is CRC-checked,
 and any error names the shard and the record number.
+
+Opening (`open_records`) decides which files a pattern means and whether they make a whole dataset:
+  * A pattern is a comma-separated list of entries; an entry is a path or a glob. A path that exists
+    is taken literally, and the part of an entry that names existing folders is matched literally
+    (glob.escape), so a workdir called `run[1]` or `a,b` works; commas split the list only where the
+    pieces are not themselves part of an existing path (the longest matching entry wins).
+  * Shard sets named `<prefix>-0000i-of-0000N` must be complete: a missing shard is an error naming
+    it, always (not only under strictness). It silently changes the dataset and every record index
+    after it, so a resumed run would draw other records than the checkpointed position means.
+  * A TFRecord shard whose framing is damaged (a corrupt record header, a truncated file) keeps the
+    records before the damage and loses the rest, with a loud warning per shard; with `strict` (the
+    trainer's `data.strict`) the first damaged shard is an error. An ArrayRecord shard that cannot be
+    opened is skipped likewise.
+  * A pattern that holds no records at all is an error naming it. The opened shard and record counts
+    are logged.
 """
 
 from __future__ import annotations
@@ -11,22 +26,69 @@ from __future__ import annotations
 import bisect
 import glob
 import os
+import re
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from egoexo_jax.input import records
 
 
+def _match(entry: str) -> list[str]:
+  """The files one entry means: itself when it exists, else a glob whose existing-folder part is literal."""
+  entry = os.path.expanduser(entry.strip())
+  if not entry:
+    return []
+  if os.path.isfile(entry):
+    return [entry]
+  head, parts = entry, []
+  while head and not os.path.isdir(head):  # the longest existing folder at the start of the entry
+    head, tail = os.path.split(head)
+    parts.insert(0, tail)
+    if not tail:
+      break
+  if not head or not parts:
+    return sorted(p for p in glob.glob(entry) if os.path.isfile(p))
+  return sorted(p for p in glob.glob(os.path.join(glob.escape(head), *parts)) if os.path.isfile(p))
+
+
 def expand_pattern(pattern: str) -> list[str]:
-  """Comma-separated glob patterns -> sorted list of files; an empty match is an error."""
-  paths = []
-  for part in pattern.split(","):
-    matched = sorted(glob.glob(os.path.expanduser(part.strip())))
-    if not matched:
-      raise FileNotFoundError(f"no record files match '{part.strip()}'")
-    paths.extend(matched)
+  """Comma-separated paths or glob patterns -> sorted files per entry; an entry matching nothing is an error.
+
+  Commas inside an existing path do not split it: from each position the longest run of
+  comma-joined pieces that matches something is one entry.
+  """
+  pieces, paths, i = pattern.split(","), [], 0
+  while i < len(pieces):
+    for j in range(len(pieces), i, -1):
+      matched = _match(",".join(pieces[i:j]))
+      if matched:
+        paths.extend(matched)
+        i = j
+        break
+    else:
+      raise FileNotFoundError(f"no record files match '{pieces[i].strip()}' (of the pattern '{pattern}')")
   return paths
+
+
+_SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<index>\d+)-of-(?P<count>\d+)$")
+
+
+def check_shard_sets(paths: Sequence[str]) -> None:
+  """Every `<prefix>-<i>-of-<N>` set among `paths` holds all N shards (module docstring: why always)."""
+  sets: dict[tuple[str, str, int], set[int]] = {}
+  for path in paths:
+    match = _SHARD_NAME.match(path)
+    if match:
+      width = len(match["index"])
+      sets.setdefault((match["prefix"], match["count"], width), set()).add(int(match["index"]))
+  for (prefix, count, width), present in sorted(sets.items()):
+    missing = [f"{prefix}-{i:0{width}d}-of-{count}" for i in range(int(count)) if i not in present]
+    if missing:
+      raise FileNotFoundError(
+          f"{missing[0]} is missing ({len(missing)} of {int(count)} shards of '{prefix}-*-of-{count}' are missing): "
+          "a partial shard set changes the dataset and the record order; restore the shard or rewrite the set")
 
 
 def locate(file_starts: Sequence[int], index: int) -> tuple[int, int]:
@@ -35,17 +97,49 @@ def locate(file_starts: Sequence[int], index: int) -> tuple[int, int]:
   return file_index, index - file_starts[file_index]
 
 
-class TFRecordSource:
-  """Random access to the records of TFRecord shards; items are decoded `VideoRecord`s."""
+def sample_indices(file_starts: Sequence[int], num_records: int, limit: int) -> list[int]:
+  """Up to `limit` record indices for a quick content check: the first records of shards spread evenly
+  over the set (record 0 of each chosen shard first, then record 1, ...)."""
+  shards = len(file_starts)
+  if not num_records or limit <= 0:
+    return []
+  spread = min(limit, shards)
+  chosen = sorted({round(k * (shards - 1) / max(spread - 1, 1)) for k in range(spread)})
+  ends = list(file_starts[1:]) + [num_records]
+  out, depth = [], 0
+  while len(out) < limit:
+    row = [file_starts[s] + depth for s in chosen if file_starts[s] + depth < ends[s]]
+    if not row:
+      break
+    out.extend(row[:limit - len(out)])
+    depth += 1
+  return out
 
-  def __init__(self, paths: Sequence[str]):
+
+class TFRecordSource:
+  """Random access to the records of TFRecord shards; items are decoded `VideoRecord`s.
+
+  `strict` False: a shard with damaged framing keeps its records before the damage (module docstring);
+  `damaged` lists (path, error) of such shards.
+  """
+
+  def __init__(self, paths: Sequence[str], strict: bool = True):
     self._paths = list(paths)
+    self.damaged: list[tuple[str, str]] = []
     offsets, lengths, file_starts = [], [], []
     for path in self._paths:
       file_starts.append(len(offsets))
-      for offset, length in records.scan_tfrecord(path):
-        offsets.append(offset)
-        lengths.append(length)
+      try:
+        for offset, length in records.scan_tfrecord(path):
+          offsets.append(offset)
+          lengths.append(length)
+      except records.RecordError as e:
+        if strict:
+          raise
+        kept = len(offsets) - file_starts[-1]
+        logging.warning("DAMAGED SHARD: %s; keeping its first %d records, the rest of the file is lost "
+                        "(data.strict stops here instead)", e, kept)
+        self.damaged.append((path, str(e)))
     self._offsets = np.asarray(offsets, np.int64)
     self._lengths = np.asarray(lengths, np.int64)
     self._file_starts = file_starts
@@ -57,6 +151,13 @@ class TFRecordSource:
   def where(self, index: int) -> str:
     file_index, record = locate(self._file_starts, index)
     return f"{self._paths[file_index]}#{record}"
+
+  @property
+  def num_files(self) -> int:
+    return len(self._paths)
+
+  def sample_indices(self, limit: int) -> list[int]:
+    return sample_indices(self._file_starts, len(self), limit)
 
   def __getitem__(self, index: int) -> records.VideoRecord:
     file_index, record = locate(self._file_starts, index)
@@ -81,15 +182,28 @@ class TFRecordSource:
 
 
 class ArrayRecordSource:
-  """Random access to ArrayRecord shards; items are decoded `VideoRecord`s."""
+  """Random access to ArrayRecord shards; items are decoded `VideoRecord`s.
 
-  def __init__(self, paths: Sequence[str]):
+  `strict` False: a shard that cannot be opened is skipped with a warning and listed in `damaged`.
+  """
+
+  def __init__(self, paths: Sequence[str], strict: bool = True):
     import grain  # pylint: disable=g-import-not-at-top
 
-    self._paths = list(paths)
-    self._source = grain.sources.ArrayRecordDataSource(self._paths)
-    sizes = [len(grain.sources.ArrayRecordDataSource([p])) for p in self._paths]
-    self._file_starts = list(np.cumsum([0] + sizes[:-1]))
+    self._paths, sizes, self.damaged = [], [], []
+    for path in paths:
+      try:
+        sizes.append(len(grain.sources.ArrayRecordDataSource([path])))
+      except Exception as e:  # pylint: disable=broad-except  (array_record raises RuntimeError/ValueError)
+        if strict:
+          raise records.RecordError(f"{path}: cannot open the ArrayRecord file ({e})") from e
+        logging.warning("DAMAGED SHARD: %s cannot be opened (%s); skipping the whole file "
+                        "(data.strict stops here instead)", path, e)
+        self.damaged.append((path, str(e)))
+        continue
+      self._paths.append(path)
+    self._source = grain.sources.ArrayRecordDataSource(self._paths) if self._paths else []
+    self._file_starts = [int(x) for x in np.cumsum([0] + sizes[:-1])] if sizes else []
 
   def __len__(self) -> int:
     return len(self._source)
@@ -101,14 +215,30 @@ class ArrayRecordSource:
   def __getitem__(self, index: int) -> records.VideoRecord:
     return records.decode_example(self._source[index], self.where(index))
 
+  @property
+  def num_files(self) -> int:
+    return len(self._paths)
+
+  def sample_indices(self, limit: int) -> list[int]:
+    return sample_indices(self._file_starts, len(self), limit)
+
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self._paths)} files, {len(self)} records)"
 
 
-def open_records(pattern: str) -> TFRecordSource | ArrayRecordSource:
-  """Opens record shards by glob; the format follows the file names (`.tfrecord` / `.array_record`)."""
+def open_records(pattern: str, strict: bool = True) -> TFRecordSource | ArrayRecordSource:
+  """Opens record shards by pattern (expand_pattern); the format follows the file names (`.tfrecord` /
+  `.array_record`). Shard sets must be complete; damaged shards are an error when `strict`, else
+  skipped past with a warning (module docstring); no records at all is an error naming the pattern."""
   paths = expand_pattern(pattern)
+  check_shard_sets(paths)
   kinds = {"array_record" if ".array_record" in os.path.basename(p) else "tfrecord" for p in paths}
   if len(kinds) > 1:
     raise ValueError(f"'{pattern}' mixes TFRecord and ArrayRecord files; use one format per source")
-  return ArrayRecordSource(paths) if kinds == {"array_record"} else TFRecordSource(paths)
+  source = ArrayRecordSource(paths, strict) if kinds == {"array_record"} else TFRecordSource(paths, strict)
+  if not len(source):
+    raise records.RecordError(f"'{pattern}' matches {len(paths)} files but they hold no records"
+                              + (f" ({len(source.damaged)} damaged; see the warnings above)" if source.damaged else ""))
+  logging.info("Opened %d record files (%d records) for '%s'%s.", len(paths), len(source), pattern,
+               f"; {len(source.damaged)} DAMAGED, records past the damage lost" if source.damaged else "")
+  return source

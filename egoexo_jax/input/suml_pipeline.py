@@ -294,12 +294,12 @@ def make_paired_dataset(config, ego_pattern: str, exo_pattern: str | None, *, wi
                         process_count: int = 1) -> grain.IterDataset:
   """The per-host stage (b) stream: batches of PairedTrainTransform examples."""
   data, model = config.data, config.model
-  ego_source = sources.open_records(ego_pattern)
+  ego_source = pipelines.open_train_records(config, ego_pattern)
   pairs, exo_source, exo_index = None, None, {}
   if with_exo or with_text:
     pairs = load_pair_table(data.pairs)
     if with_exo:
-      exo_source = sources.open_records(exo_pattern)
+      exo_source = pipelines.open_train_records(config, exo_pattern)
       exo_index = id_index(record_ids(exo_source, exo_pattern, cache_dir), exo_pattern)
     check_pairs(pairs, record_ids(ego_source, ego_pattern, cache_dir), exo_index, ego_pattern=ego_pattern,
                 exo_pattern=exo_pattern, top_k=data.pair_top_k, with_exo=with_exo, with_text=with_text)
@@ -315,5 +315,5 @@ def make_paired_dataset(config, ego_pattern: str, exo_pattern: str | None, *, wi
 def make_exo_dataset(config, exo_pattern: str, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The per-host stage (a) stream: batches of ExoTrainTransform examples."""
   transform = ExoTrainTransform(clip_sampler(config), tuple(config.model.exo_num_classes), config.data.exo_labels)
-  return pipelines.batched_stream(config, sources.open_records(exo_pattern), transform,
+  return pipelines.batched_stream(config, pipelines.open_train_records(config, exo_pattern), transform,
                                   process_index=process_index, process_count=process_count)
