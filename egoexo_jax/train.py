@@ -198,9 +198,14 @@ def initialise_from_checkpoints(state: TrainState, config, state_shardings) -> T
   return jax.device_put(state.replace(params=params, batch_stats=batch_stats), state_shardings)
 
 
-def check_finite(step: int, scalars: dict[str, jax.Array], record_ids: np.ndarray | None = None) -> None:
+NAMED_RECORDS = 32  # records of a non-finite batch named by file and id (each is read to find its id)
+
+
+def check_finite(step: int, scalars: dict[str, jax.Array], record_ids: np.ndarray | None = None,
+                 describe=None) -> None:
   """Raises NonFiniteLossError naming the step, every loss term and the batch's record ids (indices
-  into the sorted record shards, every host's; `sources.open_records(pattern).where(i)` names the file)."""
+  into the sorted record shards, every host's) and, with `describe` (index -> 'file#n (id ...)', the
+  dataset's describe_record), the files and video ids of the first NAMED_RECORDS of them."""
   values = {k: float(v) for k, v in jax.device_get(scalars).items()}
   if not np.isfinite(values["loss"]):
     names = ["loss"] + sorted(k for k in values if k != "loss")
@@ -209,7 +214,12 @@ def check_finite(step: int, scalars: dict[str, jax.Array], record_ids: np.ndarra
       if jax.process_count() > 1:  # every process takes this branch at the same step: the loss is global
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         record_ids = multihost_utils.process_allgather(record_ids, tiled=True)
-      records = f"; the batch's records (index into the sorted record shards): {sorted(np.asarray(record_ids).tolist())}"
+      ids = sorted(np.asarray(record_ids).tolist())
+      records = f"; the batch's records (index into the sorted record shards): {ids}"
+      if describe is not None:
+        named = [describe(i) for i in dict.fromkeys(ids)]
+        records += (f"; files and video ids: {', '.join(named[:NAMED_RECORDS])}"
+                    + (f" and {len(named) - NAMED_RECORDS} more" if len(named) > NAMED_RECORDS else ""))
     raise NonFiniteLossError(
         f"non-finite loss at step {step}: " + ", ".join(f"{k}={values[k]:.4g}" for k in names) + records
         + "; stopping without saving this state (the last checkpoint is intact)")
@@ -265,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   dataset = objective.make_train_dataset(config, workdir, model, process_index=jax.process_index(),
                                          process_count=jax.process_count())
   data_iterator = iter(dataset)
+  describe_record = getattr(dataset, "describe_record", None)  # names records in NonFiniteLossError
   data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
 
   optimizer, schedule = make_optimizer(config)
@@ -303,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       # Check the previous step's loss only now, so the host never stalls the device queue.
       if previous is not None:
         check_finite(*previous)
-      previous = (step, terms, host.get(pipelines.RECORD_INDEX))
+      previous = (step, terms, host.get(pipelines.RECORD_INDEX), describe_record)
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       window_steps += 1
       report_progress(step)

@@ -177,6 +177,9 @@ def test_corrupt_records_are_counted_the_step_profiled_and_a_nan_batch_named(rea
   assert glob.glob(str(tmp_path / "run" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
   step2_records = sorted(i for i, _ in expected[8:16])
   assert f"the batch's records (index into the sorted record shards): {step2_records}" in str(error.value)
+  # ... and names each by file, record number and video id.
+  assert "; files and video ids: " + ", ".join(f"{pattern}#{i} (id 'real_{i}')" for i in dict.fromkeys(step2_records)) \
+      in str(error.value)
 
 
 def test_a_hung_input_pipeline_stops_the_run_naming_the_step(real_record_pattern, tmp_path, monkeypatch):
@@ -196,10 +199,44 @@ def test_a_hung_input_pipeline_stops_the_run_naming_the_step(real_record_pattern
       return self.source[index]
 
   real_open = sources.open_records
-  monkeypatch.setattr(sources, "open_records", lambda pattern: HangingSource(real_open(pattern)))
+  monkeypatch.setattr(sources, "open_records", lambda pattern, **kw: HangingSource(real_open(pattern, **kw)))
   config = tiny_config(real_record_pattern, **{"data.batch_timeout_s": 1.0})
   try:
     with pytest.raises(TimeoutError, match=r"step 1: no batch from the input pipeline within data.batch_timeout_s = 1 s"):
       train.train_and_evaluate(config, str(tmp_path))
   finally:
     release.set()
+
+
+# --------------------------------------------------------------------------- records that do not fit (issue 15)
+
+
+def test_a_resumed_run_skips_records_that_do_not_fit_instead_of_dying(real_record_pattern, tmp_path, monkeypatch):
+  """Records with a label out of range, a NaN box, short object logits and an inverted box: a run
+  preempted at step 2 and resumed passes over those it meets after the resume (steps 3-4), counts them
+  in train/skipped_records and finishes."""
+  from pipelines_test import expected_positions, write_records_with_bad_content
+  pattern = str(tmp_path / "content.tfrecord-00000-of-00001")
+  bad = write_records_with_bad_content(real_record_pattern, pattern)
+  seed = next(s for s in range(100) if sum(k for _, k in expected_positions(10, bad, s, 32)[16:]) > 0)
+  expected = expected_positions(10, bad, seed, 32)
+  config = tiny_config(pattern, seed=seed)
+  real_save = checkpointing.save
+
+  def save_then_die_at_step_2(manager, step, state, data_iterator=None):
+    real_save(manager, step, state, data_iterator)
+    if step == 2:
+      manager.wait_until_finished()
+      raise Preempted
+
+  monkeypatch.setattr(checkpointing, "save", save_then_die_at_step_2)
+  with pytest.raises(Preempted):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  monkeypatch.undo()
+  logged = []
+  real_write_summary = train.write_summary
+  monkeypatch.setattr(train, "write_summary", lambda *args: logged.append(args) or real_write_summary(*args))
+  state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert int(state.step) == 4
+  (_, step, *_, extra), = logged  # the resumed run logs step 4 only
+  assert step == 4 and extra["skipped_records"] == sum(k for _, k in expected[16:]) > 0
