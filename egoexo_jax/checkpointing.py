@@ -121,6 +121,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     move_data = len(saved) != jax.process_count() or _worker_count(saved[0]) != _worker_count(fresh)
     if not move_data:
       items[DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
+  check_saved_shapes(manager, step, abstract_state)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   if move_data:
     _move_data_position(step_dir, saved, data_iterator, fresh, global_batch_size)
@@ -210,6 +211,33 @@ def _move_data_position(step_dir: str, saved: list[dict], data_iterator: Any, fr
     data_iterator.start_prefetch()
   logging.info("Data position moved from %d process(es) x %d workers to %d x %d: %d batches drawn per process.",
                len(saved), saved_workers, jax.process_count(), workers, batches)
+
+
+class ShapeMismatchError(ValueError):
+  """A checkpoint holds a parameter of another shape than the config builds (e.g. another num_classes)."""
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_saved_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """Raises ShapeMismatchError in one line naming the first array of `abstract_state` whose shape in
+  checkpoint `step` differs, and both shapes (Orbax's own error names no parameter)."""
+  try:
+    saved = ocp.StandardCheckpointer().metadata(os.path.join(str(manager.directory), str(step), STATE))
+    saved = saved.item_metadata.tree
+  except Exception:  # pylint: disable=broad-except  (no readable metadata: Orbax's restore reports it)
+    return
+  is_leaf = lambda x: hasattr(x, "shape")
+  leaves, _ = jax.tree_util.tree_flatten_with_path(saved, is_leaf=is_leaf)
+  shapes = {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if is_leaf(leaf)}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+    name = _path_name(path)
+    if name in shapes and shapes[name] != tuple(leaf.shape):
+      raise ShapeMismatchError(
+          f"{manager.directory}/{step}: '{name}' has shape {shapes[name]} in the checkpoint but {tuple(leaf.shape)} "
+          "in this config (another model.num_classes or model size?); use the config it was trained with")
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

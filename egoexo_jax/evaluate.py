@@ -145,6 +145,7 @@ def restore_variables(config, workdir: str, mesh) -> tuple[Any, dict, int]:
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint step in {directory}")
+  checkpointing.check_saved_shapes(manager, step, abstract)
   restored = manager.restore(step, args=ocp.args.Composite(
       **{checkpointing.STATE: ocp.args.StandardRestore(abstract)}))[checkpointing.STATE]
   manager.close()

@@ -152,3 +152,21 @@ def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
   # The records came from the shipped test manifest, converted once into the workdir.
   assert (tmp_path / "records" / "eval.json").exists()
   assert convert.read_manifest(str(ROOT / "data/finetune/charades_ego_test_manifest.csv"))[0].video_id == "box"
+
+
+def test_a_checkpoint_of_another_num_classes_is_a_one_line_error_naming_the_parameter(tmp_path):
+  config = tiny_finetune_config("finetune_charades_ego")
+  model = build_model(config.model)
+  optimizer, _ = train.make_optimizer(config)
+  mesh = sharding.make_mesh(1)
+  abstract, _ = train.abstract_state(model, optimizer, config, mesh)
+  state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), abstract)  # the values do not matter here
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=1, async_save=False)
+  checkpointing.save(manager, 3, state)
+  manager.close()
+  config.model.num_classes.action = 10  # the checkpoint's head has 157 classes
+  with pytest.raises(checkpointing.ShapeMismatchError) as error:
+    evaluate.restore_variables(config, str(tmp_path), mesh)
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"{tmp_path / 'checkpoints'}/3: 'params/")
+  assert "3: 'params/action_head/linear/bias' has shape (157,) in the checkpoint but (10,) in this config" in message
