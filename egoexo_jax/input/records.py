@@ -78,7 +78,7 @@ def box_problem(rows: np.ndarray) -> str | None:
   for bad, what in checks:
     if bad.any():
       k = int(np.argmax(bad))
-      return (f"box row {k} (frame {rows[k, 0]:g}) {what}: {rows[k, 1:].tolist()} "
+      return (f"box row {k} (frame {rows[k, 0]:g}) {what}: {np.round(rows[k, 1:].astype(float), 4).tolist()} "
               f"({int(bad.sum())} such rows)")
   return None
 
