@@ -216,3 +216,36 @@ def test_sample_indices_spread_over_shards_first_records_first():
   assert sources.sample_indices([0, 3, 3, 10], 12, 2) == [0, 10]
   assert sources.sample_indices([0, 3, 3, 10], 12, 100) == [0, 3, 10, 1, 4, 11, 2, 5, 6, 7, 8, 9]
   assert sources.sample_indices([0], 0, 5) == []
+
+
+def test_damaged_array_record_shards_are_skipped_or_their_records_unreadable(tmp_path):
+  from array_record.python import array_record_module
+  for shard in range(2):
+    writer = array_record_module.ArrayRecordWriter(str(tmp_path / f"a.array_record-0000{shard}-of-00002"),
+                                                   "group_size:1")
+    for i in range(3):
+      writer.write(records.encode_example(make_record(3 * shard + i)))
+    writer.close()
+  truncated = tmp_path / "a.array_record-00001-of-00002"
+  truncated.write_bytes(truncated.read_bytes()[:os.path.getsize(truncated) // 2])
+  pattern = str(tmp_path / "a.array_record-*")
+  with pytest.raises(records.RecordError, match=r"00001-of-00002: cannot open the ArrayRecord file"):
+    sources.open_records(pattern)
+  source = sources.open_records(pattern, strict=False)
+  assert len(source) == 3 and [p for p, _ in source.damaged] == [str(truncated)]
+  # A corrupt chunk inside a readable file: that record is a RecordError (skipped when drawn).
+  first = tmp_path / "a.array_record-00000-of-00002"
+  data = bytearray(first.read_bytes())
+  data[100] ^= 0xFF  # inside the first chunk's header
+  first.write_bytes(bytes(data))
+  source = sources.open_records(str(first))
+  with pytest.raises(records.RecordError, match=r"00000-of-00002#0: cannot read the record \(Corrupted"):
+    source[0]
+  assert source[1].video_id == "video_1"
+
+
+def test_one_shard_named_literally_is_taken_alone(tmp_path):
+  write_shard(tmp_path / "s.tfrecord-00000-of-00004", [make_record(0)])
+  assert len(sources.open_records(str(tmp_path / "s.tfrecord-00000-of-00004"))) == 1
+  with pytest.raises(FileNotFoundError, match=r"s\.tfrecord-00001-of-00004 is missing \(3 of 4"):
+    sources.open_records(str(tmp_path / "s.tfrecord-0000[0]-of-00004"))

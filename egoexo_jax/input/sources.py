@@ -10,9 +10,10 @@ Opening (`open_records`) decides which files a pattern means and whether they ma
     is taken literally, and the part of an entry that names existing folders is matched literally
     (glob.escape), so a workdir called `run[1]` or `a,b` works; commas split the list only where the
     pieces are not themselves part of an existing path (the longest matching entry wins).
-  * Shard sets named `<prefix>-0000i-of-0000N` must be complete: a missing shard is an error naming
-    it, always (not only under strictness). It silently changes the dataset and every record index
-    after it, so a resumed run would draw other records than the checkpointed position means.
+  * Shard sets named `<prefix>-0000i-of-0000N` that a glob matches must be complete: a missing shard
+    is an error naming it, always (not only under strictness). A missing shard silently changes the
+    dataset and every record index after it, so a resumed run would draw other records than its
+    checkpointed position means. A shard named literally (no glob) is taken alone, as asked.
   * A TFRecord shard whose framing is damaged (a corrupt record header, a truncated file) keeps the
     records before the damage and loses the rest, with a loud warning per shard; with `strict` (the
     trainer's `data.strict`) the first damaged shard is an error. An ArrayRecord shard that cannot be
@@ -35,22 +36,38 @@ from absl import logging
 from egoexo_jax.input import records
 
 
-def _match(entry: str) -> list[str]:
-  """The files one entry means: itself when it exists, else a glob whose existing-folder part is literal."""
+def _match(entry: str) -> tuple[list[str], bool]:
+  """(the files one entry means, whether it named an existing file literally): itself when it exists,
+  else a glob whose existing-folder part is literal."""
   entry = os.path.expanduser(entry.strip())
   if not entry:
-    return []
+    return [], False
   if os.path.isfile(entry):
-    return [entry]
+    return [entry], True
   head, parts = entry, []
   while head and not os.path.isdir(head):  # the longest existing folder at the start of the entry
     head, tail = os.path.split(head)
     parts.insert(0, tail)
     if not tail:
       break
-  if not head or not parts:
-    return sorted(p for p in glob.glob(entry) if os.path.isfile(p))
-  return sorted(p for p in glob.glob(os.path.join(glob.escape(head), *parts)) if os.path.isfile(p))
+  if head and parts:
+    entry = os.path.join(glob.escape(head), *parts)
+  return sorted(p for p in glob.glob(entry) if os.path.isfile(p)), False
+
+
+def _expand(pattern: str) -> list[tuple[list[str], bool]]:
+  """(files, literal) per entry of a comma-separated pattern (see expand_pattern)."""
+  pieces, entries, i = pattern.split(","), [], 0
+  while i < len(pieces):
+    for j in range(len(pieces), i, -1):
+      matched, literal = _match(",".join(pieces[i:j]))
+      if matched:
+        entries.append((matched, literal))
+        i = j
+        break
+    else:
+      raise FileNotFoundError(f"no record files match '{pieces[i].strip()}' (of the pattern '{pattern}')")
+  return entries
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -59,17 +76,7 @@ def expand_pattern(pattern: str) -> list[str]:
   Commas inside an existing path do not split it: from each position the longest run of
   comma-joined pieces that matches something is one entry.
   """
-  pieces, paths, i = pattern.split(","), [], 0
-  while i < len(pieces):
-    for j in range(len(pieces), i, -1):
-      matched = _match(",".join(pieces[i:j]))
-      if matched:
-        paths.extend(matched)
-        i = j
-        break
-    else:
-      raise FileNotFoundError(f"no record files match '{pieces[i].strip()}' (of the pattern '{pattern}')")
-  return paths
+  return [path for matched, _ in _expand(pattern) for path in matched]
 
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<index>\d+)-of-(?P<count>\d+)$")
@@ -194,9 +201,9 @@ class ArrayRecordSource:
     for path in paths:
       try:
         sizes.append(len(grain.sources.ArrayRecordDataSource([path])))
-      except Exception as e:  # pylint: disable=broad-except  (array_record raises RuntimeError/ValueError)
+      except (RuntimeError, ValueError) as e:  # array_record's errors for a truncated or corrupt file
         if strict:
-          raise records.RecordError(f"{path}: cannot open the ArrayRecord file ({e})") from e
+          raise records.RecordError(f"{path}: cannot open the ArrayRecord file ({e or type(e).__name__})") from e
         logging.warning("DAMAGED SHARD: %s cannot be opened (%s); skipping the whole file "
                         "(data.strict stops here instead)", path, e)
         self.damaged.append((path, str(e)))
@@ -213,7 +220,11 @@ class ArrayRecordSource:
     return f"{self._paths[file_index]}#{record}"
 
   def __getitem__(self, index: int) -> records.VideoRecord:
-    return records.decode_example(self._source[index], self.where(index))
+    try:
+      data = self._source[index]
+    except RuntimeError as e:  # array_record's error for a corrupt chunk
+      raise records.RecordError(f"{self.where(index)}: cannot read the record ({e})") from e
+    return records.decode_example(data, self.where(index))
 
   @property
   def num_files(self) -> int:
@@ -230,8 +241,9 @@ def open_records(pattern: str, strict: bool = True) -> TFRecordSource | ArrayRec
   """Opens record shards by pattern (expand_pattern); the format follows the file names (`.tfrecord` /
   `.array_record`). Shard sets must be complete; damaged shards are an error when `strict`, else
   skipped past with a warning (module docstring); no records at all is an error naming the pattern."""
-  paths = expand_pattern(pattern)
-  check_shard_sets(paths)
+  entries = _expand(pattern)
+  paths = [path for matched, _ in entries for path in matched]
+  check_shard_sets([path for matched, literal in entries if not literal for path in matched])
   kinds = {"array_record" if ".array_record" in os.path.basename(p) else "tfrecord" for p in paths}
   if len(kinds) > 1:
     raise ValueError(f"'{pattern}' mixes TFRecord and ArrayRecord files; use one format per source")
