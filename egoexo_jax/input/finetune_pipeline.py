@@ -163,7 +163,8 @@ def finetune_transform(config) -> FinetuneTrainTransform:
 def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
   """The per-host fine-tuning stream of batches of `global_batch_size / process_count` examples."""
-  return pipelines.batched_stream(config, pipelines.open_train_records(config, record_pattern), finetune_transform(config),
+  return pipelines.batched_stream(config, pipelines.open_train_records(config, record_pattern),
+                                  finetune_transform(config),
                                   process_index=process_index, process_count=process_count)
 
 

@@ -23,9 +23,10 @@ or inverted box: ConfigMismatchError), is logged with its file, record number, i
 replaced by the next element of the stream; the count rides in the example as 'skipped_records' and
 the trainer logs train/skipped_records. So a bad record met days into a run costs one warning, also
 after a resume, never the run. When the stream is built, `check_sample` runs the same check on a
-bounded sample (`data.check_records`, default 32: the first records of shards spread over the set) and
-stops when none of them fits the config (a systematic mismatch, e.g. num_classes), before any step. 'record_index'
-and 'skipped_records' stay on the host (HOST_KEYS); the trainer pops them before the device put.
+bounded sample (`data.check_records`, default 32: the first records of shards spread over the set)
+and stops when none of them fits the config (a systematic mismatch, e.g. num_classes), before any
+step. 'record_index' and 'skipped_records' stay on the host (HOST_KEYS); the trainer pops them before
+the device put.
 """
 
 from __future__ import annotations
