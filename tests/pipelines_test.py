@@ -249,3 +249,14 @@ def test_damaged_shards_are_skipped_unless_data_strict(real_record_pattern, tmp_
   assert batch["record_index"].max() < 6  # only shard 0's six records are left
   with pytest.raises(records.RecordError, match=r"r\.tfrecord-00001-of-00002#0: truncated record"):
     pipelines.make_train_dataset(tiny_config(pattern, **{"data.strict": True}), pattern)
+
+
+def test_a_workdir_with_glob_characters_and_commas_in_its_name(real_record_pattern, tmp_path):
+  """prepare_records' '<workdir>/records/train.tfrecord-*' under a workdir named 'run[1],b'."""
+  import shutil
+  folder = tmp_path / "run[1],b" / "records"
+  folder.mkdir(parents=True)
+  shutil.copy(real_record_pattern, folder / "train.tfrecord-00000-of-00001")
+  pattern = str(folder / "train.tfrecord-*")
+  batch = next(iter(pipelines.make_train_dataset(tiny_config(pattern), pattern)))
+  assert batch["clips"].shape[0] == 8 and batch["record_index"].max() < 6
