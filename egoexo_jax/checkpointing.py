@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 import grain
@@ -44,11 +45,16 @@ class DataPositionError(ValueError):
   """The checkpoint's data position cannot be carried over to this run's process or worker count."""
 
 
-def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager over `<workdir>/checkpoints` keeping the newest `max_to_keep` steps."""
+def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
+                 cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager over `<workdir>/checkpoints` keeping the newest `max_to_keep` steps.
+
+  `cleanup_tmp`: delete the temporary folders of saves that never finished (a killed run's); only for
+  the one writer of the workdir (the trainer, under its run_lock), never for a reader beside it.
+  """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax needs absolute paths
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save)
+                                         enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp)
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -126,6 +132,116 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   if move_data:
     _move_data_position(step_dir, saved, data_iterator, fresh, global_batch_size)
   return restored[STATE], step
+
+
+# --------------------------------------------------------------------------- the trainer's writer: disks fill up
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (full disk, lost storage); the message is one line."""
+
+
+class DiskSpaceError(OSError):
+  """Not enough free space for one checkpoint; the message is one line."""
+
+
+def state_bytes(abstract_state: Any) -> int:
+  """Bytes of one checkpoint's arrays (all hosts' shards together), from the abstract state."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB"
+
+
+def free_bytes(directory: str) -> int:
+  """Free bytes on the disk holding `directory` (or its nearest existing parent)."""
+  path = os.path.abspath(directory)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def check_free_space(directory: str, needed: int) -> None:
+  """Raises DiskSpaceError when the disk of `directory` has less than `needed` bytes (plus 1 MiB of
+  metadata) free: a run that could not write its first checkpoint should not start."""
+  free = free_bytes(directory)
+  if free < needed + 2**20:
+    raise DiskSpaceError(f"not enough free space for one checkpoint in {directory}: the train state needs about "
+                         f"{_mib(needed)}, the disk has {_mib(free)} free; free some space or use another workdir")
+
+
+def remove_unfinished(directory: str) -> list[str]:
+  """Deletes the temporary folders of saves that did not finish (`<step>.orbax-checkpoint-tmp*`)."""
+  removed = sorted(glob.glob(os.path.join(glob.escape(directory), "*.orbax-checkpoint-tmp*")))
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+class CheckpointWriter:
+  """The trainer's checkpoints: `save` starts a (by default async) save of the state and the data
+  position; `check` after every step turns a save that failed into CheckpointSaveError at once (one
+  line naming the folder, the cause and the free space), after deleting its temporary folder, so the
+  last good checkpoint stays the newest; `save_now` saves and waits (a stop signal's checkpoint).
+
+  Only process 0 deletes temporary folders (the workdir is shared by all hosts).
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool, data_stream: Any = None):
+    self.manager = make_manager(workdir, max_to_keep=max_to_keep, async_save=async_save, cleanup_tmp=True)
+    self.directory = str(self.manager.directory)
+    self.data_stream = data_stream
+    self.last_good = self.manager.latest_step()
+    self.pending = None  # the step being written
+    self.failed = False
+
+  def _failed(self, step: int, error: BaseException) -> CheckpointSaveError:
+    self.failed, self.pending = True, None
+    if jax.process_index() == 0:
+      remove_unfinished(self.directory)
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    kept = f"the last good checkpoint, step {self.last_good}, is kept" if self.last_good is not None else \
+        "no earlier checkpoint exists"
+    return CheckpointSaveError(f"checkpoint of step {step} could not be written to {self.directory}: {cause[:400]}; "
+                               f"{_mib(free_bytes(self.directory))} free there; {kept}; stopping")
+
+  def save(self, step: int, state: Any) -> None:
+    self.check(wait=True)  # one save in flight at a time; an earlier failure stops here
+    try:
+      save(self.manager, step, state, self.data_stream)
+    except (OSError, ValueError) as e:  # a synchronous save, or one refused at once
+      raise self._failed(step, e) from None
+    self.pending = step
+
+  def check(self, wait: bool = False) -> None:
+    """Raises CheckpointSaveError if the save in flight failed (waiting for it when `wait`)."""
+    if self.pending is None or (not wait and self.manager.is_saving_in_progress()):
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (Orbax re-raises the writer thread's error)
+      raise self._failed(self.pending, e) from None
+    self.last_good, self.pending = self.pending, None
+
+  def save_now(self, step: int, state: Any) -> None:
+    """Saves `step` (unless it is the save in flight or already written) and waits until it is on disk."""
+    if step not in (self.pending, self.last_good):
+      self.save(step, state)
+    self.check(wait=True)
+
+  def close(self) -> None:
+    """Waits for a save in flight (its failure is raised) and closes the manager."""
+    try:
+      if not self.failed:
+        self.check(wait=True)
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not self.failed:
+          raise
+        logging.info("Checkpoint manager closed after a failed save (%s).", type(e).__name__)
 
 
 # --------------------------------------------------------------------------- data position across topologies

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from egoexo_jax import atomic_files, checkpointing, sharding, train
+from egoexo_jax import atomic_files, checkpointing, processes, sharding, train
 from egoexo_jax.input import finetune_pipeline, sources, transforms
 from egoexo_jax.models import build_model
 
@@ -235,7 +235,8 @@ def evaluate(config, workdir: str, records: str, output: str, predictions: str |
   dataset = grain.MapDataset.source(sources.open_records(pattern)).map(transform).to_iter_dataset(
       grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch_batches))
   if config.data.num_workers > 0:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers),
+                                  worker_init_fn=processes.worker_init_fn())  # workers end with this process
   ids, labels, view_scores = predict(dataset, forward, batch_size)
 
   scores = {name: aggregate_views(v, settings.ensemble) for name, v in view_scores.items()}

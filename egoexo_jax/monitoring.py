@@ -9,11 +9,16 @@
   name says which.
 - `ProfileWindow` captures a JAX profiler trace (TensorBoard's profile plugin, Perfetto) of the steps
   [start, stop] into `<workdir>/profile`.
+- `StopSignals` turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a stop at a step boundary
+  that every host agrees on; the trainer then writes a checkpoint of that step and raises `Stopped`,
+  whose exit status is 128 + the signal number (143 for SIGTERM, 130 for SIGINT). A second signal
+  acts as it would have without this (SIGINT raises KeyboardInterrupt, SIGTERM ends the process).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from typing import Any, Iterator
 
@@ -116,3 +121,79 @@ class ProfileWindow:
       jax.profiler.stop_trace()
       self.active = False
       logging.info("Profile written to %s (tensorboard --logdir %s, Profile tab).", self.directory, self.directory)
+
+
+class Stopped(SystemExit):
+  """Raised once a stop signal's checkpoint is written; SystemExit with status 128 + signal number."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(128 + signum)
+    self.signum, self.step = signum, step
+
+
+class StopSignals:
+  """SIGTERM and SIGINT request a stop; `requested(step)`, called by every host after every step,
+  says when to stop (context manager: handlers installed on entry, the previous ones back on exit).
+
+  Agreement across hosts: with jax.distributed initialised and its preemption service on (the
+  default), JAX's own SIGTERM notifier and `multihost_utils.reached_preemption_sync_point` choose the
+  step (the largest step any host has reached, plus one); SIGTERM is left to that notifier and SIGINT
+  is forwarded to it as SIGTERM. Otherwise (one process, or the service off) the handlers set a flag,
+  which several processes combine at every step with a `process_allgather`.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+    try:  # JAX has no public accessor for its preemption service
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top
+      self._jax_sync = jax.distributed.is_initialized() and distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+      self._jax_sync = False
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread only
+      for signum in self.SIGNALS:
+        if not (self._jax_sync and signum == signal.SIGTERM):
+          self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame) -> None:
+    if self.signum is not None:  # the second signal: what it would have done without us
+      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+      signal.raise_signal(signum)
+      return
+    self.signum = signum
+    if self._jax_sync:
+      os.kill(os.getpid(), signal.SIGTERM)  # into JAX's preemption notice
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step` (every host gets the same answer at the same step)."""
+    if self._jax_sync:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
+      return False
+    if jax.process_count() > 1:
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+      if self.signum is None and np.any(flags):
+        self.signum = int(np.max(flags))
+    return self.signum is not None
+
+  def stopped(self, step: int, checkpoint_dir: str) -> Stopped:
+    """Logs the stop in one line; returns the exception that ends the run."""
+    error = Stopped(self.signum, step)
+    logging.warning("Stopped by %s after step %d: checkpoint of step %d (state and data position) written to %s; "
+                    "exit status %d; the same command resumes from it.", signal.Signals(self.signum).name, step,
+                    step, os.path.join(checkpoint_dir, str(step)), error.code)
+    return error

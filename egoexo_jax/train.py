@@ -10,6 +10,7 @@ records of a batch whose loss is not finite.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from egoexo_jax import checkpointing, metrics, monitoring, objectives, sharding
+from egoexo_jax import checkpointing, metrics, monitoring, objectives, processes, run_lock, sharding
 from egoexo_jax.input import pipelines
 from egoexo_jax.models import build_model
 
@@ -260,11 +261,23 @@ def write_summary(writer, step: int, config, train_metrics, elapsed: float, wind
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains until `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
+  """Trains until `config.num_train_steps`, resuming from the newest checkpoint in `workdir`.
+
+  One trainer per workdir (run_lock, taken by process 0). SIGTERM or SIGINT: the run finishes its step,
+  writes a checkpoint of it and raises monitoring.Stopped (SystemExit, status 128 + signal number).
+  A checkpoint that cannot be written raises checkpointing.CheckpointSaveError at once; too little
+  free disk for one checkpoint, checkpointing.DiskSpaceError before training starts.
+  """
+  workdir = os.path.abspath(workdir)
+  lock = run_lock.RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, monitoring.StopSignals() as stop_signals:
+    return _train(config, workdir, stop_signals)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monitoring.StopSignals) -> TrainState:
   # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
   # images), which the step functions above, the benches and the tests of the step do not need.
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -279,9 +292,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
 
   optimizer, schedule = make_optimizer(config)
-  manager = checkpointing.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                       async_save=config.async_checkpointing)
+  checkpoints = checkpointing.CheckpointWriter(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                               async_save=config.async_checkpointing, data_stream=data_stream)
+  manager = checkpoints.manager
   abstract, state_shardings = abstract_state(model, optimizer, config, mesh)
+  checkpointing.check_free_space(checkpoints.directory, checkpointing.state_bytes(abstract))
   restored = checkpointing.restore_latest(manager, abstract, data_stream)
   if restored is not None:
     state, start_step = restored
@@ -328,12 +343,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
       if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         check_finite(*previous)
-        checkpointing.save(manager, step, state, data_stream)
+        checkpoints.save(step, state)
+      checkpoints.check()  # a failed async save stops the run now, not one interval later
+      if stop_signals.requested(step) and step < config.num_train_steps:
+        check_finite(*previous)
+        checkpoints.save_now(step, state)
+        raise stop_signals.stopped(step, checkpoints.directory)
   finally:
     profile.close()
-    manager.wait_until_finished()  # an async save in flight completes even when training fails
-    manager.close()
+    checkpoints.close()  # an async save in flight completes even when training fails
     if hasattr(data_iterator, "close"):
       data_iterator.close()  # stops Grain worker processes
+    processes.release_shared_memory()
     writer.flush()
   return state

@@ -240,3 +240,168 @@ def test_a_resumed_run_skips_records_that_do_not_fit_instead_of_dying(real_recor
   assert int(state.step) == 4
   (_, step, *_, extra), = logged  # the resumed run logs step 4 only
   assert step == 4 and extra["skipped_records"] == sum(k for _, k in expected[16:]) > 0
+
+
+# --------------------------------------------------------------------------- the real world (issue 15)
+
+import errno
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from conftest import ROOT
+from egoexo_jax import monitoring, run_lock
+
+
+def trained_params(state):
+  return jax.device_get((state.params, state.batch_stats, state.opt_state))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_6_steps(real_record_pattern, tmp_path_factory):
+  """Params, BatchNorm statistics and optimiser state of an uninterrupted 6-step run."""
+  config = tiny_config(real_record_pattern, num_train_steps=6)
+  return trained_params(train.train_and_evaluate(config, str(tmp_path_factory.mktemp("uninterrupted"))))
+
+
+def start_main(config, workdir, **popen) -> subprocess.Popen:
+  """main.py with `config` (as --config.x flags over configs/egoexo.py:small), in its own session."""
+  from multihost_test import override_flags
+  return subprocess.Popen([sys.executable, "main.py", "--config=configs/egoexo.py:small", f"--workdir={workdir}",
+                           "--alsologtostderr", *override_flags(config)], cwd=ROOT, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, start_new_session=True, **popen)
+
+
+def session_processes(session: int) -> list[psutil.Process]:
+  """The live processes of a session (a trainer started with start_new_session and all it started)."""
+  found = []
+  for p in psutil.process_iter():
+    try:
+      if os.getsid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
+        found.append(p)
+    except (OSError, psutil.Error):
+      pass
+  return found
+
+
+def wait_until_gone(session: int, timeout_s: float = 15.0) -> list[psutil.Process]:
+  """Waits for the session's processes to end; returns those still alive after `timeout_s`."""
+  import time
+  deadline = time.monotonic() + timeout_s
+  while (left := session_processes(session)) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  return left
+
+
+def test_sigint_finishes_the_step_saves_it_and_the_resumed_run_is_bit_identical(real_record_pattern, tmp_path,
+                                                                                monkeypatch, uninterrupted_6_steps,
+                                                                                caplog):
+  config = tiny_config(real_record_pattern, num_train_steps=6)
+  real_next_batch = monitoring.next_batch
+
+  def interrupt_at_step_3(iterator, timeout_s, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 3 fetches its batch
+    return real_next_batch(iterator, timeout_s, step)
+
+  monkeypatch.setattr(monitoring, "next_batch", interrupt_at_step_3)
+  with pytest.raises(monitoring.Stopped) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert stopped.value.code == 130 and stopped.value.step == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]  # step 3: not a periodic checkpoint step
+  assert f"Stopped by SIGINT after step 3: checkpoint of step 3 (state and data position) written to " \
+         f"{tmp_path}/checkpoints/3; exit status 130" in caplog.text
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+  assert not os.path.exists(tmp_path / run_lock.LOCK_NAME)
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  assert int(resumed.step) == 6
+  assert_trees_close(trained_params(resumed), uninterrupted_6_steps, rtol=0, atol=0)
+
+
+def test_sigterm_to_the_process_group_saves_exits_143_leaves_no_process_and_resumes_bit_identical(
+    real_record_pattern, tmp_path, uninterrupted_6_steps):
+  """A preemption notice to every process of the run (systemd, Slurm): Grain's 2 workers ignore it, the
+  trainer finishes its step, saves it, stops its workers and exits 143; the resumed run (here with 0
+  workers: the data position carries over) ends equal to the uninterrupted one, every leaf."""
+  config = tiny_config(real_record_pattern, num_train_steps=6, log_every_steps=1,
+                       **{"data.num_workers": 2, "async_checkpointing": True})
+  child = start_main(config, tmp_path)
+  log = []
+  try:
+    for line in child.stderr:
+      log.append(line)
+      if "step 2/6  loss" in line:
+        os.killpg(child.pid, signal.SIGTERM)
+    child.wait(timeout=120)
+  finally:
+    child.kill()
+  log = "".join(log)
+  assert child.returncode == 143, log[-3000:]
+  stops = [line for line in log.splitlines() if "Stopped by SIGTERM after step" in line]
+  assert len(stops) == 1, log[-3000:]
+  step = int(stops[0].split("after step ")[1].split(":")[0])
+  assert 2 <= step < 6 and str(step) in os.listdir(tmp_path / "checkpoints")
+  assert "leaked shared_memory" not in log and "Traceback" not in log
+  assert not wait_until_gone(child.pid)
+  resumed = train.train_and_evaluate(tiny_config(real_record_pattern, num_train_steps=6), str(tmp_path))
+  assert_trees_close(trained_params(resumed), uninterrupted_6_steps, rtol=0, atol=0)
+
+
+def test_a_failed_save_stops_the_run_at_once_keeping_the_last_good_checkpoint(real_record_pattern, tmp_path,
+                                                                            monkeypatch):
+  """The disk fills up while step 6 is written in the background: the run stops at once (before the
+  next save, step 9) with one line naming the folder, the cause and the free space; step 3 stays the
+  newest checkpoint and no temporary folder is left."""
+  from orbax.checkpoint._src.serialization import serialization
+  real_write, real_save, real_check_finite = serialization.async_serialize_from_host, checkpointing.save, \
+      train.check_finite
+  saving, steps_run = [], []
+
+  async def disk_full_from_step_6(*args, **kwargs):
+    if saving[-1] >= 6:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "checkpoints"))
+    return await real_write(*args, **kwargs)
+
+  monkeypatch.setattr(serialization, "async_serialize_from_host", disk_full_from_step_6)
+  monkeypatch.setattr(checkpointing, "save", lambda manager, step, *a: saving.append(step) or real_save(manager, step, *a))
+  monkeypatch.setattr(train, "check_finite", lambda step, *a: steps_run.append(step) or real_check_finite(step, *a))
+  config = tiny_config(real_record_pattern, num_train_steps=9, checkpoint_every_steps=3, async_checkpointing=True)
+  with pytest.raises(checkpointing.CheckpointSaveError) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"checkpoint of step 6 could not be written to {tmp_path}/checkpoints: ")
+  assert "No space left on device" in message and " MiB free there; the last good checkpoint, step 3, is kept" in message
+  assert saving == [3, 6] and max(steps_run) < 9  # stopped before the next save
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]  # no *.orbax-checkpoint-tmp folder
+  assert not os.path.exists(tmp_path / run_lock.LOCK_NAME)
+
+
+def test_too_little_disk_for_one_checkpoint_refuses_to_start_and_a_locked_workdir_too(real_record_pattern,
+                                                                                      tmp_path, monkeypatch):
+  config = tiny_config(real_record_pattern)
+  model = build_model(config.model)
+  optimizer, _ = train.make_optimizer(config)
+  abstract, _ = train.abstract_state(model, optimizer, config, sharding.make_mesh(1))
+  state, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  needed = checkpointing.state_bytes(abstract)
+  assert needed == sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) > 100_000
+  import shutil
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed // 2))
+  with pytest.raises(checkpointing.DiskSpaceError,
+                     match=rf"not enough free space for one checkpoint in {tmp_path}/checkpoints: the train state "
+                           rf"needs about {needed / 2**20:,.1f} MiB, the disk has {needed / 2 ** 21:,.1f} MiB free"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  monkeypatch.undo()
+  # Another live trainer (here: this test's parent process) holds the workdir: refused before anything else.
+  parent = psutil.Process().parent()
+  with open(tmp_path / run_lock.LOCK_NAME, "w") as f:
+    f.write(f'{{"host": "{__import__("socket").gethostname()}", "pid": {parent.pid}, '
+            f'"process_start": {parent.create_time()}}}')
+  with pytest.raises(run_lock.WorkdirLockedError, match=f"pid {parent.pid}"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from egoexo_jax import processes
 from egoexo_jax.input.feature_records import FeatureRecordSource
 from egoexo_jax.input.pipelines import RECORD_INDEX  # 'record_index': kept on the host, named on a NaN loss
 
@@ -243,5 +244,6 @@ def make_dataset(config, source: FeatureRecordSource, kind: str, *, process_inde
                                                       prefetch_buffer_size=data.prefetch_batches))
   if data.num_workers > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
-                                                               per_worker_buffer_size=data.prefetch_batches))
+                                                               per_worker_buffer_size=data.prefetch_batches),
+                                  worker_init_fn=processes.worker_init_fn())  # workers end with the trainer
   return dataset

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from egoexo_jax import processes
 from egoexo_jax.input import records, sources, transforms
 
 
@@ -381,7 +382,8 @@ def batched_stream(config, source, transform: grain.transforms.RandomMap, *, pro
                                                       prefetch_buffer_size=config.data.prefetch_batches))
   if config.data.num_workers > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers,
-                                                               per_worker_buffer_size=config.data.prefetch_batches))
+                                                               per_worker_buffer_size=config.data.prefetch_batches),
+                                  worker_init_fn=processes.worker_init_fn())  # workers end with the trainer
   dataset.describe_record = indexed.describe
   return dataset
 
