@@ -81,6 +81,10 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.evaluate.placement = "spread"  # the Ego-Exo Charades/EPIC loaders' clip placement
   config.evaluate.ensemble = "mean"  # how views combine: 'mean' or 'max' (of probabilities)
   config.evaluate.batch_size = 30 if small else 120  # views per forward pass (a multiple of the devices)
+  # PySlowFast tests fully convolutionally (head_helper.ResNetBasicHead / Ego-Exo's MultiTaskHead in eval
+  # mode): the head at every position of a training-crop-sized window (data.crop_size) over the test
+  # crop's res5 grid, softmax / sigmoid there, then the mean over positions. False: global pooling first.
+  config.evaluate.fully_convolutional = True
 
   config.global_batch_size = 8 if small else 64
   config.epochs = 0.0
