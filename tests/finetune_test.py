@@ -142,11 +142,11 @@ def np_window_pool(maps, train_crop, input_size):
   return np.concatenate(pooled, -1)
 
 
-@pytest.mark.parametrize("name", ["finetune_charades_ego", "finetune_epic100"])
-def test_fully_convolutional_test_forward_matches_numpy(name):
+def test_fully_convolutional_test_forward_matches_numpy(name="finetune_epic100"):
   """evaluate's forward with window_crop against NumPy on the model's own res5 maps: window pooling,
-  the linear head at every position, sigmoid / softmax there, the mean over positions; and its distance
-  to global pooling then the head, on a real clip (printed)."""
+  the linear head at every position, softmax there (sigmoid for multi-label: import_weights_test checks
+  it against torch), the mean over positions; and its distance to global pooling then the head, on a
+  real clip (printed)."""
   from conftest import decode_real_frames  # pylint: disable=g-import-not-at-top
   from egoexo_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
   from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top

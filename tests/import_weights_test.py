@@ -637,3 +637,49 @@ def test_released_head_names_that_do_not_fit_are_errors(tiny_slow_state_dict):
     import_weights.convert_pyslowfast_finetune(with_maps, finetune.Model(num_classes={"verb": 5, "noun": 7},
                                                                          backbone="slow_r50", backbone_args=tiny),
                                                ["verb", "noun"])
+
+
+def test_released_epic_checkpoint_is_evaluated_by_the_cli_without_training(tmp_path):
+  """import_weights --config (a head{TASK} file -> the fine-tuning model), then egoexo_jax.evaluate
+  --checkpoint on the shipped EPIC-100-format clips, fully convolutionally at test crop 96 on a 64
+  window; a record's view probabilities equal the torch network's on the same views."""
+  from egoexo_jax.input import finetune_pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
+
+  torch_model = randomise(ReleasedFinetuneNet(VideoResNet(TINY_BLOCKS, 1, False, width=8), "epic100", [97, 300],
+                                              [(4, 2, 2)], "softmax"), seed=9)
+  source = tmp_path / "epic100_released.pyth"
+  torch.save({"model_state": torch_model.state_dict()}, source)
+  config_flags = ["--config=configs/finetune_epic100.py:small", "--config.data.clip_length=4",
+                  "--config.data.frame_stride=2", "--config.data.crop_size=64", "--config.data.num_workers=0",
+                  "--config.data.read_threads=1", "--config.data.convert_short_side=72",
+                  "--config.model.backbone_args.width=8", "--config.evaluate.short_side=96",
+                  "--config.evaluate.crop_size=96", "--config.evaluate.num_clips=2", "--config.evaluate.batch_size=12"]
+  environment = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                     XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  imported = tmp_path / "imported"
+  result = subprocess.run([sys.executable, "-m", "egoexo_jax.models.import_weights", f"--input={source}",
+                           "--format=pyslowfast", f"--output={imported}", *config_flags],
+                          capture_output=True, text=True, env=environment, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout[result.stdout.index("{"):])["heads"] == ["backbone", "noun_head", "verb_head"]
+
+  output = tmp_path / "results.json"
+  result = subprocess.run([sys.executable, "-m", "egoexo_jax.evaluate", f"--workdir={tmp_path / 'run'}",
+                           f"--checkpoint={imported}", f"--output={output}", *config_flags],
+                          capture_output=True, text=True, env=environment, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(output.read_text())
+  assert results["checkpoint"] == str(imported) and results["checkpoint_step"] == 0
+  assert results["num_records"] == 8 and results["views"]["fully_convolutional"]
+  assert {"verb_top1", "noun_top5", "action_top1"} <= set(results["metrics"])
+
+  predictions = np.load(results["predictions"])
+  record = sources.open_records(results["records"])[0]
+  index = list(predictions["ids"]).index(record.video_id)
+  views = finetune_pipeline.multi_view_clips(record, clip_length=4, frame_stride=2, num_clips=2, num_crops=3,
+                                             short_side=96, crop_size=96, placement="spread")
+  clips = np.asarray(transforms.normalize_clips(views, jnp.float32)).transpose(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    (verb, noun), _ = torch_model([torch.from_numpy(clips)])
+  assert max_error(predictions["verb_views"][index].astype(np.float32), verb.numpy()) < 1e-3  # stored as float16
+  assert max_error(predictions["noun_views"][index].astype(np.float32), noun.numpy()) < 1e-3
