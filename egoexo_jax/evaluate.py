@@ -3,13 +3,15 @@ r"""Multi-view testing of a trained model: Charades mAP, EPIC verb/noun/action t
   python -m egoexo_jax.evaluate --config=configs/finetune_epic100.py --workdir=runs/epic100 \
       --records='/data/epic100/validation.tfrecord-*' --output=runs/epic100/results.json
 
-Restores the newest checkpoint of --workdir (read-only), cuts every record into num_clips x num_crops
+Restores the newest checkpoint of --workdir (read-only; --checkpoint=best: the best kept during training,
+or --checkpoint=<folder> written by models/import_weights.py), cuts every record into num_clips x num_crops
 views (finetune_pipeline.multi_view_clips: PySlowFast's 10 clips x 3 crops of 256 at short side 256),
 runs them through a jitted forward over this host's devices (views split over the data x fsdp mesh,
 parameters sharded as in training; run it on one host), turns logits into probabilities
-(sigmoid for multi-label, softmax per head), combines each record's views (`evaluate.ensemble`: 'max'
-for Charades, 'mean' for EPIC and Kinetics) and scores them. Without --records, `evaluate.manifest` is
-converted into <workdir>/records/eval first. Writes --output (JSON), CLU scalars 'eval/<metric>' under
+(sigmoid for multi-label, softmax per head; with `evaluate.fully_convolutional`, at every window
+position of the head and then averaged, as PySlowFast tests), combines each record's views
+(`evaluate.ensemble`: 'max' for Charades, 'mean' for EPIC and Kinetics) and scores them. Without
+--records, `evaluate.manifest` is converted into <workdir>/records/eval first. Writes --output (JSON), CLU scalars 'eval/<metric>' under
 <workdir>/eval, and `<output stem>_predictions.npz`: ids, labels, and per head `<h>` the aggregated
 scores (N, K) float32 and `<h>_views` (N, V, K) float16, for later ensembling.
 

@@ -329,7 +329,8 @@ def released_head_keys(state_dict: Mapping[str, Any], head_names: Sequence[str])
       raise WeightImportError(f"'{prefix}' has projections {sorted(projections)}, not 0..{len(projections) - 1}")
   if len(modules) != len(head_names):
     raise WeightImportError(f"'{prefix}' has {len(modules)} projection(s) ({', '.join(modules)}), the model "
-                            f"{len(head_names)} head(s) {list(head_names)} (config data.label_layout / model.num_classes)")
+                            f"{len(head_names)} head(s) {list(head_names)} "
+                            "(config data.label_layout / model.num_classes)")
   return {f"{name}_head": module for name, module in zip(head_names, modules)}
 
 
@@ -349,8 +350,9 @@ def convert_pyslowfast_finetune(state_dict: Mapping[str, Any], model, head_names
   abstract = _abstract_variables(model)
   return _fill(state_dict, abstract, sorted(abstract["params"]), key_of, _from_torch_layout, _torch_layout,
                source_names=source_names,
-               network=f"the fine-tuning model '{model.backbone}' with backbone_args {dict(model.backbone_args or {})}, "
-               f"heads {dict(model.num_classes)} and use_interaction_head={model.use_interaction_head}")
+               network=f"the fine-tuning model '{model.backbone}' with backbone_args "
+               f"{dict(model.backbone_args or {})}, heads {dict(model.num_classes)} and "
+               f"use_interaction_head={model.use_interaction_head}")
 
 
 def inflate_torchvision(state_dict: Mapping[str, Any], backbone: str, *,
@@ -430,7 +432,7 @@ def import_file(input_path: str, weight_format: str, backbone: str, output_dir: 
     heads = [name for name, _ in finetune_pipeline.head_sizes(config)]
     variables = convert_pyslowfast_finetune(state_dict, model, heads, source_names=sources)
     arguments = dict(backbone=config.model.backbone, backbone_args=dict(config.model.backbone_args),
-                     heads=sorted(variables["params"]))
+                     heads=sorted(k for k in variables["params"] if k != "backbone"))
   elif weight_format == "torchvision":
     variables = inflate_torchvision(load_torch_state_dict(input_path), backbone, backbone_args=backbone_args)
     arguments = dict(backbone=backbone, backbone_args=dict(backbone_args or {}), heads=[])
