@@ -36,6 +36,7 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   # Glob of record shards; empty: convert `manifest` into <workdir>/records on first use.
   config.data.train_records = ""
   config.data.manifest = ""
+  config.data.eval_records = ""  # glob of validation record shards for periodic evaluation (train_eval below)
   config.data.multi_label = False
   # What a record's `labels` hold: per head, labels[i] is the class of head label_layout[i]; multi-label,
   # the class ids of the single head named here. The heads' sizes are model.num_classes.
@@ -83,6 +84,24 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.evaluate.placement = "spread"  # the Ego-Exo Charades/EPIC loaders' clip placement
   config.evaluate.ensemble = "mean"  # how views combine: 'mean' or 'max' (of probabilities)
   config.evaluate.batch_size = 30 if small else 120  # views per forward pass (a multiple of the devices)
+  # PySlowFast tests fully convolutionally (head_helper.ResNetBasicHead / Ego-Exo's MultiTaskHead in eval
+  # mode): the head at every position of a training-crop-sized window (data.crop_size) over the test
+  # crop's res5 grid, softmax / sigmoid there, then the mean over positions. False: global pooling first.
+  config.evaluate.fully_convolutional = True
+
+  # Precise BatchNorm statistics (egoexo_jax/precise_bn.py; PySlowFast BN.USE_PRECISE_STATS with
+  # NUM_BATCHES_PRECISE): batches averaged before each periodic evaluation and at the last step; 0 = off.
+  config.precise_bn = ml_collections.ConfigDict()
+  config.precise_bn.num_batches = 0
+  # Periodic evaluation on data.eval_records (egoexo_jax/train_eval.py), as the released fine-tuning yamls'
+  # TRAIN.EVAL_PERIOD: 2 (epochs); every_steps > 0 overrides every_epochs. The best state by best_metric
+  # ('' = mAP / action_top1 / <head>_top1) is kept in <workdir>/best.
+  config.train_eval = ml_collections.ConfigDict()
+  config.train_eval.every_epochs = 0.0 if small else 2.0
+  config.train_eval.every_steps = 0
+  config.train_eval.best_metric = ""
+  config.train_eval.num_clips = 1  # views per record during training (PySlowFast's 'val' mode: 1 clip, 1 crop)
+  config.train_eval.num_crops = 1
 
   config.global_batch_size = 8 if small else 64
   config.epochs = 0.0

@@ -3,13 +3,15 @@ r"""Multi-view testing of a trained model: Charades mAP, EPIC verb/noun/action t
   python -m egoexo_jax.evaluate --config=configs/finetune_epic100.py --workdir=runs/epic100 \
       --records='/data/epic100/validation.tfrecord-*' --output=runs/epic100/results.json
 
-Restores the newest checkpoint of --workdir (read-only), cuts every record into num_clips x num_crops
+Restores the newest checkpoint of --workdir (read-only; --checkpoint=best: the best kept during training,
+or --checkpoint=<folder> written by models/import_weights.py), cuts every record into num_clips x num_crops
 views (finetune_pipeline.multi_view_clips: PySlowFast's 10 clips x 3 crops of 256 at short side 256),
 runs them through a jitted forward over this host's devices (views split over the data x fsdp mesh,
 parameters sharded as in training; run it on one host), turns logits into probabilities
-(sigmoid for multi-label, softmax per head), combines each record's views (`evaluate.ensemble`: 'max'
-for Charades, 'mean' for EPIC and Kinetics) and scores them. Without --records, `evaluate.manifest` is
-converted into <workdir>/records/eval first. Writes --output (JSON), CLU scalars 'eval/<metric>' under
+(sigmoid for multi-label, softmax per head; with `evaluate.fully_convolutional`, at every window
+position of the head and then averaged, as PySlowFast tests), combines each record's views
+(`evaluate.ensemble`: 'max' for Charades, 'mean' for EPIC and Kinetics) and scores them. Without
+--records, `evaluate.manifest` is converted into <workdir>/records/eval first. Writes --output (JSON), CLU scalars 'eval/<metric>' under
 <workdir>/eval, and `<output stem>_predictions.npz`: ids, labels, and per head `<h>` the aggregated
 scores (N, K) float32 and `<h>_views` (N, V, K) float16, for later ensembling.
 
@@ -124,21 +126,34 @@ def compute_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, heads, mu
 
 def eval_settings(config) -> ml_collections.ConfigDict:
   """`config.evaluate`, with PySlowFast's Kinetics test defaults for configs without one
-  (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip placement, mean)."""
+  (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip placement, mean, global pooling).
+
+  `fully_convolutional`: the heads run at every window position of the test crop's res5 grid (window =
+  a training clip's grid, `heads.window_pool`), probabilities averaged over the positions, as PySlowFast
+  tests; False: global average pooling, then the heads."""
   defaults = dict(manifest="", num_clips=10, num_crops=3, short_side=config.data.min_short_side,
-                  crop_size=config.data.min_short_side, placement="kinetics", ensemble="mean", batch_size=30)
+                  crop_size=config.data.min_short_side, placement="kinetics", ensemble="mean", batch_size=30,
+                  fully_convolutional=False)
   given = config.get("evaluate", ml_collections.ConfigDict()).to_dict()
   return ml_collections.ConfigDict({**defaults, **given})
 
 
-def restore_variables(config, workdir: str, mesh) -> tuple[Any, dict, int]:
-  """(model, {'params', 'batch_stats'} on `mesh`, step) from the newest checkpoint of workdir, opened read-only."""
+def restore_variables(config, workdir: str, mesh, checkpoint: str = "") -> tuple[Any, dict, int]:
+  """(model, {'params', 'batch_stats'} on `mesh`, step), opened read-only.
+
+  `checkpoint`: '' the newest checkpoint of <workdir>/checkpoints; 'best' the one of <workdir>/best
+  (kept by periodic evaluation during training, egoexo_jax/train_eval.py); otherwise a folder holding
+  a `state/` item with 'params' and 'batch_stats' (models/import_weights.py writes one, e.g. from a
+  released fine-tuned checkpoint), whose step is reported as 0.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   model = build_model(config.model)
   optimizer, _ = train.make_optimizer(config)
   abstract, _ = train.abstract_state(model, optimizer, config, mesh)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if checkpoint not in ("", "best"):
+    return model, imported_variables(checkpoint, abstract), 0
+  directory = os.path.join(os.path.abspath(workdir), "best" if checkpoint == "best" else "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints in {directory}: train first (python main.py --workdir={workdir})")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
@@ -152,17 +167,52 @@ def restore_variables(config, workdir: str, mesh) -> tuple[Any, dict, int]:
   return model, {"params": restored.params, "batch_stats": restored.batch_stats}, step
 
 
-def make_forward(model, variables, mesh, dtype, heads, multi_label: bool):
+def imported_variables(path: str, abstract) -> dict:
+  """{'params', 'batch_stats'} of the `state/` item under `path`, checked against the model's abstract
+  state and placed in its shardings; an error names the first array that is missing or misshapen."""
+  state_dir = os.path.join(os.path.abspath(path), checkpointing.STATE)
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f"--checkpoint={path}: no '{checkpointing.STATE}/' folder there (expected the output "
+                            "of python -m egoexo_jax.models.import_weights, 'best', or empty for the newest)")
+  saved = checkpointing.restore_on_this_host(state_dir)
+  out = {}
+  for collection in ("params", "batch_stats"):
+    target = getattr(abstract, collection)
+    flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved.get(collection, {}))[0])
+    flat_target = jax.tree_util.tree_flatten_with_path(target)[0]
+    unused = sorted(set(map(jax.tree_util.keystr, flat_saved)) - {jax.tree_util.keystr(k) for k, _ in flat_target})
+    if unused:
+      raise ValueError(f"{state_dir}: '{collection}' has arrays this model lacks: {unused[:5]} (config model.* differs "
+                       "from the imported network?)")
+    leaves = []
+    for key, leaf in flat_target:
+      name = f"{collection}{jax.tree_util.keystr(key)}"
+      if key not in flat_saved:
+        raise ValueError(f"{state_dir}: no '{name}' (config model.* differs from the imported network?)")
+      if flat_saved[key].shape != leaf.shape:
+        raise ValueError(f"{state_dir}: '{name}' is {flat_saved[key].shape}, the model's is {leaf.shape}")
+      leaves.append(jax.device_put(jnp.asarray(flat_saved[key], leaf.dtype), leaf.sharding))
+    out[collection] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+  return out
+
+
+def make_forward(model, variables, mesh, dtype, heads, multi_label: bool, window_crop: int | None = None):
   """Jitted uint8 views (B, T, S, S, 3), B a multiple of the mesh size -> {head: float32 probabilities (B, K)},
-  the batch split over the mesh, the variables kept in the shardings they were restored into."""
+  the batch split over the mesh, the variables kept in the shardings they were restored into.
+
+  With `window_crop` (the training crop size; fully convolutional testing) the model gives logits per
+  position (B, t', h', w', K): the activation is applied at each position, then averaged over them
+  (PySlowFast ResNetBasicHead in eval mode: act, then x.mean([1, 2, 3]))."""
   variable_shardings = jax.tree.map(lambda x: x.sharding, variables)
+  extra = {"window_crop": int(window_crop)} if window_crop else {}
 
   @functools.partial(jax.jit, in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
                      out_shardings=sharding.replicated(mesh))
   def forward(variables, views):
-    outputs = model.apply(variables, transforms.normalize_clips(views, dtype), train=False)
+    outputs = model.apply(variables, transforms.normalize_clips(views, dtype), train=False, **extra)
     activation = jax.nn.sigmoid if multi_label else functools.partial(jax.nn.softmax, axis=-1)
-    return {name: activation(outputs[name].astype(jnp.float32)) for name, _ in heads}
+    probabilities = {name: activation(outputs[name].astype(jnp.float32)) for name, _ in heads}
+    return {name: p.mean(axis=(1, 2, 3)) if p.ndim == 5 else p for name, p in probabilities.items()}
 
   return lambda views: jax.device_get(forward(variables, views))
 
@@ -213,21 +263,18 @@ def prepare_eval_records(config, workdir: str, manifest: str) -> str:
   return prefix + ".tfrecord-*"
 
 
-def evaluate(config, workdir: str, records: str, output: str, predictions: str | None = None) -> dict:
-  """Evaluates the newest checkpoint of `workdir` on `records` (a glob; empty: evaluate.manifest);
-  writes the JSON results, the predictions .npz and CLU scalars; returns the results."""
-  import grain  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+def score_records(config, model, variables, mesh, pattern: str, settings) -> dict:
+  """Runs the views of every record of `pattern` through the model and scores them.
 
-  settings = eval_settings(config)
+  Returns {'ids', 'labels', 'view_scores' {head: (N, V, K)}, 'scores' {head: (N, K)}, 'metrics',
+  'view_args'}. Shared by the command line and the periodic evaluation during training."""
+  import grain  # pylint: disable=g-import-not-at-top
+
   heads = finetune_pipeline.head_sizes(config)
   multi_label = bool(config.data.get("multi_label", False))
-  pattern = records or prepare_eval_records(config, workdir, settings.manifest)
-  mesh = sharding.make_mesh(devices=jax.local_devices(), fsdp=config.mesh.get("fsdp", 1))
   batch_size = -(-settings.batch_size // mesh.size) * mesh.size
-  model, variables, step = restore_variables(config, workdir, mesh)
-  forward = make_forward(model, variables, mesh, jnp.dtype(config.model.dtype), heads, multi_label)
-
+  window_crop = config.data.crop_size if settings.fully_convolutional else None
+  forward = make_forward(model, variables, mesh, jnp.dtype(config.model.dtype), heads, multi_label, window_crop)
   view_args = dict(clip_length=config.data.clip_length, frame_stride=config.data.frame_stride,
                    num_clips=settings.num_clips, num_crops=settings.num_crops, short_side=settings.short_side,
                    crop_size=settings.crop_size, placement=settings.placement)
@@ -238,15 +285,32 @@ def evaluate(config, workdir: str, records: str, output: str, predictions: str |
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers),
                                   worker_init_fn=processes.worker_init_fn())  # workers end with this process
   ids, labels, view_scores = predict(dataset, forward, batch_size)
-
   scores = {name: aggregate_views(v, settings.ensemble) for name, v in view_scores.items()}
-  metrics = compute_metrics(scores, labels, heads, multi_label)
+  return {"ids": ids, "labels": labels, "view_scores": view_scores, "scores": scores,
+          "metrics": compute_metrics(scores, labels, heads, multi_label), "view_args": view_args}
+
+
+def evaluate(config, workdir: str, records: str, output: str, predictions: str | None = None,
+             checkpoint: str = "") -> dict:
+  """Evaluates a checkpoint of `workdir` (restore_variables: the newest, 'best', or an imported folder)
+  on `records` (a glob; empty: evaluate.manifest); writes the JSON results, the predictions .npz and
+  CLU scalars; returns the results."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  settings = eval_settings(config)
+  pattern = records or prepare_eval_records(config, workdir, settings.manifest)
+  mesh = sharding.make_mesh(devices=jax.local_devices(), fsdp=config.mesh.get("fsdp", 1))
+  model, variables, step = restore_variables(config, workdir, mesh, checkpoint)
+  scored = score_records(config, model, variables, mesh, pattern, settings)
+  ids, labels, view_scores, scores, metrics = (scored[k] for k in ("ids", "labels", "view_scores", "scores", "metrics"))
   predictions = predictions or os.path.splitext(output)[0] + "_predictions.npz"
   with atomic_files.atomic_write(predictions) as f:
     np.savez(f, ids=np.asarray(ids), labels=labels, **{name: s.astype(np.float32) for name, s in scores.items()},
              **{f"{name}_views": v.astype(np.float16) for name, v in view_scores.items()})
-  views = {**view_args, "views_per_record": settings.num_clips * settings.num_crops}
-  results = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "records": pattern,
+  views = {**scored["view_args"], "views_per_record": settings.num_clips * settings.num_crops,
+           "fully_convolutional": bool(settings.fully_convolutional)}
+  results = {"workdir": os.path.abspath(workdir), "checkpoint": checkpoint or "newest",
+             "checkpoint_step": int(step), "records": pattern,
              "num_records": len(ids), "views": views, "ensemble": settings.ensemble, "metrics": metrics,
              "predictions": predictions}
   with atomic_files.atomic_write(output, "w") as f:
@@ -268,7 +332,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  results = evaluate(f.config, f.workdir, f.records or "", f.output, f.predictions)
+  results = evaluate(f.config, f.workdir, f.records or "", f.output, f.predictions, f.checkpoint or "")
   print(json.dumps({"checkpoint_step": results["checkpoint_step"], "num_records": results["num_records"],
                     **results["metrics"]}, indent=None))
 
@@ -278,10 +342,13 @@ def _define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config_flags.DEFINE_config_file("config", None, "The run's config file (path[:arg]).")
-  flags.DEFINE_string("workdir", None, "The run's workdir; its newest checkpoint is evaluated (read-only).")
+  flags.DEFINE_string("workdir", None, "The run's workdir; its newest checkpoint is evaluated (read-only); "
+                      "eval scalars are written under it.")
   flags.DEFINE_string("records", None, "Glob of the test record shards (default: convert evaluate.manifest).")
   flags.DEFINE_string("output", None, "Results JSON.")
   flags.DEFINE_string("predictions", None, "Predictions .npz (default: <output stem>_predictions.npz).")
+  flags.DEFINE_string("checkpoint", "", "Empty: the newest checkpoint of --workdir; 'best': <workdir>/best; or a "
+                      "folder written by egoexo_jax.models.import_weights (e.g. a released fine-tuned model).")
   flags.mark_flags_as_required(["config", "workdir", "output"])
 
 

@@ -315,6 +315,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
   window_start, window_steps, data_wait, skipped = time.perf_counter(), 0, 0.0, 0
   batch_timeout_s = config.data.get("batch_timeout_s", 0)
   profile = monitoring.ProfileWindow(config.get("profile_steps", ()), workdir)
+  from egoexo_jax import train_eval  # pylint: disable=g-import-not-at-top  (it imports evaluate, which imports train)
+  between_steps = train_eval.TrainingEvaluation(config, workdir, model, mesh, state_shardings)
 
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
@@ -341,6 +343,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
                       data_wait, extra)
         train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0
 
+      state = between_steps(step, state)  # precise BatchNorm statistics, periodic evaluation, best checkpoint
+
       if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         check_finite(*previous)
         checkpoints.save(step, state)
@@ -351,6 +355,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
         raise stop_signals.stopped(step, checkpoints.directory)
   finally:
     profile.close()
+    between_steps.close()
     checkpoints.close()  # an async save in flight completes even when training fails
     if hasattr(data_iterator, "close"):
       data_iterator.close()  # stops Grain worker processes

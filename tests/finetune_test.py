@@ -131,6 +131,59 @@ def test_model_has_one_head_per_label_set_and_an_optional_interaction_head():
   assert sorted(params) == ["action_head", "backbone"]  # Ego-Exo's names: init_from finds the backbone
 
 
+def np_window_pool(maps, train_crop, input_size):
+  """NumPy: each (B, t, h, w, C) map averaged over every (t, kh, kw) window, stride 1 (kh = h * crop // H)."""
+  pooled = []
+  for x in maps:
+    _, t, h, w, _ = x.shape
+    kh, kw = min(h, h * train_crop // input_size), min(w, w * train_crop // input_size)
+    windows = [[x[:, :, i:i + kh, j:j + kw].mean(axis=(1, 2, 3)) for j in range(w - kw + 1)] for i in range(h - kh + 1)]
+    pooled.append(np.stack([np.stack(row, 1) for row in windows], 1))  # (B, h', w', C)
+  return np.concatenate(pooled, -1)
+
+
+def test_fully_convolutional_test_forward_matches_numpy(name="finetune_epic100"):
+  """evaluate's forward with window_crop against NumPy on the model's own res5 maps: window pooling,
+  the linear head at every position, softmax there (sigmoid for multi-label: import_weights_test checks
+  it against torch), the mean over positions; and its distance to global pooling then the head, on a
+  real clip (printed)."""
+  from conftest import decode_real_frames  # pylint: disable=g-import-not-at-top
+  from egoexo_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
+
+  config = tiny_finetune_config(name)
+  model = build_model(config.model)
+  frames = np.stack(decode_real_frames("cup.mp4", 4, 96))
+  views = np.stack([frames[:, :96, :96], frames[:, -96:, -96:]])  # a 96 test crop, training crop 64
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 4, 64, 64, 3)), train=False)
+  variables = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), variables)
+  heads = finetune_pipeline.head_sizes(config)
+  multi_label = bool(config.data.multi_label)
+  mesh = sharding.make_mesh(1)
+  on_mesh = jax.device_put(variables, sharding.replicated(mesh))
+  got = evaluate.make_forward(model, on_mesh, mesh, jnp.float32, heads, multi_label, window_crop=64)(views)
+  pooled = evaluate.make_forward(model, on_mesh, mesh, jnp.float32, heads, multi_label)(views)
+
+  _, state = model.apply(variables, transforms.normalize_clips(views, jnp.float32), train=False,
+                         capture_intermediates=lambda module, _: module.name == "backbone")
+  maps = [np.asarray(m, np.float64) for m in state["intermediates"]["backbone"]["__call__"][0]]
+  assert maps[0].shape[2:4] == (3, 3)  # 96 / 32: a 2 x 2 grid of 2 x 2 windows
+  features = np_window_pool(maps, 64, 96)
+  for head, _ in heads:
+    linear = variables["params"][f"{head}_head"]["linear"]
+    logits = features @ np.asarray(linear["kernel"], np.float64) + np.asarray(linear["bias"], np.float64)
+    if multi_label:
+      probabilities = 1 / (1 + np.exp(-logits))
+    else:
+      probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+      probabilities /= probabilities.sum(-1, keepdims=True)
+    want = probabilities.mean(axis=(1, 2))
+    np.testing.assert_allclose(got[head], want, rtol=1e-5, atol=1e-7)
+    difference = np.linalg.norm(pooled[head] - want) / np.linalg.norm(want)
+    print(f"{name} {head}: fully convolutional vs global pooling, relative L2 difference {difference:.4f}")
+    assert difference > 1e-4
+
+
 # --------------------------------------------------------------------------- labels and views
 
 

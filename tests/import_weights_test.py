@@ -507,3 +507,181 @@ def test_import_file_inflates_a_torchvision_file(image_resnet, tmp_path):
   stem = params["backbone"]["stem"]["conv"]["kernel"]  # conv1 (8, 3, 7, 7) inflated to 5 x 7 x 7, divided by 5
   np.testing.assert_allclose(stem, np.broadcast_to(state_dict["conv1.weight"].transpose(2, 3, 1, 0) / 5, stem.shape),
                              rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- released fine-tuned checkpoints
+
+
+class ReleasedFinetuneNet(tnn.Module):
+  """An Ego-Exo fine-tuned network with the released module names: the backbone's stages, the head as
+  `head{task}` (PySlowFast ResNetBasicHead 'projection' for one head, Ego-Exo MultiTaskHead 'projections.i'
+  for several) and, for Ego-Exo*, 'handobjhead' (HandObjHeadSingle, slow pathway). In eval mode the head
+  tests fully convolutionally as theirs: AvgPool3d(pool_size, stride=1) per pathway, concatenate, the
+  projection at every position, softmax (dim 4) or sigmoid, then the mean over (t, h, w)."""
+
+  def __init__(self, backbone, task, num_classes, pool_sizes, act, interaction_channels=0):
+    super().__init__()
+    for name, module in backbone.named_children():
+      if name != "head":
+        self.add_module(name, module)
+    self.slowfast = backbone.slowfast
+    features = sum(m.branch2.c.out_channels for m in (getattr(self.s5, f"pathway{p}_res0")
+                                                        for p in range(len(pool_sizes))))
+    head = tnn.Module()
+    if len(num_classes) == 1:
+      head.projection = tnn.Linear(features, num_classes[0])
+    else:
+      head.projections = tnn.ModuleList([tnn.Linear(features, n) for n in num_classes])
+    self.head_name = f"head{task}"
+    self.add_module(self.head_name, head)
+    self.pools = [tnn.AvgPool3d(size, stride=1) for size in pool_sizes]
+    self.act = tnn.Softmax(dim=4) if act == "softmax" else tnn.Sigmoid()
+    if interaction_channels:
+      self.handobjhead = tnn.Module()
+      self.handobjhead.pathway0_conv_fcn0 = tnn.Conv3d(features if not self.slowfast else
+                                                       self.s5.pathway0_res0.branch2.c.out_channels,
+                                                       interaction_channels, (1, 3, 3), padding=(0, 1, 1))
+      self.handobjhead.score_projection = tnn.Conv3d(interaction_channels, 2, 1)
+
+  def forward(self, pathways):
+    x = self.s1(pathways)
+    for s in range(2, 6):
+      if self.slowfast:
+        x = getattr(self, f"s{s - 1}_fuse")(x)
+      x = getattr(self, f"s{s}")(x)
+    head = getattr(self, self.head_name)
+    feat = torch.cat([pool(p) for pool, p in zip(self.pools, x)], 1).permute(0, 2, 3, 4, 1)
+    projections = [head.projection] if hasattr(head, "projection") else list(head.projections)
+    probabilities = [self.act(projection(feat)).mean([1, 2, 3]) for projection in projections]
+    interaction = None
+    if hasattr(self, "handobjhead"):
+      hidden = torch.relu(self.handobjhead.pathway0_conv_fcn0(x[0]))
+      interaction = self.handobjhead.score_projection(hidden).permute(0, 2, 3, 4, 1)
+    return probabilities, interaction
+
+
+RELEASED_CASES = {
+    # name: (arch, frames, task, heads, activation, interaction channels)
+    "charades_ego_slow": ("slow_r50", 8, "charades-ego", {"action": 6}, "sigmoid", 0),
+    "epic100_slowfast_star": ("slowfast_r50", 32, "epic100", {"verb": 5, "noun": 7}, "softmax", 12),
+    "epic55_slowfast": ("slowfast_r50", 32, "epic", {"verb": 4, "noun": 3}, "softmax", 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RELEASED_CASES))
+def test_released_finetuned_checkpoint_gives_the_released_test_probabilities(case, tmp_path):
+  """A head{TASK} checkpoint imports into finetune.Model; evaluate's fully convolutional forward at a
+  test crop of 96 (3 x 3 res5 grid) on a 64 training-crop window (2 x 2 positions) matches the torch net."""
+  from egoexo_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
+  from egoexo_jax.models import finetune  # pylint: disable=g-import-not-at-top
+
+  arch, num_frames, task, heads, act, interaction_channels = RELEASED_CASES[case]
+  slowfast = arch.startswith("slowfast")
+  width = 16 if slowfast else 8
+  backbone = VideoResNet(TINY_BLOCKS, 1, slowfast, width=width)
+  pools = [(num_frames // 4, 2, 2), (num_frames, 2, 2)] if slowfast else [(num_frames, 2, 2)]
+  torch_model = randomise(ReleasedFinetuneNet(backbone, task, list(heads.values()), pools, act,
+                                               interaction_channels), seed=7)
+  path = tmp_path / "released.pyth"
+  torch.save({"epoch": 30, "model_state": torch_model.state_dict()}, path)
+  state_dict = import_weights.load_pyslowfast_checkpoint(str(path))
+  assert any(k.startswith(f"head{task}.projection") for k in state_dict)
+
+  model = finetune.Model(num_classes=heads, backbone=arch, backbone_args=dict(stage_blocks=TINY_BLOCKS, width=width),
+                         use_interaction_head=bool(interaction_channels),
+                         interaction_channels=interaction_channels or 512)
+  variables = import_weights.convert_pyslowfast_finetune(state_dict, model, list(heads))
+  assert set(variables["params"]) == {"backbone", *(f"{h}_head" for h in heads)} | (
+      {"interaction_head"} if interaction_channels else set())
+
+  views = np.random.default_rng(8).integers(0, 256, (2, num_frames, 96, 96, 3), dtype=np.uint8)
+  mesh = sharding.make_mesh(1)
+  on_mesh = jax.device_put(jax.tree.map(jnp.asarray, variables), sharding.replicated(mesh))
+  forward = evaluate.make_forward(model, on_mesh, mesh, jnp.float32, tuple(heads.items()), act == "sigmoid",
+                                  window_crop=64)
+  got = forward(views)
+  clips = np.asarray(transforms.normalize_clips(views, jnp.float32)).transpose(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    want, want_interaction = torch_model(pack_pathways(torch.from_numpy(clips), slowfast))
+  for name, probabilities in zip(heads, want):
+    error = max_error(got[name], probabilities.numpy())
+    print(f"{case} {name}: max |error| {error:.2e}")
+    assert error < 1e-5, name
+  if interaction_channels:
+    outputs = model.apply(variables, jnp.asarray(clips.transpose(0, 2, 3, 4, 1)), train=False)
+    assert max_error(np.asarray(outputs["interaction"]), want_interaction.numpy()) < 1e-4
+
+  # Global pooling gives other probabilities: the fully convolutional path is what matched.
+  pooled = evaluate.make_forward(model, on_mesh, mesh, jnp.float32, tuple(heads.items()), act == "sigmoid")(views)
+  assert max(max_error(pooled[n], w.numpy()) for n, w in zip(heads, want)) > 1e-4
+
+
+def test_released_head_names_that_do_not_fit_are_errors(tiny_slow_state_dict):
+  from egoexo_jax.models import finetune  # pylint: disable=g-import-not-at-top
+
+  tiny = dict(stage_blocks=TINY_BLOCKS, width=8)
+  backbone = {k: v for k, v in tiny_slow_state_dict.items() if not k.startswith("head.")}
+  two = dict(backbone, **{f"headepic100.projections.{i}.{leaf}": np.zeros((n, 256) if leaf == "weight" else (n,))
+                          for i, n in enumerate((5, 7)) for leaf in ("weight", "bias")})
+  model = finetune.Model(num_classes={"action": 5}, backbone="slow_r50", backbone_args=tiny)
+  with pytest.raises(WeightImportError,
+                     match=r"'headepic100' has 2 projection\(s\).*the model 1 head\(s\) \['action'\]"):
+    import_weights.convert_pyslowfast_finetune(two, model, ["action"])
+  with pytest.raises(WeightImportError, match="expected one classification head.*found none"):
+    import_weights.convert_pyslowfast_finetune(backbone, model, ["action"])
+  epic = finetune.Model(num_classes={"verb": 7, "noun": 5}, backbone="slow_r50", backbone_args=tiny)
+  with pytest.raises(WeightImportError,
+                     match=r"'headepic100\.projections\.0\.weight' is \(5, 256\), expected \(7, 256\)"):
+    import_weights.convert_pyslowfast_finetune(two, epic, ["verb", "noun"])  # verbs first, as NUM_CLASSES_LIST
+  with_maps = dict(two, **{"handobjhead.score_projection.weight": np.zeros((2, 4, 1, 1, 1))})
+  with pytest.raises(WeightImportError, match=r"unexpected keys: 'handobjhead\.score_projection\.weight'"):
+    import_weights.convert_pyslowfast_finetune(with_maps, finetune.Model(num_classes={"verb": 5, "noun": 7},
+                                                                         backbone="slow_r50", backbone_args=tiny),
+                                               ["verb", "noun"])
+
+
+def test_released_epic_checkpoint_is_evaluated_by_the_cli_without_training(tmp_path):
+  """import_weights --config (a head{TASK} file -> the fine-tuning model), then egoexo_jax.evaluate
+  --checkpoint on the shipped EPIC-100-format clips, fully convolutionally at test crop 96 on a 64
+  window; a record's view probabilities equal the torch network's on the same views."""
+  from egoexo_jax.input import finetune_pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
+
+  torch_model = randomise(ReleasedFinetuneNet(VideoResNet(TINY_BLOCKS, 1, False, width=8), "epic100", [97, 300],
+                                              [(4, 2, 2)], "softmax"), seed=9)
+  source = tmp_path / "epic100_released.pyth"
+  torch.save({"model_state": torch_model.state_dict()}, source)
+  config_flags = ["--config=configs/finetune_epic100.py:small", "--config.data.clip_length=4",
+                  "--config.data.frame_stride=2", "--config.data.crop_size=64", "--config.data.num_workers=0",
+                  "--config.data.read_threads=1", "--config.data.convert_short_side=72",
+                  "--config.model.backbone_args.width=8", "--config.evaluate.short_side=96",
+                  "--config.evaluate.crop_size=96", "--config.evaluate.num_clips=2", "--config.evaluate.batch_size=12"]
+  environment = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                     XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  imported = tmp_path / "imported"
+  result = subprocess.run([sys.executable, "-m", "egoexo_jax.models.import_weights", f"--input={source}",
+                           "--format=pyslowfast", f"--output={imported}", *config_flags],
+                          capture_output=True, text=True, env=environment, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout[result.stdout.index("{"):])["heads"] == ["noun_head", "verb_head"]
+
+  output = tmp_path / "results.json"
+  result = subprocess.run([sys.executable, "-m", "egoexo_jax.evaluate", f"--workdir={tmp_path / 'run'}",
+                           f"--checkpoint={imported}", f"--output={output}", *config_flags],
+                          capture_output=True, text=True, env=environment, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(output.read_text())
+  assert results["checkpoint"] == str(imported) and results["checkpoint_step"] == 0
+  assert results["num_records"] == 8 and results["views"]["fully_convolutional"]
+  assert {"verb_top1", "noun_top5", "action_top1"} <= set(results["metrics"])
+
+  predictions = np.load(results["predictions"])
+  record = sources.open_records(results["records"])[0]
+  index = list(predictions["ids"]).index(record.video_id)
+  views = finetune_pipeline.multi_view_clips(record, clip_length=4, frame_stride=2, num_clips=2, num_crops=3,
+                                             short_side=96, crop_size=96, placement="spread")
+  clips = np.asarray(transforms.normalize_clips(views, jnp.float32)).transpose(0, 4, 1, 2, 3)
+  with torch.no_grad():
+    (verb, noun), _ = torch_model([torch.from_numpy(clips)])
+  assert max_error(predictions["verb_views"][index].astype(np.float32), verb.numpy()) < 1e-3  # stored as float16
+  assert max_error(predictions["noun_views"][index].astype(np.float32), noun.numpy()) < 1e-3

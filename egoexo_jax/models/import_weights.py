@@ -34,6 +34,15 @@ kernel (I, O); BN weight, bias -> params scale, bias; running_mean, running_var 
 Heads are imported when the checkpoint has them (the action head's class count must then equal
 --num_classes, if given); a fine-tuning run keeps only the backbone (`load_backbone`).
 
+Released fine-tuned checkpoints (Ego-Exo's Charades-Ego / EPIC-Kitchens models) name the head after
+cfg.TASK: `head{TASK}` (video_model_builder.py / multi_models.py: `self.head_name = "head{}".format(cfg.TASK)`),
+so `headcharades-ego.projection` (ResNetBasicHead, one head), `headepic100.projections.{0,1}` and
+`headepic.projections.{0,1}` (MultiTaskHead over NUM_CLASSES_LIST = [verbs, nouns]), plus `handobjhead.*`
+for Ego-Exo* (HandObjHeadSingle on the slow pathway). With --config=<a fine-tuning config> they import
+into that config's `finetune.Model` (`convert_pyslowfast_finetune`): projection i -> the i-th head of
+data.label_layout ('<name>_head/linear'), and `python -m egoexo_jax.evaluate --checkpoint=<output>`
+evaluates the result without training.
+
 Every tensor of the backbone (and of each imported head) must be in the file with its shape, and every
 tensor of the file must be used; otherwise `WeightImportError` names the keys and shapes at fault.
 """
@@ -296,6 +305,56 @@ def convert_pyslowfast(state_dict: Mapping[str, Any], backbone: str, *, num_clas
   return variables, arguments
 
 
+_RELEASED_HEAD = re.compile(r"(head[^.]*)\.(projection|projections\.(\d+))\.weight")
+
+
+def released_head_keys(state_dict: Mapping[str, Any], head_names: Sequence[str]) -> dict[str, str]:
+  """{our head subtree ('<name>_head'): the file's projection module} for a fine-tuned checkpoint.
+
+  The file must hold exactly one `head{TASK}` module: with `projection`, one head; with `projections.0`
+  .. `projections.{n-1}`, n heads in the order of `head_names` (Ego-Exo's NUM_CLASSES_LIST [verbs, nouns])."""
+  found = {}
+  for key in state_dict:
+    if match := _RELEASED_HEAD.fullmatch(key):
+      found.setdefault(match.group(1), []).append(match.group(2))
+  if len(found) != 1:
+    raise WeightImportError(f"expected one classification head 'head{{TASK}}.projection(s)' in the checkpoint, found "
+                            f"{sorted(found) or 'none'}")
+  (prefix, projections), = found.items()
+  if projections == ["projection"]:
+    modules = [f"{prefix}.projection"]
+  else:
+    modules = [f"{prefix}.projections.{i}" for i in range(len(projections))]
+    if sorted(projections) != sorted(m[len(prefix) + 1:] for m in modules):
+      raise WeightImportError(f"'{prefix}' has projections {sorted(projections)}, not 0..{len(projections) - 1}")
+  if len(modules) != len(head_names):
+    raise WeightImportError(f"'{prefix}' has {len(modules)} projection(s) ({', '.join(modules)}), the model "
+                            f"{len(head_names)} head(s) {list(head_names)} "
+                            "(config data.label_layout / model.num_classes)")
+  return {f"{name}_head": module for name, module in zip(head_names, modules)}
+
+
+def convert_pyslowfast_finetune(state_dict: Mapping[str, Any], model, head_names: Sequence[str], *,
+                                source_names: Mapping[str, str] | None = None) -> dict[str, dict]:
+  """A fine-tuned PySlowFast / Ego-Exo state dict (module docstring: `head{TASK}`, `handobjhead`) ->
+  {'params', 'batch_stats'} of `model`, a `finetune.Model`, every array of it filled (its heads in the
+  order `head_names`); `_fill`'s errors name missing, unexpected and misshapen keys."""
+  heads = released_head_keys(state_dict, head_names)
+
+  def key_of(collection, path):
+    if path[0] in heads:
+      leaf = _LEAVES.get((collection, path[-1]))
+      return f"{heads[path[0]]}.{leaf}" if path[1:-1] == ("linear",) and leaf else None
+    return pyslowfast_key(collection, path)
+
+  abstract = _abstract_variables(model)
+  return _fill(state_dict, abstract, sorted(abstract["params"]), key_of, _from_torch_layout, _torch_layout,
+               source_names=source_names,
+               network=f"the fine-tuning model '{model.backbone}' with backbone_args "
+               f"{dict(model.backbone_args or {})}, heads {dict(model.num_classes)} and "
+               f"use_interaction_head={model.use_interaction_head}")
+
+
 def inflate_torchvision(state_dict: Mapping[str, Any], backbone: str, *,
                         backbone_args: Mapping[str, Any] | None = None) -> dict[str, dict]:
   """torchvision ImageNet ResNet state dict -> {'params': {'backbone'}, 'batch_stats': {'backbone'}}.
@@ -353,12 +412,28 @@ def save_variables(variables: Mapping[str, Any], output_dir: str) -> str:
 
 
 def import_file(input_path: str, weight_format: str, backbone: str, output_dir: str, *,
-                   num_classes: int | None = None, backbone_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                num_classes: int | None = None, backbone_args: Mapping[str, Any] | None = None,
+                config=None) -> dict[str, Any]:
   """Reads `input_path` in `weight_format` (one of FORMATS), converts it and saves it under `output_dir`.
 
+  With `config` (a fine-tuning config), the file is a fine-tuned checkpoint for that config's model
+  (`convert_pyslowfast_finetune`; `backbone`, `num_classes` and `backbone_args` come from the config).
   Returns a summary: the model arguments the variables fit, the imported subtrees and parameter count.
   """
-  if weight_format == "torchvision":
+  if config is not None:
+    from egoexo_jax.input import finetune_pipeline  # pylint: disable=g-import-not-at-top
+    from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
+    if weight_format not in ("pyslowfast", "caffe2"):
+      raise ValueError(f"--config imports fine-tuned PySlowFast checkpoints (format pyslowfast or caffe2), not "
+                       f"'{weight_format}'")
+    state_dict, sources = (load_caffe2_checkpoint(input_path) if weight_format == "caffe2"
+                           else (load_pyslowfast_checkpoint(input_path), None))
+    model = build_model(config.model)
+    heads = [name for name, _ in finetune_pipeline.head_sizes(config)]
+    variables = convert_pyslowfast_finetune(state_dict, model, heads, source_names=sources)
+    arguments = dict(backbone=config.model.backbone, backbone_args=dict(config.model.backbone_args),
+                     heads=sorted(k for k in variables["params"] if k != "backbone"))
+  elif weight_format == "torchvision":
     variables = inflate_torchvision(load_torch_state_dict(input_path), backbone, backbone_args=backbone_args)
     arguments = dict(backbone=backbone, backbone_args=dict(backbone_args or {}), heads=[])
   elif weight_format in ("pyslowfast", "caffe2"):
@@ -381,15 +456,20 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_classes", None, "Action classes of the file's head (checked; default: the file's).")
   flags.DEFINE_string("backbone_args", "{}", "JSON overrides of the backbone preset, as config.model.backbone_args.")
   flags.DEFINE_string("output", None, "Folder to create; the checkpoint is written to <output>/state.")
-  flags.mark_flags_as_required(["input", "format", "backbone", "output"])
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "A fine-tuning config (path[:arg]): import a released fine-tuned "
+                                  "checkpoint (head{TASK} names) into its model, for egoexo_jax.evaluate --checkpoint.")
+  flags.mark_flags_as_required(["input", "format", "output"])
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.config is None and not f.backbone:
+    raise app.UsageError("pass --backbone (an egoexo.Model checkpoint) or --config (a fine-tuned checkpoint)")
   summary = import_file(f.input, f.format, f.backbone, f.output, num_classes=f.num_classes,
-                           backbone_args=json.loads(f.backbone_args))
+                        backbone_args=json.loads(f.backbone_args), config=f.config)
   print(json.dumps(summary, indent=1, default=str))
 
 
