@@ -128,7 +128,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.mesh = egoexo.mesh_config()
 
   config.log_every_steps = 10 if small else 100
-  config.checkpoint_every_steps = 50 if small else 5_000
+  config.checkpoint_every_steps = 50 if small else 500
   config.max_checkpoints_to_keep = 3
   config.async_checkpointing = True
   config.profile_steps = ()  # (start, stop): a JAX profiler trace of those steps into <workdir>/profile

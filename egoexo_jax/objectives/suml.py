@@ -32,7 +32,8 @@ config.loss.dcl_negatives: the rows of the decoupled InfoNCE denominators in L_a
 'cross_view' (SUM-L Eq. 4/6) or 'both_views' (the released DCL). config.loss.semantic_weights: w of
 Eq. 9-10 on L_aw's positives (True) or 1 (the release). config.loss.multi_label_reduction, for
 multi-label task heads (LEMMA's L_t): 'sum_over_heads' (a BCE mean per head, summed: the release's
-BCE(verbs) + BCE(nouns)) or 'mean_over_classes' (one BCE mean over all heads' logits). Recipes and sources: configs/recipe_suml.py.
+BCE(verbs) + BCE(nouns)) or 'mean_over_classes' (one BCE mean over all heads' logits). Recipes and
+their sources: configs/recipe_suml.py.
 """
 
 from __future__ import annotations
