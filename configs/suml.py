@@ -47,23 +47,27 @@ negatives to its own slice of the batch.
 import ml_collections
 
 from configs import egoexo
+from configs import recipe_suml
 
 BASELINES = ("suml", "fpv_only", "typical_cl", "triplet", "domain_adapt", "joint_embed")
 
 
-def parse_arg(arg: str) -> tuple[bool, str]:
-  """'small,triplet' -> (small, baseline); either part may be left out."""
+def parse_arg(arg: str) -> tuple[bool, str, str]:
+  """'small,released,triplet' -> (small, baseline, recipe); any part may be left out (recipe: 'paper')."""
   parts = [p.strip() for p in arg.split(",") if p.strip()]
   small = "small" in parts
-  rest = [p for p in parts if p != "small"]
-  if len(rest) > 1 or (rest and rest[0] not in BASELINES):
-    raise ValueError(f"unknown config argument '{arg}': use [small][,baseline] with baseline one of {BASELINES}")
-  return small, rest[0] if rest else "suml"
+  recipes = [p for p in parts if p in recipe_suml.RECIPES]
+  rest = [p for p in parts if p != "small" and p not in recipe_suml.RECIPES]
+  if len(rest) > 1 or len(recipes) > 1 or (rest and rest[0] not in BASELINES):
+    raise ValueError(f"unknown config argument '{arg}': use [small][,recipe][,baseline] with recipe one of "
+                     f"{recipe_suml.RECIPES} and baseline one of {BASELINES}")
+  return small, rest[0] if rest else "suml", recipes[0] if recipes else "paper"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """`arg`: '' (paper size) or 'small' (CPU size on the shipped clips), optionally ',<baseline>'."""
-  small, baseline = parse_arg(arg)
+  """`arg`: '' (full size) or 'small' (CPU size on the shipped clips), optionally ',paper' (the default) or
+  ',released' (configs/recipe_suml.py), and ',<baseline>'."""
+  small, baseline, recipe = parse_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.objective = "suml"  # egoexo_jax/objectives/suml.py
@@ -77,7 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.exo_manifest = "data/suml/exo.csv"
   # Narration pair file (.npz, egoexo_jax.pseudo_labels.narration_pairs) or a true-pair CSV (ego_id,exo_id).
   config.data.pairs = "data/suml/pairs.npz"
-  config.data.pair_top_k = 1  # draw each ego clip's partner among its k most similar exo clips
+  # data.pair_top_k: draw each ego clip's partner among its first k candidates (the recipe sets it).
   config.data.ego_labels = "single"  # 'single': one class per head; 'multi_label': class sets
   config.data.exo_labels = "single" if small else "multi_label"
   config.data.convert_short_side = 160 if small else 320
@@ -100,8 +104,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.exo_num_classes = (3,) if small else (25, 64)
   config.model.backbone = "slow_r50"
   config.model.backbone_args = ml_collections.ConfigDict(dict(stage_blocks=(1, 1, 1, 1), width=16) if small else {})
-  config.model.projection_dim = 384  # = the narration embeddings' size (all-MiniLM-L6-v2)
-  config.model.dropout_rate = 0.4
   config.model.share_backbone = False
   config.model.freeze_exo_backbone = False
   config.model.discriminator_width = 0
@@ -109,32 +111,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.dtype = "float32" if small else "bfloat16"
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.alignment = "suml"
-  config.loss.weight_exo_task = 0.1  # w_t
-  config.loss.weight_align = 0.02  # w_aw
-  config.loss.weight_video_text = 0.1  # w_m
-  config.loss.temperature = 0.06  # tau
-  config.loss.sigma = 0.1
-  # The shipped narrations are unrelated clips: their best-match similarities are 0.11-0.25 (data/suml/README.md).
-  config.loss.threshold = 0.15 if small else 0.5
+  # Weights, tau, sigma, threshold, negatives, the DCL form and L_t's reduction: the recipe sets them.
   config.loss.min_aligned_pairs = 2
   config.loss.triplet_margin = 0.1
-  config.loss.negatives = "global"  # or 'per_device'
 
-  config.global_batch_size = 8 if small else 64
-  config.num_train_steps = 100 if small else 30_000
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "sgd"
+  config.optimizer.name = "sgd"  # LR per 64 clips (scaled linearly), warm-up, decay, steps: the recipe
   config.optimizer.schedule = "steps"
-  config.optimizer.base_learning_rate = 0.01  # per 64 clips, scaled linearly (released: 0.01 at batch 64)
   config.optimizer.reference_batch_size = 64
-  config.optimizer.warmup_steps = 10 if small else 1_000
   config.optimizer.warmup_start_fraction = 0.1
-  config.optimizer.decay_steps = (80, 90) if small else (20_000, 25_000)
   config.optimizer.decay_factor = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.nesterov = True
-  config.optimizer.weight_decay = 1e-4
   config.optimizer.frozen = ()
 
   # "ego_backbone=<Kinetics or Ego-Exo run>,exo_backbone=<stage (a) run>:exo_backbone,exo_head_<i>=...".
@@ -144,10 +130,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.mesh = egoexo.mesh_config()
 
   config.log_every_steps = 10 if small else 100
-  config.checkpoint_every_steps = 50 if small else 5_000
+  config.checkpoint_every_steps = 50 if small else 500
   config.max_checkpoints_to_keep = 3
   config.async_checkpointing = True
   config.profile_steps = ()  # (start, stop): a JAX profiler trace of those steps into <workdir>/profile
+
+  # Every value that comes from the paper or the release, with its source: configs/recipe_suml.py.
+  recipe_suml.apply(config, recipe, small)
 
   if baseline == "fpv_only":
     config.loss.alignment = "none"

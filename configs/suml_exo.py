@@ -23,16 +23,18 @@ from configs import suml
 
 
 def get_config(arg: str = ""):
-  if arg not in ("", "small"):
-    raise ValueError(f"unknown config argument '{arg}': use configs/suml_exo.py or configs/suml_exo.py:small")
+  """`arg`: '' or 'small', optionally ',paper' or ',released' (configs/recipe_suml.py: L_t's reduction)."""
+  small, baseline, _ = suml.parse_arg(arg)
+  if baseline != "suml":
+    raise ValueError(f"unknown config argument '{arg}': use configs/suml_exo.py[:small][,paper|,released]")
   config = suml.get_config(arg)
   config.stage = "exo"
   config.loss.weight_exo_task = 1.0  # stage (a) trains on L_t alone; the joint weights do not apply
   config.loss.weight_align = config.loss.weight_video_text = 0.0
   config.loss.alignment = "none"
   config.optimizer.schedule = "cosine"
-  config.optimizer.base_learning_rate = 0.05 if arg == "small" else 0.1
-  config.num_train_steps = 60 if arg == "small" else 20_000
-  config.optimizer.warmup_steps = 10 if arg == "small" else 1_000
-  config.checkpoint_every_steps = 30 if arg == "small" else 5_000
+  config.optimizer.base_learning_rate = 0.05 if small else 0.1
+  config.num_train_steps = 60 if small else 20_000
+  config.optimizer.warmup_steps = 10 if small else 1_000
+  config.checkpoint_every_steps = 30 if small else 5_000
   return config

@@ -10,6 +10,7 @@ values (the input pipeline fills a missing teacher signal with zeros). Without w
 from __future__ import annotations
 
 from collections.abc import Mapping
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -128,24 +129,33 @@ def info_nce(anchors: jax.Array, positives: jax.Array, temperature: float,
   return jnp.sum(m * per_anchor) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+DCL_NEGATIVES = ("cross_view", "both_views")
+
+
 def decoupled_info_nce(anchors: jax.Array, positives: jax.Array, temperature: float,
-                       mask: jax.Array | None = None, positive_weights: jax.Array | None = None) -> jax.Array:
-  """Decoupled InfoNCE of SUM-L Eq. 6 (the DCL loss of Yeh et al.), one direction:
+                       mask: jax.Array | None = None, positive_weights: jax.Array | None = None,
+                       negatives: str = "both_views") -> jax.Array:
+  """Decoupled InfoNCE of SUM-L Eq. 6 (the DCL loss of Yeh et al.), one direction, the positive removed
+  from the denominator. `negatives` says which rows the denominator sums:
 
-    l_i = -w_i <a_i, p_i> / tau + log sum_{j != i} [ exp(<a_i, a_j> / tau) + exp(<a_i, p_j> / tau) ],
+    'cross_view' (SUM-L Eq. 4/6 as written):  l_i = -w_i <a_i, p_i> / tau + log sum_{j != i} exp(<a_i, p_j> / tau)
+    'both_views' (the released `DCL` class, slowfast/models/losses.py, and DCL itself):
+        l_i = -w_i <a_i, p_i> / tau + log sum_{j != i} [ exp(<a_i, a_j> / tau) + exp(<a_i, p_j> / tau) ]
 
-  the positive removed from the denominator; negatives are the other rows of both views (as in DCL
-  and SUM-L's released code), j over the unmasked rows. w_i (`positive_weights`, default 1) weights
-  the positive term (Eq. 8). The mean over the unmasked anchors that have at least one negative is
-  returned (0 when none has).
+  j over the unmasked rows. w_i (`positive_weights`, default 1) weights the positive term (Eq. 8). The
+  mean over the unmasked anchors that have at least one negative is returned (0 when none has). The
+  default is the released form, which the SUM-L recipes pass explicitly (configs/recipe_suml.py).
   """
+  if negatives not in DCL_NEGATIVES:
+    raise ValueError(f"unknown decoupled InfoNCE negatives '{negatives}': use one of {DCL_NEGATIVES}")
   a, p = _at_least_float32(anchors), _at_least_float32(positives)
   size = a.shape[0]
   m = _row_mask(mask, size, a.dtype)
   w = jnp.ones((size,), a.dtype) if positive_weights is None else _at_least_float32(positive_weights)
   negative = (m[None, :] > 0) & ~jnp.eye(size, dtype=bool)
-  logits = jnp.concatenate([jnp.where(negative, a @ a.T / temperature, SUML_MASKED_LOGIT),
-                            jnp.where(negative, a @ p.T / temperature, SUML_MASKED_LOGIT)], axis=1)
+  logits = jnp.where(negative, a @ p.T / temperature, SUML_MASKED_LOGIT)
+  if negatives == "both_views":
+    logits = jnp.concatenate([jnp.where(negative, a @ a.T / temperature, SUML_MASKED_LOGIT), logits], axis=1)
   positive = jnp.sum(a * p, axis=1) / temperature
   per_anchor = -w * positive + jax.nn.logsumexp(logits, axis=1)
   counted = m * (jnp.sum(negative, axis=1) > 0)
@@ -166,7 +176,8 @@ def semantic_weights(ego_text: jax.Array, exo_text: jax.Array, sigma: float,
 
 def semantic_alignment_loss(ego_embeddings: jax.Array, exo_embeddings: jax.Array, ego_text: jax.Array,
                             exo_text: jax.Array, *, temperature: float, sigma: float, threshold: float,
-                            min_pairs: int = 2) -> tuple[jax.Array, jax.Array]:
+                            min_pairs: int = 2, negatives: str = "both_views",
+                            weighted: bool = True) -> tuple[jax.Array, jax.Array]:
   """L_aw of SUM-L Eq. 8: the weighted decoupled InfoNCE over the pseudo-pairs whose narrations agree.
 
   ego_embeddings z_f, exo_embeddings z_t: (B, D) L2-normalised projections of the ego clips and their
@@ -176,29 +187,31 @@ def semantic_alignment_loss(ego_embeddings: jax.Array, exo_embeddings: jax.Array
 
     L_aw = DCL_w(z_f -> z_t) + DCL_w(z_t -> z_f)     (decoupled_info_nce, both directions)
 
+  `negatives`: the denominators' rows (decoupled_info_nce). `weighted=False` sets every w_i to 1: the
+  released `DCL_OS` defines the weight function but never applies it.
   Returns (L_aw, number of selected pairs as a float).
   """
   similarity = jnp.sum(_at_least_float32(ego_text) * _at_least_float32(exo_text), axis=1)
   selected = (similarity > threshold).astype(similarity.dtype)
   count = jnp.sum(selected)
-  weights = semantic_weights(ego_text, exo_text, sigma, selected)
-  loss = (decoupled_info_nce(ego_embeddings, exo_embeddings, temperature, selected, weights)
-          + decoupled_info_nce(exo_embeddings, ego_embeddings, temperature, selected, weights))
+  weights = semantic_weights(ego_text, exo_text, sigma, selected) if weighted else None
+  loss = (decoupled_info_nce(ego_embeddings, exo_embeddings, temperature, selected, weights, negatives)
+          + decoupled_info_nce(exo_embeddings, ego_embeddings, temperature, selected, weights, negatives))
   return jnp.where(count >= min_pairs, loss, 0.0), count
 
 
 def video_text_loss(ego_embeddings: jax.Array, exo_embeddings: jax.Array, ego_text: jax.Array,
-                    exo_text: jax.Array, temperature: float) -> jax.Array:
+                    exo_text: jax.Array, temperature: float, negatives: str = "both_views") -> jax.Array:
   """L_m of SUM-L Eq. 11: every clip against its own narration, four decoupled terms over the batch,
 
     L_m = DCL(z_f -> d_f) + DCL(d_f -> z_f) + DCL(z_t -> d_t) + DCL(d_t -> z_t).
 
-  Shapes as `semantic_alignment_loss`; the projections and narration embeddings share D.
+  Shapes as `semantic_alignment_loss`; the projections and narration embeddings share D. `negatives`:
+  the denominators' rows (decoupled_info_nce; the release's `_get_ce_loss` uses both views).
   """
-  return (decoupled_info_nce(ego_embeddings, ego_text, temperature)
-          + decoupled_info_nce(ego_text, ego_embeddings, temperature)
-          + decoupled_info_nce(exo_embeddings, exo_text, temperature)
-          + decoupled_info_nce(exo_text, exo_embeddings, temperature))
+  dcl = functools.partial(decoupled_info_nce, temperature=temperature, negatives=negatives)
+  return (dcl(ego_embeddings, ego_text) + dcl(ego_text, ego_embeddings)
+          + dcl(exo_embeddings, exo_text) + dcl(exo_text, exo_embeddings))
 
 
 def suml_total(terms: Mapping[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
@@ -227,7 +240,8 @@ def triplet_margin_loss(anchors: jax.Array, positives: jax.Array, negatives: jax
 
 def multi_label_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Sigmoid binary cross-entropy of (B, K) logits against (B, K) 0/1 targets, averaged over classes and
-  examples (multi-label sets: Charades 157-way, LEMMA verbs and nouns)."""
+  examples (multi-label sets: Charades 157-way, LEMMA verbs and nouns). SUM-L's released L_t is the sum
+  of this over its two heads (verbs, nouns): objectives/suml.task_loss, loss.multi_label_reduction."""
   per_class = optax.sigmoid_binary_cross_entropy(_at_least_float32(logits), _at_least_float32(targets))
   return jnp.mean(per_class)
 

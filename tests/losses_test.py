@@ -323,6 +323,61 @@ def test_decoupled_info_nce_gradient_matches_finite_differences():
                 rtol=1e-6)
 
 
+def np_decoupled_cross_view(a, p, tau, mask=None, w=None):
+  """Eq. 4/6 as written: the denominator sums the other view's non-positive rows only."""
+  a, p = a.astype(np.float64), p.astype(np.float64)
+  rows = list(range(len(a)) if mask is None else np.flatnonzero(mask))
+  per_anchor = [-(1.0 if w is None else w[i]) * a[i] @ p[i] / tau
+                + np.log(sum(np.exp(a[i] @ p[j] / tau) for j in rows if j != i)) for i in rows if len(rows) > 1]
+  return np.mean(per_anchor) if per_anchor else 0.0
+
+
+@pytest.mark.parametrize("mask", [None, SUML_MASK])
+def test_decoupled_info_nce_cross_view_matches_numpy(mask):
+  z_f, z_t, _, _ = suml_inputs()
+  w = np.random.default_rng(3).uniform(0.2, 2.0, len(z_f)).astype(np.float32)
+  for weights in (None, w):
+    got = losses.decoupled_info_nce(z_f, z_t, 0.06, mask, weights, negatives="cross_view")
+    np.testing.assert_allclose(got, np_decoupled_cross_view(z_f, z_t, 0.06, mask, weights), rtol=1e-5)
+  # The two forms differ on the same inputs: the released one adds same-view negatives to each denominator.
+  both = float(losses.decoupled_info_nce(z_f, z_t, 0.06, mask, negatives="both_views"))
+  cross = float(losses.decoupled_info_nce(z_f, z_t, 0.06, mask, negatives="cross_view"))
+  assert both > cross + 0.1, (both, cross)
+  with pytest.raises(ValueError, match="unknown decoupled InfoNCE negatives 'same_view'"):
+    losses.decoupled_info_nce(z_f, z_t, 0.06, negatives="same_view")
+
+
+@pytest.mark.parametrize("negatives", ["cross_view", "both_views"])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_semantic_alignment_loss_forms_match_numpy(negatives, weighted):
+  z_f, z_t, d_f, d_t = suml_inputs()
+  threshold = np.sort((d_f * d_t).sum(1))[-5] - 1e-4  # 5 pairs pass
+  selected = ((d_f.astype(np.float64) * d_t).sum(1) > threshold).astype(np.float64)
+  w = np_semantic_weights(d_f, d_t, 0.1, selected) if weighted else None
+  dcl = np_decoupled_cross_view if negatives == "cross_view" else np_decoupled
+  want = dcl(z_f, z_t, 0.06, selected, w) + dcl(z_t, z_f, 0.06, selected, w)
+  loss, count = losses.semantic_alignment_loss(z_f, z_t, d_f, d_t, temperature=0.06, sigma=0.1, threshold=threshold,
+                                               negatives=negatives, weighted=weighted)
+  assert float(count) == 5
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_video_text_loss_cross_view_is_four_cross_view_terms():
+  z_f, z_t, d_f, d_t = suml_inputs()
+  dcl = np_decoupled_cross_view
+  want = dcl(z_f, d_f, 0.06) + dcl(d_f, z_f, 0.06) + dcl(z_t, d_t, 0.06) + dcl(d_t, z_t, 0.06)
+  np.testing.assert_allclose(losses.video_text_loss(z_f, z_t, d_f, d_t, 0.06, negatives="cross_view"), want,
+                             rtol=1e-5)
+
+
+def test_cross_view_decoupled_info_nce_gradient_matches_finite_differences():
+  z_f, z_t, _, _ = (x.astype(np.float64) for x in suml_inputs(size=5, dim=4))
+  from jax.test_util import check_grads  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    fn = lambda a, p: losses.decoupled_info_nce(a, p, 0.2, negatives="cross_view")
+    check_grads(fn, (jnp.asarray(z_f), jnp.asarray(z_t)), order=1, modes=("rev",), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- EVGAP: CLIP pairs, SigLIP groups
 
 

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from egoexo_jax.pseudo_labels import calibration
+from egoexo_jax.pseudo_labels import label_pairs
 from egoexo_jax.pseudo_labels import narration_pairs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -161,3 +163,124 @@ def test_command_line(tmp_path):
       [sys.executable, "-m", "egoexo_jax.pseudo_labels.narration_pairs", f"--ego_csv={bad}",
        f"--exo_csv={exo_csv}", f"--output={output}.2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "bad.csv:3: video_id 'a' was already used on line 2" in result.stderr
+
+
+# --------------------------------------------------------------------------- the released label rules
+
+
+# Verbs 0 take, 1 cut, 2 wash, 5 stir; nouns 10 knife, 11 onion, 12 plate, 13 pan (one label space).
+LABEL_EXO = [({1}, {11}), ({0, 1}, {10, 11}), ({1}, {12}), ({2}, {11}), ({1}, {11}), ({1}, {11}), ({1}, {11})]
+LABEL_EGO = {"cut_onion": ({1}, {11}), "take_knife": ({0}, {10}), "wash_plate": ({2}, {12}),
+             "stir_plate": ({5}, {12}), "stir_pan": ({5}, {13})}
+
+
+def label_sets(rows):
+  return [(frozenset(v), frozenset(n)) for v, n in rows]
+
+
+def test_label_rules_against_a_hand_worked_example():
+  ego, exo = label_sets(LABEL_EGO.values()), label_sets(LABEL_EXO)
+  # cut/onion: exo 0, 4, 5, 6 have the same sets (only the first 3 kept); exo 1 holds both as a subset; exo 2
+  # shares the verb only, exo 3 the noun only.
+  assert label_pairs.candidates(ego, exo)[0] == {"same": [0, 4, 5], "subset": [1], "verb_only": [2],
+                                                 "noun_only": [3]}
+  mined = label_pairs.mine_label_pairs(ego, exo, seed=0)
+  # take/knife: subset of exo 1. wash/plate: verb-only exo 3 outranks noun-only exo 2. stir/plate: noun-only
+  # exo 2. stir/pan: no rule holds: the fallback draws 'subset' candidates of other clips, all exo 1 here.
+  np.testing.assert_array_equal(mined.indices, [[0, 4, 5], [1, 1, 1], [3, 3, 3], [2, 2, 2], [1, 1, 1]])
+  np.testing.assert_array_equal(mined.counts, [3, 1, 1, 1, 3])
+  np.testing.assert_array_equal(mined.rules, [2, 1, 3, 4, 0])  # the release's same_idx codes
+  assert label_pairs.rule_counts(mined.rules) == {"fallback": 1, "subset": 1, "same": 1, "verb_only": 1,
+                                                   "noun_only": 1}
+  with pytest.raises(ValueError, match="no ego clip has a 'subset' candidate"):
+    label_pairs.mine_label_pairs(label_sets([({5}, {13})]), exo)
+
+
+def test_label_rule_fallback_is_seeded():
+  exo = label_sets([({0, 1}, {10, 11}), ({0, 2}, {10, 12}), ({1, 2}, {11, 12})])
+  ego = label_sets([({0}, {10}), ({2}, {12}), ({5}, {13})])  # the last has no candidate
+  draws = [label_pairs.mine_label_pairs(ego, exo, seed=s).indices[2].tolist() for s in (0, 0, 1, 2, 3)]
+  assert draws[0] == draws[1]  # same seed, same draws
+  # Only 'subset' candidates of other clips: [0, 1] of the first ego clip, [1, 2] of the second.
+  found = label_pairs.candidates(ego, exo)
+  assert found[0]["subset"] == [0, 1] and found[1]["subset"] == [1, 2]
+  assert all(set(d) <= {0, 1, 2} for d in draws)
+  assert len({tuple(d) for d in draws}) > 1
+
+
+def test_label_csv_errors_name_file_and_line(tmp_path):
+  path = write_csv(tmp_path / "labels.csv", [("a", "x", "1", "2"), ("b", "y", "1 x", "2")],
+                   header=("video_id", "narration", "verbs", "nouns"))
+  with pytest.raises(label_pairs.LabelCsvError, match=r"labels\.csv:3: column 'verbs' must hold class ids"):
+    label_pairs.read_label_sets(path, ["a", "b"])
+  path = write_csv(tmp_path / "empty.csv", [("a", "x", "1", "")], header=("video_id", "narration", "verbs", "nouns"))
+  with pytest.raises(label_pairs.LabelCsvError, match=r"empty\.csv:2: column 'nouns' is empty"):
+    label_pairs.read_label_sets(path, ["a"])
+  assert label_pairs.read_label_sets(path, ["a"], allow_empty=True) == [(frozenset({1}), frozenset())]
+
+
+def test_mine_pairs_with_label_rules_end_to_end(tmp_path):
+  header = ("video_id", "narration", "verbs", "nouns")
+  ego_csv = write_csv(tmp_path / "ego.csv", [(name, name.replace("_", " "), " ".join(map(str, v)),
+                                              " ".join(map(str, n))) for name, (v, n) in LABEL_EGO.items()], header)
+  exo_csv = write_csv(tmp_path / "exo.csv", [(f"exo{j}", f"clip {j}", " ".join(map(str, v)), " ".join(map(str, n)))
+                                             for j, (v, n) in enumerate(LABEL_EXO)], header)
+  report = narration_pairs.mine_pairs(ego_csv, exo_csv, str(tmp_path / "p.npz"), mining="labels")
+  pairs = narration_pairs.load_pairs(str(tmp_path / "p.npz"))
+  assert pairs.mining == "labels" and pairs.k == 3
+  np.testing.assert_array_equal(pairs.pair_indices[:4], [[0, 4, 5], [1, 1, 1], [3, 3, 3], [2, 2, 2]])
+  np.testing.assert_array_equal(pairs.pair_counts, [3, 1, 1, 1, 3])
+  np.testing.assert_array_equal(pairs.pair_rules, [2, 1, 3, 4, 0])
+  want = np.take_along_axis(pairs.ego_embeddings @ pairs.exo_embeddings.T, pairs.pair_indices, axis=1)
+  np.testing.assert_allclose(pairs.pair_similarities, want, atol=1e-6)  # narration cosines of the label pairs
+  assert "label rules (ego clips per rule): fallback 1, subset 1, same 1, verb_only 1, noun_only 1" in report.text
+
+
+def test_unavailable_text_model_is_a_one_line_error(text_model, monkeypatch):
+  del text_model  # loaded first: it sets HF_HUB_OFFLINE before huggingface_hub is imported
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(narration_pairs.TextModelError, match="text model 'sentence-transformers/no-such-model' is "
+                                                           "not available") as error:
+    narration_pairs.load_text_model("sentence-transformers/no-such-model")
+  assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- threshold and sigma calibration
+
+
+def test_matched_threshold_hand_worked():
+  reference = [0.9, 0.6, 0.4, 0.2]  # 0.5 keeps 2
+  target = [0.3, 0.55, 0.1, 0.35]  # ranked 0.55, 0.35 | 0.3, 0.1
+  assert calibration.matched_threshold(reference, 0.5, target) == pytest.approx(0.325)
+  assert calibration.matched_threshold(reference, 0.95, target) == pytest.approx((1.0 + 0.55) / 2)  # keeps none
+  assert calibration.matched_threshold(reference, 0.1, target) == pytest.approx((0.1 - 1.0) / 2)  # keeps all
+  with pytest.raises(ValueError, match="same ego clips"):
+    calibration.matched_threshold(reference, 0.5, target[:3])
+
+
+def test_matched_threshold_keeps_the_same_number_of_pairs():
+  """Independent check: count the pairs each threshold keeps; the derived one sits in the gap it must."""
+  rng = np.random.default_rng(0)
+  reference = rng.uniform(-0.2, 0.9, 500)
+  target = np.tanh(1.7 * reference - 0.3) + rng.normal(0, 0.05, 500)  # another encoder's monotone-ish scale
+  for reference_threshold in (0.2, 0.5, 0.7):
+    kept = int(np.sum(reference > reference_threshold))
+    threshold = calibration.matched_threshold(reference, reference_threshold, target)
+    assert int(np.sum(target > threshold)) == kept
+    assert np.sum(target >= threshold) == kept  # no target value at the threshold itself
+    assert np.max(target[target < threshold]) < threshold < np.min(target[target > threshold])
+
+
+def test_matched_sigma_keeps_the_semantic_weights_under_an_affine_change():
+  rng = np.random.default_rng(1)
+  reference = rng.uniform(0.0, 0.95, 64)
+  target = 0.5 * reference + 0.1  # a narrower encoder
+  threshold = calibration.matched_threshold(reference, 0.5, target)
+  assert threshold == pytest.approx(0.35, abs=0.02)
+  sigma = calibration.matched_sigma(reference, 0.5, 0.1, target, threshold)
+  assert sigma == pytest.approx(0.05)
+  weights = lambda s, sg: np.exp(s / sg) / np.mean(np.exp(s / sg))
+  np.testing.assert_allclose(weights(target[target > threshold], sigma),
+                             weights(reference[reference > 0.5], 0.1), rtol=1e-9)
+  text = calibration.format_calibration("ref", "ours", reference, 0.5, 0.1, target)
+  assert f"keeps the same number above {threshold:.4f}" in text and "sigma 0.1 for ref -> 0.0500 for ours" in text

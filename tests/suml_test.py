@@ -3,6 +3,7 @@
 Real data: the shipped clips with the hand-declared pairing of data/suml/ (ego.csv, exo.csv, pairs.npz).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA, apply_overrides
-from losses_test import np_decoupled, np_info_nce, np_normalize, np_semantic_alignment
+from losses_test import np_decoupled, np_decoupled_cross_view, np_info_nce, np_normalize, np_semantic_alignment
+from configs import recipe_suml
 from configs import suml as suml_config
 from configs import suml_eval as suml_eval_config
 from configs import suml_exo as suml_exo_config
@@ -247,7 +249,8 @@ def test_global_negatives_span_the_batch_and_per_device_negatives_each_slice():
   batch, z_f, z_t = synthetic_batch()
   d_f, d_t = batch["ego_text"], batch["exo_text"]
   threshold = float(np.median((d_f * d_t).sum(1)))
-  config = tiny(**{"loss.threshold": threshold, "global_batch_size": 32})
+  # np_decoupled is the released (both-view) form; the paper form has its own test below.
+  config = tiny(**{"loss.threshold": threshold, "global_batch_size": 32, "loss.dcl_negatives": "both_views"})
   tau, sigma = config.loss.temperature, config.loss.sigma
   l_m = lambda s: (np_decoupled(z_f[s], d_f[s], tau) + np_decoupled(d_f[s], z_f[s], tau)
                    + np_decoupled(z_t[s], d_t[s], tau) + np_decoupled(d_t[s], z_t[s], tau))
@@ -279,6 +282,7 @@ def test_baseline_alignment_terms_match_numpy(baseline):
   else:
     config = tiny(arg=f"small,{baseline}")
   config.global_batch_size = 16
+  config.loss.dcl_negatives = "both_views"  # np_decoupled's form (the paper form: test_recipe_loss_totals_match_numpy)
   got = run_objective(config, batch)["loss_align"]
   tau = config.loss.temperature
   distance = lambda x, y: np.linalg.norm(x - y, axis=1)
@@ -319,6 +323,96 @@ def test_sharded_step_equals_single_device_step(suml_records):
   assert single[2]["loss_align"] > 0 and single[2]["loss_video_text"] > 0 and single[2]["aligned_pair_fraction"] >= 0.25
   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("recipe", recipe_suml.RECIPES)
+def test_recipe_loss_totals_match_numpy(recipe):
+  """Each recipe's total against Eq. 12 written out in NumPy: paper = L_f + 0.1 L_t + 0.02 L_aw (w-weighted,
+  cross-view denominators) + 0.1 L_m (cross-view), over the global batch; released = L_f + 0.1 L_t + 0.1 L_m
+  (both-view denominators), the mean over 2 halves of the batch, no alignment term."""
+  batch, z_f, z_t = synthetic_batch()
+  d_f, d_t = batch["ego_text"], batch["exo_text"]
+  threshold = float(np.median((d_f * d_t).sum(1)))
+  config = tiny(arg=f"small,{recipe}", **{"loss.threshold": threshold, "global_batch_size": 32})
+  terms = run_objective(config, batch)
+  tau, sigma = config.loss.temperature, config.loss.sigma
+  task = np.log(2.0)  # zero logits over 2 classes, for L_f and L_t
+  if recipe == "paper":
+    dcl = np_decoupled_cross_view
+    selected = ((d_f.astype(np.float64) * d_t).sum(1) > threshold).astype(np.float64)
+    e = np.exp((d_f.astype(np.float64) * d_t).sum(1) / sigma)
+    w = np.where(selected > 0, e / e[selected > 0].mean(), 0.0)
+    l_aw = dcl(z_f, z_t, tau, selected, w) + dcl(z_t, z_f, tau, selected, w)
+    l_m = dcl(z_f, d_f, tau) + dcl(d_f, z_f, tau) + dcl(z_t, d_t, tau) + dcl(d_t, z_t, tau)
+    want = task + 0.1 * task + 0.02 * l_aw + 0.1 * l_m
+    np.testing.assert_allclose(terms["loss_align"], l_aw, rtol=2e-4)
+  else:
+    halves = (slice(0, 16), slice(16, 32))  # loss.negative_groups 2: the release's 2 GPUs x 32 clips
+    l_m = np.mean([np_decoupled(z_f[s], d_f[s], tau) + np_decoupled(d_f[s], z_f[s], tau)
+                   + np_decoupled(z_t[s], d_t[s], tau) + np_decoupled(d_t[s], z_t[s], tau) for s in halves])
+    want = task + 0.1 * task + 0.1 * l_m
+    assert "loss_align" not in terms
+  np.testing.assert_allclose(terms["loss_video_text"], l_m, rtol=2e-4)
+  np.testing.assert_allclose(terms["loss"], want, rtol=2e-4)
+
+
+def test_multi_label_task_loss_is_a_sum_of_per_head_means():
+  """The released L_t: BCE(25 verbs) + BCE(64 nouns), each a mean; 'mean_over_classes' is one mean over 89."""
+  rng = np.random.default_rng(0)
+  heads = (rng.normal(size=(4, 25)).astype(np.float32), rng.normal(size=(4, 64)).astype(np.float32))
+  targets = (rng.uniform(size=(4, 89)) < 0.1).astype(np.float32)
+  bce = lambda x, t: np.mean(np.logaddexp(0, x) - x * t)
+  per_head = bce(heads[0], targets[:, :25]) + bce(heads[1], targets[:, 25:])
+  one_mean = bce(np.concatenate(heads, 1), targets)
+  got, _ = objective.task_loss(heads, targets, "multi_label", "exo", "sum_over_heads")
+  np.testing.assert_allclose(got, per_head, rtol=1e-5)
+  got, _ = objective.task_loss(heads, targets, "multi_label", "exo", "mean_over_classes")
+  np.testing.assert_allclose(got, one_mean, rtol=1e-5)
+
+
+def test_recipe_table_drives_the_configs_and_the_readme():
+  for recipe in recipe_suml.RECIPES:
+    for small in (False, True):
+      config = suml_config.get_config(("small," if small else "") + recipe)
+      objective.check_config(config)
+      for row in recipe_suml.config_rows():
+        value = config
+        for name in row.key.split("."):
+          value = value[name]
+        want = row.value(recipe, small)
+        assert (tuple(value) if isinstance(want, tuple) else value) == want, (recipe, small, row.key, value)
+  assert suml_config.get_config("").loss.dcl_negatives == "cross_view"  # the paper's method is the default
+  for row in recipe_suml.ROWS:
+    assert row.source and (row.divergence or not row.ours), row.setting  # every deviation says why
+  # Pair-mining rows are flags of the miner: both columns are choices it has; its default is what we use.
+  mining, model = (next(r for r in recipe_suml.ROWS if r.key == f"narration_pairs --{f}") for f in ("mining", "model"))
+  assert {mining.paper, mining.released} == set(narration_pairs.MINING_METHODS)
+  assert narration_pairs.MINING_METHODS[0] == mining.value("paper")
+  assert narration_pairs.RELEASED_MODEL.endswith(model.released)
+  assert narration_pairs.DEFAULT_MODEL == model.value("paper")
+  readme = (DATA.parent / "README.md").read_text()
+  assert recipe_suml.markdown_table() in readme
+  with pytest.raises(ValueError, match="unknown config argument 'small,paper,released'"):
+    suml_config.get_config("small,paper,released")
+
+
+def test_label_mined_partners_are_drawn_among_each_rows_candidates(suml_records, tmp_path):
+  """A label-mined pair file: rows with 1 candidate always give it; rows with 3 draw among all 3."""
+  ego, exo = suml_records
+  pairs = narration_pairs.load_pairs(PAIRS)
+  counts = np.array([1, 3] * 4 + [1], np.int32)[:len(pairs.ego_ids)]
+  labelled = dataclasses.replace(pairs, mining="labels", pair_counts=counts,
+                                 pair_rules=np.where(counts == 1, 2, 1).astype(np.int8))
+  narration_pairs.save_pairs(str(tmp_path / "labels.npz"), labelled)
+  config = tiny(suml_records, **{"data.pair_top_k": 3, "data.pairs": str(tmp_path / "labels.npz")})
+  dataset = iter(suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True))
+  ranks = {1: set(), 3: set()}
+  for batch, _ in zip(dataset, range(4)):
+    for ego_text, exo_text in zip(batch["ego_text"], batch["exo_text"]):
+      row = int(np.flatnonzero(np.all(pairs.ego_embeddings == ego_text, axis=1))[0])
+      exo_row = int(np.flatnonzero(np.all(pairs.exo_embeddings == exo_text, axis=1))[0])
+      ranks[int(counts[row])].add(list(pairs.pair_indices[row]).index(exo_row))
+  assert ranks[1] == {0} and len(ranks[3]) > 1
 
 
 # --------------------------------------------------------------------------- stages and configs

