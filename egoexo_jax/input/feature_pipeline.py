@@ -15,9 +15,12 @@ pairs of the same recording in the batch are hard negatives. Batches of B pairs 
   'ego', 'exo' (B, w1, C); 'record_index' (B,) int64 (into the records' index; the trainer keeps it on
   the host and names it when a loss is not finite), 'window' (B,) int32 (the nominal window number);
   'start', 'span' (B,) float32 (the augmented window, in recording frames).
-Step 2 (groups): an element is one window (a scene) of one record, seen by M ego and N exo views
+Step 2 (groups): built as step 1, "the same configuration from the first step": an element is G
+consecutive windows of one record (G = `windows_per_recording`, 10; the other scenes of the same
+recording in a batch are hard negatives), and each window is a scene seen by M ego and N exo views
 (`ego_views_per_group` 4, `exo_views_per_group` 8). A recording with fewer views of a kind gives all of
-them once, in random order, and fills the rest by drawing among them with replacement.
+them once, in random order, and fills the rest by drawing among them with replacement. Batches of B
+scenes hold B / G elements; G = 1 draws every scene independently.
   'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32; 'record_index'
   (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
 
@@ -165,11 +168,13 @@ class BuildBatch(grain.transforms.RandomMap):
       if record_index not in loaded:
         loaded[record_index] = self.source[record_index]
       element_rng = np.random.default_rng((base, position))
-      build = self._pairs if self.kind == PAIR else self._group
-      examples.append(build(loaded[record_index], record_index, first_window, element_rng))
-    if self.kind == PAIR:
-      return {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+      if self.kind == PAIR:
+        examples.append(self._pairs(loaded[record_index], record_index, first_window, element_rng))
+      else:  # G scenes of consecutive windows, each its own group of views
+        scenes = [self._group(loaded[record_index], record_index, window, element_rng)
+                  for window in range(first_window, first_window + self.windows_per_element)]
+        examples.append({k: np.stack([scene[k] for scene in scenes]) for k in scenes[0]})
+    return {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
 
   def _window(self, recording, window: int, rng) -> tuple[int, int]:
     nominal = window * self.windows.window_stride
@@ -214,23 +219,22 @@ def window_settings(config) -> WindowSettings:
 
 
 def make_dataset(config, source: FeatureRecordSource, kind: str, *, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+                 process_count: int = 1, exclude_recordings=()) -> grain.IterDataset:
   """This host's stream of step-1 (`kind` 'pair') or step-2 ('group') batches of `config.global_batch_size`
-  pairs or scenes in all."""
+  pairs or scenes in all. Records of `exclude_recordings` (held out for evaluation) are never drawn."""
   data = config.data
   windows = window_settings(config)
-  counts = [len(window_starts(e["num_frames"], windows.window_frames, windows.window_stride)) for e in source.entries]
-  if kind == PAIR:
-    group = data.windows_per_recording
-    if config.global_batch_size % group:
-      raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of "
-                       f"data.windows_per_recording {group}: a pair batch is whole groups of one recording's windows")
-    elements_per_batch, windows_per_element = config.global_batch_size // group, group
-  elif kind == GROUP:
-    elements_per_batch, windows_per_element = config.global_batch_size, 1
-  else:
+  excluded = set(exclude_recordings)
+  counts = [0 if e["recording"] in excluded else
+            len(window_starts(e["num_frames"], windows.window_frames, windows.window_stride)) for e in source.entries]
+  if kind not in (PAIR, GROUP):
     raise ValueError(f"unknown batch kind '{kind}': use '{PAIR}' or '{GROUP}'")
-  unused = sum(c < windows_per_element for c in counts)
+  group = data.windows_per_recording
+  if config.global_batch_size % group:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of "
+                     f"data.windows_per_recording {group}: a batch is whole groups of one recording's windows")
+  elements_per_batch, windows_per_element = config.global_batch_size // group, group
+  unused = sum(c < windows_per_element for c, e in zip(counts, source.entries) if e["recording"] not in excluded)
   if unused:
     logging.warning("%d of %d records have fewer than %d windows of %d frames (stride %d) and are not used.",
                     unused, len(counts), windows_per_element, windows.window_frames, windows.window_stride)
