@@ -55,9 +55,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.min_window_scale = 0.5
   config.data.max_window_scale = 2.0
   config.data.windows_per_recording = 4 if small else 10  # G: pairs (step 1) or scenes (step 2) per recording in a batch
-  # Recordings left out of training; their windows are scored by ego -> exo group retrieval at every log step
-  # (objectives/evgap.py: evaluate). :small holds out data/evgap/split.csv's test recordings.
-  config.data.heldout_recordings = "box_r3,bikes_r1" if small else ""
+  # Held out of training and scored by ego -> exo group retrieval at every log step (objectives/evgap.py:
+  # evaluate): the last heldout_fraction of every recording's frames, and whole recordings (comma-separated ids).
+  config.data.heldout_fraction = 0.25 if small else 0.0
+  config.data.heldout_recordings = ""
   config.data.ego_views_per_group = 4  # step 2: M
   config.data.exo_views_per_group = 8  # step 2: N
   config.data.batch_dtype = "float32" if small else "float16"  # host -> device transfer

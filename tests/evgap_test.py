@@ -179,20 +179,23 @@ def test_group_batches_share_timestamps_and_never_repeat_a_scene(demo_prefix):
 
 
 def test_group_batches_hold_consecutive_scenes_of_one_recording_and_skip_held_out_ones(demo_prefix):
-  config = tiny("evgap_group", demo_prefix, **{"data.windows_per_recording": 4})
+  config = tiny("evgap_group", demo_prefix, **{"data.windows_per_recording": 4, "data.heldout_fraction": 0.25})
   source = feature_records.FeatureRecordSource(demo_prefix)
   held_out = ("box_r3", "bikes_r1")
   held_out_indices = {i for i, e in enumerate(source.entries) if e["recording"] in held_out}
   iterator = iter(feature_pipeline.make_dataset(config, source, "group", exclude_recordings=held_out))
   seen = set()
-  for batch in take(iterator, 8):  # two epochs of the 8 remaining recordings (2 elements of 4 windows each)
+  for batch in take(iterator, 8):  # an epoch of the 8 other recordings' first three quarters: 15 elements of 4
     assert batch["ego"].shape == (8, 4, 8, 128)
     for g in range(2):  # as step 1: G = 4 consecutive windows of one recording, hard negatives of each other
       rows = slice(4 * g, 4 * g + 4)
       assert len(set(batch["record_index"][rows])) == 1
       np.testing.assert_array_equal(np.diff(batch["window"][rows]), 1)
+    for s in range(8):  # no frame of the held-out last quarter, even in a stretched window
+      frames = source.entries[int(batch["record_index"][s])]["num_frames"]
+      assert batch["start"][s] + batch["span"][s] <= feature_pipeline.training_frames(frames, 0.25) < frames
     seen.update(batch["record_index"].tolist())
-  assert not seen & held_out_indices and len(seen) == 8
+  assert not seen & held_out_indices and len(seen) >= 7
 
 
 def test_group_retrieval_top1_matches_numpy():
@@ -211,29 +214,31 @@ def test_group_retrieval_top1_matches_numpy():
 
 
 def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_path):
-  config = tiny("evgap_group", demo_prefix)
+  config = tiny("evgap_group", demo_prefix, **{"data.heldout_recordings": "box_r3,bikes_r1",
+                                               "data.heldout_fraction": 0.25})
   model = build_model(config.model)
   params = evgap_objective.init_variables(model, config, jax.random.key(1))["params"]
   got = evgap_objective.evaluate(model, params, config, str(tmp_path))
-  # By hand: the nominal windows (every 10 frames, 8 long) of box_r3 and bikes_r1, each view embedded alone.
+  # By hand: the nominal windows (every 10 frames, 8 long) of box_r3 and bikes_r1, and of the last quarter
+  # of every other recording, each view embedded alone.
   source = feature_records.FeatureRecordSource(demo_prefix)
   embeddings, scenes, kinds = [], [], []
   for index, entry in enumerate(source.entries):
-    if entry["recording"] in ("box_r3", "bikes_r1"):
-      recording = source[index]
-      for start in range(0, recording.num_frames - 8 + 1, 10):
-        scene = len(set(scenes))
-        for view, kind in enumerate(recording.view_kinds):
-          window = recording.features[view, start:start + 8].astype(np.float32)[None]
-          embedding = np.asarray(model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
-          embeddings.append(embedding / np.linalg.norm(embedding))
-          scenes.append(scene)
-          kinds.append(kind)
+    recording = source[index]
+    first = 0 if entry["recording"] in ("box_r3", "bikes_r1") else recording.num_frames - round(recording.num_frames / 4)
+    for start in range(first, recording.num_frames - 8 + 1, 10):
+      scene = len(set(scenes))
+      for view, kind in enumerate(recording.view_kinds):
+        window = recording.features[view, start:start + 8].astype(np.float32)[None]
+        embedding = np.asarray(model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
+        embeddings.append(embedding / np.linalg.norm(embedding))
+        scenes.append(scene)
+        kinds.append(kind)
   embeddings, scenes, ego = np.stack(embeddings), np.asarray(scenes), np.asarray(kinds) == "ego"
   want = evgap_objective.group_retrieval_top1(embeddings[ego], scenes[ego], embeddings[~ego], scenes[~ego])
   assert got["heldout_group_top1"] == pytest.approx(want, abs=1e-9)
-  assert got["heldout_chance"] == pytest.approx(1 / (scenes.max() + 1)) and scenes.max() + 1 == 23
-  assert evgap_objective.evaluate(model, params, tiny("evgap_group", demo_prefix, **{"data.heldout_recordings": ""}),
+  assert got["heldout_chance"] == pytest.approx(1 / (scenes.max() + 1)) and scenes.max() + 1 == 23 + 20  # 20: 1-3 windows in each other recording's last quarter
+  assert evgap_objective.evaluate(model, params, tiny("evgap_group", demo_prefix, **{"data.heldout_fraction": 0.0}),
                                   str(tmp_path)) == {}
 
 

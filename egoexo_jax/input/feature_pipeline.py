@@ -58,6 +58,13 @@ def window_starts(num_frames: int, window_frames: int, window_stride: int) -> np
   return np.arange(0, num_frames - window_frames + 1, window_stride, dtype=np.int64)
 
 
+def training_frames(num_frames: int, heldout_fraction: float) -> int:
+  """Frames [0, this) of a record may feed training; the last `heldout_fraction` of them are held out."""
+  if not 0 <= heldout_fraction < 1:
+    raise ValueError(f"config data.heldout_fraction is {heldout_fraction}; it must lie in [0, 1)")
+  return num_frames - int(round(heldout_fraction * num_frames))
+
+
 def augment_window(start: int, num_frames: int, window_frames: int, scale: float) -> tuple[int, int]:
   """(start, span) of a nominal window stretched by `scale` around its centre, kept inside the record."""
   span = int(min(max(round(scale * window_frames), 1), num_frames))
@@ -159,6 +166,7 @@ class BuildBatch(grain.transforms.RandomMap):
   ego_views: int = 4  # M, groups
   exo_views: int = 8  # N, groups
   dtype: str = "float32"
+  heldout_fraction: float = 0.0  # the end of every record, never drawn (training_frames)
 
   def random_map(self, rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     base = int(rng.integers(2**62))
@@ -178,7 +186,7 @@ class BuildBatch(grain.transforms.RandomMap):
 
   def _window(self, recording, window: int, rng) -> tuple[int, int]:
     nominal = window * self.windows.window_stride
-    return self.windows.draw(nominal, recording.num_frames, rng)
+    return self.windows.draw(nominal, training_frames(recording.num_frames, self.heldout_fraction), rng)
 
   def _pairs(self, recording, record_index: int, first_window: int, rng) -> dict[str, np.ndarray]:
     ego_views, exo_views = recording.views_of_kind("ego"), recording.views_of_kind("exo")
@@ -221,12 +229,15 @@ def window_settings(config) -> WindowSettings:
 def make_dataset(config, source: FeatureRecordSource, kind: str, *, process_index: int = 0,
                  process_count: int = 1, exclude_recordings=()) -> grain.IterDataset:
   """This host's stream of step-1 (`kind` 'pair') or step-2 ('group') batches of `config.global_batch_size`
-  pairs or scenes in all. Records of `exclude_recordings` (held out for evaluation) are never drawn."""
+  pairs or scenes in all. Records of `exclude_recordings`, and the last `data.heldout_fraction` of every
+  record's frames, are held out for evaluation: never drawn, not even by a stretched window."""
   data = config.data
   windows = window_settings(config)
   excluded = set(exclude_recordings)
+  heldout_fraction = data.get("heldout_fraction", 0.0)
   counts = [0 if e["recording"] in excluded else
-            len(window_starts(e["num_frames"], windows.window_frames, windows.window_stride)) for e in source.entries]
+            len(window_starts(training_frames(e["num_frames"], heldout_fraction), windows.window_frames,
+                              windows.window_stride)) for e in source.entries]
   if kind not in (PAIR, GROUP):
     raise ValueError(f"unknown batch kind '{kind}': use '{PAIR}' or '{GROUP}'")
   group = data.windows_per_recording
@@ -241,7 +252,7 @@ def make_dataset(config, source: FeatureRecordSource, kind: str, *, process_inde
   plan = EpochPlan(counts, elements_per_batch, windows_per_element, config.seed, process_index, process_count)
   build = BuildBatch(source, kind, windows, windows_per_element=windows_per_element,
                      ego_views=data.ego_views_per_group, exo_views=data.exo_views_per_group,
-                     dtype=data.get("batch_dtype", "float32"))
+                     dtype=data.get("batch_dtype", "float32"), heldout_fraction=heldout_fraction)
   dataset = grain.MapDataset.range(sys.maxsize).map(plan).seed(config.seed).random_map(build)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                                       prefetch_buffer_size=data.prefetch_batches))

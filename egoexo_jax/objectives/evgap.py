@@ -16,11 +16,12 @@ logit_bias (step 2), and a retrieval accuracy (step 1: ego -> exo top-1 among th
 2: mean cosine of same-scene minus other-scene pairs, 'similarity_gap', computed without the B M x B N
 matrix).
 
-Held-out evaluation (`evaluate`, called by the trainer at every log step): the recordings named in
-`data.heldout_recordings` are left out of training; every nominal window of theirs (no scale
-augmentation) is embedded in every view, and each ego window is matched to the scene whose exo group
-(the mean of its exo windows' unit embeddings) is most similar. 'heldout_group_top1' is the fraction
-matched to their own scene (chance: one over the number of held-out scenes, logged as
+Held-out evaluation (`evaluate`, called by the trainer at every log step): the last
+`data.heldout_fraction` of every record's frames and the recordings named in `data.heldout_recordings`
+are left out of training. Every nominal window there (windows of w1 frames every w2, no scale
+augmentation) is a held-out scene, embedded in every view; each ego window is matched to the scene
+whose exo group (the mean of its exo windows' unit embeddings) is most similar. 'heldout_group_top1' is
+the fraction matched to their own scene (chance: one over the number of held-out scenes, logged as
 'heldout_chance').
 """
 
@@ -149,24 +150,27 @@ def similarity_gap(ego: jax.Array, exo: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=2)
-def _heldout_windows(prefix: str, fmt: str | None, recordings: tuple[str, ...], window_frames: int,
+def _heldout_windows(prefix: str, fmt: str | None, recordings: tuple[str, ...], fraction: float, window_frames: int,
                      window_stride: int) -> dict[str, np.ndarray]:
-  """Every nominal window of the held-out records in every view: 'windows' (K, w1, C) float32, 'scene' (K,)
+  """Every nominal window of the held-out frames in every view: 'windows' (K, w1, C) float32, 'scene' (K,)
   and 'is_ego' (K,) bool; scenes numbered over (record, window)."""
   source = feature_records.FeatureRecordSource(prefix, fmt)
   windows, scenes, is_ego = [], [], []
   for index, entry in enumerate(source.entries):
-    if entry["recording"] not in recordings:
+    first = 0 if entry["recording"] in recordings else feature_pipeline.training_frames(entry["num_frames"], fraction)
+    starts = first + feature_pipeline.window_starts(entry["num_frames"] - first, window_frames, window_stride)
+    if not len(starts):
       continue
     recording = source[index]
-    for start in feature_pipeline.window_starts(recording.num_frames, window_frames, window_stride):
+    for start in starts:
       scene = len(set(scenes))
       for view, kind in enumerate(recording.view_kinds):
         windows.append(recording.features[view, start:start + window_frames].astype(np.float32))
         scenes.append(scene)
         is_ego.append(kind == "ego")
   if not windows:
-    raise ValueError(f"config data.heldout_recordings {list(recordings)} hold no window of {window_frames} frames")
+    raise ValueError(f"the held-out frames (config data.heldout_recordings {list(recordings)}, data.heldout_fraction "
+                     f"{fraction}) hold no window of {window_frames} frames")
   return {"windows": np.stack(windows), "scene": np.asarray(scenes), "is_ego": np.asarray(is_ego)}
 
 
@@ -190,12 +194,12 @@ def group_retrieval_top1(ego: np.ndarray, ego_scene: np.ndarray, exo: np.ndarray
 
 
 def evaluate(model, params, config, workdir: str) -> dict[str, float]:
-  """Held-out ego -> exo group retrieval (module docstring); {} when no recording is held out."""
-  recordings = heldout_recordings(config)
-  if not recordings:
+  """Held-out ego -> exo group retrieval (module docstring); {} when nothing is held out."""
+  recordings, fraction = heldout_recordings(config), config.data.get("heldout_fraction", 0.0)
+  if not recordings and not fraction:
     return {}
   data = _heldout_windows(prepare_feature_records(config, workdir), config.data.get("feature_format") or None,
-                          recordings, config.data.window_frames, config.data.window_stride)
+                          recordings, fraction, config.data.window_frames, config.data.window_stride)
   embed = _embed_fn(model)
   chunk = 256
   embeddings = np.concatenate([np.asarray(embed(params, data["windows"][i:i + chunk]), np.float64)
