@@ -40,9 +40,10 @@ def get_config(arg: str = ""):
   config = evgap_pair.get_config(arg)
   small = arg == "small"
   config.loss.step = "group"
-  config.model.group_log_scale_init = math.log10(1 / 0.7)
-  config.model.group_bias_init = -10.0
-  config.global_batch_size = 16 if small else 64
+  config.model.group_log_scale_init = math.log10(1 / 0.7)  # s; t = exp(s) = 1.17 (evgap_pair.py: the reading)
+  config.model.group_bias_init = -10.0  # SigLIP's, used only with --config.loss.use_group_bias=True
+  # G = data.windows_per_recording scenes per recording, as step 1 (10; 4 for :small): 60 = 6 x 10.
+  config.global_batch_size = 16 if small else 60
   config.num_train_steps = 200 if small else 10_000
   config.optimizer.name = "adamw"
   config.optimizer.base_learning_rate = 1e-3 if small else 1e-4

@@ -54,7 +54,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.window_stride = 10 if small else 100  # w2
   config.data.min_window_scale = 0.5
   config.data.max_window_scale = 2.0
-  config.data.windows_per_recording = 4 if small else 10  # step 1: pairs per recording in a batch
+  config.data.windows_per_recording = 4 if small else 10  # G: pairs (step 1) or scenes (step 2) per recording in a batch
+  # Held out of training and scored by ego -> exo group retrieval at every log step (objectives/evgap.py:
+  # evaluate): the last heldout_fraction of every recording's frames, and whole recordings (comma-separated ids).
+  config.data.heldout_fraction = 0.25 if small else 0.0
+  config.data.heldout_recordings = ""
   config.data.ego_views_per_group = 4  # step 2: M
   config.data.exo_views_per_group = 8  # step 2: N
   config.data.batch_dtype = "float32" if small else "float16"  # host -> device transfer
@@ -72,16 +76,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.embed_dim = 64 if small else 512
   config.model.max_length = 64  # >= window_frames
   config.model.dropout_rate = 0.1
-  config.model.pair_log_scale_init = 0.0  # scale exp(0) = 1
+  # Logit scales: the paper's stated values are read as the learnable parameter s, the scale being t = exp(s)
+  # (CLIP's code holds log(1/0.07) in its parameter the same way): step 1 "initialized to 1" -> s = 1, t = e;
+  # step 2 "log10(1/0.7)" -> s = 0.155, t = 1.17 (configs/evgap_group.py). Reading both as t instead would
+  # start step 2 at t = 0.155, where no logit leaves [-0.155, 0.155].
+  config.model.pair_log_scale_init = 1.0
   config.model.group_log_scale_init = 0.0  # step 2's (configs/evgap_group.py)
-  config.model.group_bias_init = -10.0
+  config.model.group_bias_init = -10.0  # SigLIP's; only used with loss.use_group_bias
   config.model.dtype = "float32" if small else "bfloat16"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.step = "pair"
   config.loss.auxiliary_weight = 0.2
+  # Step 2 (configs/evgap_group.py): EVGAP's Eq. 2 by default: per device ('local'), no bias, the mean over the
+  # B^2 M N ego-exo pairs ('pairs'). SigLIP: use_group_bias True, normalization 'ego' (/ B M), scope 'global'.
   config.loss.group_scope = "local"
-  config.loss.use_group_bias = True  # step 2: SigLIP's learnable bias (else b = 0)
+  config.loss.use_group_bias = False
+  config.loss.group_normalization = "pairs"
   config.loss.tile_rows = 0
 
   config.global_batch_size = 40 if small else 200

@@ -306,29 +306,53 @@ def _flatten_group(ego: jax.Array, exo: jax.Array):
           l2_normalize(exo.reshape(scenes * n, dim)), jnp.repeat(jnp.arange(scenes), n))
 
 
-def siglip_group_loss(ego: jax.Array, exo: jax.Array, log_scale: jax.Array, bias: jax.Array) -> jax.Array:
-  """EVGAP step 2: SigLIP's sigmoid loss over groups, dense (the whole logit matrix at once).
+GROUP_NORMALIZATIONS = ("pairs", "ego")  # Eq. 2's mean over all ego-exo pairs; SigLIP's sum per ego window
+
+
+def _group_divisor(ego_rows: int, exo_rows: int, normalization: str) -> int:
+  if normalization not in GROUP_NORMALIZATIONS:
+    raise ValueError(f"unknown group loss normalization '{normalization}': use one of {GROUP_NORMALIZATIONS}")
+  return ego_rows * exo_rows if normalization == "pairs" else ego_rows
+
+
+def siglip_group_loss(ego: jax.Array, exo: jax.Array, log_scale: jax.Array, bias: jax.Array,
+                      normalization: str = "ego") -> jax.Array:
+  """EVGAP step 2: the sigmoid loss over groups, dense (the whole logit matrix at once).
 
   ego (B, M, D), exo (B, N, D): M ego and N exo windows of each of B scenes. Over all B M ego windows i
   and B N exo windows j, z_ij = t <e_i, x_j> + b with unit e, x, t = exp(s); y_ij = +1 when i and j
-  are windows of the same scene (a block-diagonal label matrix), -1 otherwise. As SigLIP normalises by
-  its number of images, the sum is divided by the number of ego windows:
-      L = -1/(B M) sum_i sum_j log sigmoid(y_ij z_ij).
-  SigLIP starts s = ln 10 (t = 10) and b = -10; the EVGAP configs set their own (configs/evgap_group.py).
+  are windows of the same scene (a block-diagonal label matrix), -1 otherwise. The sum
+      S = -sum_i sum_j log sigmoid(y_ij z_ij)
+  is divided by the number of ego windows B M with `normalization` 'ego' (SigLIP normalises by its
+  number of images), or by the number of pairs B^2 M N with 'pairs' (EVGAP's Eq. 2, a mean over every
+  ego-exo pair; see `evgap_group_loss`). SigLIP starts s = ln 10 (t = 10) and b = -10.
   """
   e, e_scene, x, x_scene = _flatten_group(ego, exo)
   total = _sigmoid_block_sum(e, e_scene, x, x_scene, jnp.exp(_float32_or_wider(log_scale)), _float32_or_wider(bias))
-  return total / e.shape[0]
+  return total / _group_divisor(e.shape[0], x.shape[0], normalization)
+
+
+def evgap_group_loss(ego: jax.Array, exo: jax.Array, log_scale: jax.Array) -> jax.Array:
+  """EVGAP's Eq. 2 on one device's scenes: the sigmoid loss without bias, a mean over all pairs,
+
+      L = -1/(B^2 M N) sum_{i=1}^{B M} sum_{j=1}^{B N} log sigmoid(y_ij t <e_i, x_j>),   t = exp(s),
+
+  with y_ij = +1 for windows of the same scene, -1 otherwise (shapes as `siglip_group_loss`). Over
+  several devices the paper "ignores the device communication": each device takes this mean over its
+  own B scenes and the devices' values are averaged (`siglip_group_loss_sharded`, scope 'local').
+  """
+  return siglip_group_loss(ego, exo, log_scale, jnp.zeros((), jnp.float32), normalization="pairs")
 
 
 def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Array, bias: jax.Array, *, mesh,
                               scope: str = "global", axis_name: str | tuple[str, ...] = ("data", "fsdp"),
-                              tile_rows: int = 0) -> jax.Array:
+                              tile_rows: int = 0, normalization: str = "ego") -> jax.Array:
   """siglip_group_loss with the scenes split over the devices of `mesh` axes `axis_name` (jax.shard_map;
   the trainer's batch axes by default, sharding.BATCH_AXES).
 
   ego (B, M, D), exo (B, N, D) global arrays; B divisible by the number of devices n; each device holds
-  b = B / n scenes. scale and bias are replicated. Returns the replicated scalar.
+  b = B / n scenes. scale and bias are replicated. Returns the replicated scalar. `normalization` as
+  siglip_group_loss: 'ego' divides the sum by the ego windows considered, 'pairs' by the pairs.
   scope 'global': the same value as siglip_group_loss on the whole batch. Each device scores its own
     ego windows against its own exo chunk (the positives), then n - 1 times passes its exo chunk to the
     next device of a ring (jax.lax.ppermute) and scores the chunk it received (negatives only), as
@@ -336,10 +360,12 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
     b N with tiling); blocks are recomputed in the backward pass, which keeps only the n received exo
     chunks, so memory grows linearly in B.
   scope 'local': each device computes siglip_group_loss over its own b scenes only (negatives from its
-    own slice, no communication); the result is the mean over devices.
+    own slice, no communication); the result is the mean over devices. With normalization 'pairs' and
+    bias 0 this is EVGAP's Eq. 2 as the paper computes it (`evgap_group_loss` per device).
   """
   if scope not in ("global", "local"):
     raise ValueError(f"unknown SigLIP loss scope '{scope}': use 'global' or 'local'")
+  _group_divisor(1, 1, normalization)  # checks the name before tracing
   axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
   axes = tuple(a for a in axes if a in mesh.shape)  # a 1-D 'data' mesh has no 'fsdp' axis
   spec, replicated = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
@@ -357,7 +383,7 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
     scale, bias = jnp.exp(_float32_or_wider(log_scale)), _float32_or_wider(bias)
     total = block_sum(e, e_scene, x, x_scene, scale, bias)
     if scope == "local":
-      return jax.lax.pmean(total / e.shape[0], axis_name)
+      return jax.lax.pmean(total / _group_divisor(e.shape[0], x.shape[0], normalization), axis_name)
     others = jnp.full_like(x_scene, -1)  # chunks from other devices hold other scenes only
     ring = [(i, (i + 1) % devices) for i in range(devices)]
 
@@ -367,7 +393,8 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
       return (chunk, total + block_sum(e, e_scene, chunk, others, scale, bias)), None
 
     (_, total), _ = jax.lax.scan(step, (x, total), None, length=devices - 1)
-    return jax.lax.psum(total, axis_name) / (e.shape[0] * devices)
+    return jax.lax.psum(total, axis_name) / _group_divisor(e.shape[0] * devices, x.shape[0] * devices,
+                                                           normalization)
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, replicated, replicated),
                        out_specs=replicated)(ego, exo, log_scale, bias)

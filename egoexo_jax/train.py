@@ -339,6 +339,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         check_finite(*previous)
         extra = {"skipped_records": global_sum(skipped), **monitoring.memory_metrics()}
+        if hasattr(objective, "evaluate"):  # an objective's optional held-out metrics (objectives/__init__.py)
+          extra.update(objective.evaluate(model, state.params, config, workdir))
         write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start, window_steps,
                       data_wait, extra)
         train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0

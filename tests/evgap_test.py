@@ -178,6 +178,70 @@ def test_group_batches_share_timestamps_and_never_repeat_a_scene(demo_prefix):
                                                                           int(batch["span"][s]), 8))
 
 
+def test_group_batches_hold_consecutive_scenes_of_one_recording_and_skip_held_out_ones(demo_prefix):
+  config = tiny("evgap_group", demo_prefix, **{"data.windows_per_recording": 4, "data.heldout_fraction": 0.25})
+  source = feature_records.FeatureRecordSource(demo_prefix)
+  held_out = ("box_r3", "bikes_r1")
+  held_out_indices = {i for i, e in enumerate(source.entries) if e["recording"] in held_out}
+  iterator = iter(feature_pipeline.make_dataset(config, source, "group", exclude_recordings=held_out))
+  seen = set()
+  for batch in take(iterator, 8):  # an epoch of the 8 other recordings' first three quarters: 15 elements of 4
+    assert batch["ego"].shape == (8, 4, 8, 128)
+    for g in range(2):  # as step 1: G = 4 consecutive windows of one recording, hard negatives of each other
+      rows = slice(4 * g, 4 * g + 4)
+      assert len(set(batch["record_index"][rows])) == 1
+      np.testing.assert_array_equal(np.diff(batch["window"][rows]), 1)
+    for s in range(8):  # no frame of the held-out last quarter, even in a stretched window
+      frames = source.entries[int(batch["record_index"][s])]["num_frames"]
+      assert batch["start"][s] + batch["span"][s] <= feature_pipeline.training_frames(frames, 0.25) < frames
+    seen.update(batch["record_index"].tolist())
+  assert not seen & held_out_indices and len(seen) >= 7
+
+
+def test_group_retrieval_top1_matches_numpy():
+  rng = np.random.default_rng(4)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  exo_scene = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+  ego_scene = np.array([0, 1, 2, 3, 3, 2, 1])
+  exo, ego = unit(rng.normal(size=(8, 5))), unit(rng.normal(size=(7, 5)))
+  want = [int(np.argmax([np.mean([e @ exo[j] for j in np.flatnonzero(exo_scene == s)]) for s in range(4)]) == ego_scene[i])
+          for i, e in enumerate(ego)]
+  assert evgap_objective.group_retrieval_top1(ego, ego_scene, exo, exo_scene) == pytest.approx(np.mean(want))
+  # When every exo window of a scene is the same unit vector, an ego window equal to it scores 1 there and
+  # less anywhere else: all are matched.
+  directions = unit(rng.normal(size=(4, 5)))
+  assert evgap_objective.group_retrieval_top1(directions[ego_scene], ego_scene, directions[exo_scene], exo_scene) == 1.0
+
+
+def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_path):
+  config = tiny("evgap_group", demo_prefix, **{"data.heldout_recordings": "box_r3,bikes_r1",
+                                               "data.heldout_fraction": 0.25})
+  model = build_model(config.model)
+  params = evgap_objective.init_variables(model, config, jax.random.key(1))["params"]
+  got = evgap_objective.evaluate(model, params, config, str(tmp_path))
+  # By hand: the nominal windows (every 10 frames, 8 long) of box_r3 and bikes_r1, and of the last quarter
+  # of every other recording, each view embedded alone.
+  source = feature_records.FeatureRecordSource(demo_prefix)
+  embeddings, scenes, kinds = [], [], []
+  for index, entry in enumerate(source.entries):
+    recording = source[index]
+    first = 0 if entry["recording"] in ("box_r3", "bikes_r1") else recording.num_frames - round(recording.num_frames / 4)
+    for start in range(first, recording.num_frames - 8 + 1, 10):
+      scene = len(set(scenes))
+      for view, kind in enumerate(recording.view_kinds):
+        window = recording.features[view, start:start + 8].astype(np.float32)[None]
+        embedding = np.asarray(model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
+        embeddings.append(embedding / np.linalg.norm(embedding))
+        scenes.append(scene)
+        kinds.append(kind)
+  embeddings, scenes, ego = np.stack(embeddings), np.asarray(scenes), np.asarray(kinds) == "ego"
+  want = evgap_objective.group_retrieval_top1(embeddings[ego], scenes[ego], embeddings[~ego], scenes[~ego])
+  assert got["heldout_group_top1"] == pytest.approx(want, abs=1e-9)
+  assert got["heldout_chance"] == pytest.approx(1 / (scenes.max() + 1)) and scenes.max() + 1 == 23 + 20  # 20: 1-3 windows in each other recording's last quarter
+  assert evgap_objective.evaluate(model, params, tiny("evgap_group", demo_prefix, **{"data.heldout_fraction": 0.0}),
+                                  str(tmp_path)) == {}
+
+
 def test_epoch_plan_uses_each_element_once_per_epoch():
   plan = feature_pipeline.EpochPlan([5, 3, 0, 7], elements_per_batch=4, windows_per_element=2, seed=1)
   assert plan.elements_per_epoch == 2 + 1 + 0 + 3 and plan.batches_per_epoch == 1
@@ -219,7 +283,7 @@ def test_model_outputs_and_parameters(demo_prefix):
   assert sorted(params) == ["encoder", "group_bias", "group_log_scale", "heads", "pair_log_scale"]
   assert sorted(params["heads"]) == ["projection_0", "projection_1"]
   np.testing.assert_allclose(params["group_log_scale"], np.log10(1 / 0.7), rtol=1e-6)
-  assert float(params["pair_log_scale"]) == 0.0 and float(params["group_bias"]) == -10.0
+  assert float(params["pair_log_scale"]) == 1.0 and float(params["group_bias"]) == -10.0
   windows = np.random.default_rng(0).normal(size=(3, 5, 8, 128)).astype(np.float32)
   apply = jax.jit(lambda x: model.apply(variables, x, train=False))
   out = apply(windows)
@@ -233,7 +297,8 @@ def test_model_outputs_and_parameters(demo_prefix):
 def test_paper_settings_of_both_steps():
   pair, group = load_config("evgap_pair", ""), load_config("evgap_group", "")
   assert (pair.optimizer.name, pair.optimizer.base_learning_rate, pair.global_batch_size) == ("adam", 5e-4, 200)
-  assert (group.optimizer.name, group.optimizer.base_learning_rate, group.global_batch_size) == ("adamw", 1e-4, 64)
+  assert (group.optimizer.name, group.optimizer.base_learning_rate, group.global_batch_size) == ("adamw", 1e-4, 60)
+  assert group.global_batch_size % group.data.windows_per_recording == 0  # step 2 batches as step 1's: G = 10
   assert pair.optimizer.reference_batch_size == 0 and group.optimizer.reference_batch_size == 0
   assert (pair.data.window_frames, pair.data.window_stride, pair.data.windows_per_recording) == (20, 100, 10)
   assert (pair.data.min_window_scale, pair.data.max_window_scale) == (0.5, 2.0)
@@ -241,8 +306,10 @@ def test_paper_settings_of_both_steps():
   assert (pair.model.width, pair.model.num_layers, pair.model.num_heads, pair.model.mlp_dim) == (512, 6, 8, 2048)
   assert pair.data.feature_dim == 2048 and pair.loss.auxiliary_weight == group.loss.auxiliary_weight == 0.2
   assert (pair.loss.step, group.loss.step, group.loss.group_scope) == ("pair", "group", "local")
-  assert group.model.group_log_scale_init == pytest.approx(np.log10(1 / 0.7)) and group.loss.use_group_bias
-  assert group.model.group_bias_init == -10.0 and pair.model.pair_log_scale_init == 0.0
+  # Eq. 2 by default: per device, no bias, the mean over pairs; both stated scale inits read as s (t = exp(s)).
+  assert group.model.group_log_scale_init == pytest.approx(np.log10(1 / 0.7)) and not group.loss.use_group_bias
+  assert group.loss.group_normalization == "pairs"
+  assert group.model.group_bias_init == -10.0 and pair.model.pair_log_scale_init == 1.0
   assert train.parse_init_from(group.init_from) == {"encoder": ("runs/evgap_pair", "encoder"),
                                                     "heads": ("runs/evgap_pair", "heads")}
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):

@@ -434,6 +434,58 @@ def test_siglip_group_loss_hand_worked():
   np.testing.assert_allclose(got, np.log1p(np.exp(-1.0)) + np.log(2.0), rtol=1e-6)
 
 
+def np_evgap_eq2(ego, exo, log_scale):
+  """EVGAP Eq. 2 written out: no bias, -1/(B^2 M N) sum over every (ego window, exo window) pair."""
+  scenes, m, _ = ego.shape
+  n = exo.shape[1]
+  e, x = np_unit(ego), np_unit(exo)
+  total = 0.0
+  for a in range(scenes):
+    for b in range(scenes):
+      y = 1.0 if a == b else -1.0
+      for i in range(m):
+        for j in range(n):
+          total += np.log1p(np.exp(-y * np.exp(log_scale) * e[a, i] @ x[b, j]))
+  return total / (scenes**2 * m * n)
+
+
+@pytest.mark.parametrize("log_scale", [np.log10(1 / 0.7), 1.0, 3.0])
+def test_evgap_eq2_matches_numpy(log_scale):
+  ego, exo = evgap_inputs(scenes=5, m=3, n=4, dim=6, seed=7)
+  want = np_evgap_eq2(ego, exo, log_scale)
+  np.testing.assert_allclose(losses.evgap_group_loss(ego, exo, np.float32(log_scale)), want, rtol=1e-5)
+  # The same as the SigLIP form with b = 0 and the 'pairs' normalisation; SigLIP's differs by B N.
+  np.testing.assert_allclose(losses.siglip_group_loss(ego, exo, np.float32(log_scale), np.float32(0.0), "pairs"),
+                             want, rtol=1e-5)
+  np.testing.assert_allclose(losses.siglip_group_loss(ego, exo, np.float32(log_scale), np.float32(0.0)),
+                             want * 5 * 4, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown group loss normalization 'images'"):
+    losses.siglip_group_loss(ego, exo, np.float32(log_scale), np.float32(0.0), "images")
+
+
+def test_evgap_eq2_per_device_on_8_devices_is_the_mean_of_each_device_numpy_loss():
+  from egoexo_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(8, fsdp=2)
+  ego, exo = evgap_inputs(scenes=16, m=2, n=3, dim=5, seed=11)
+  log_scale = np.float32(np.log10(1 / 0.7))
+  per_device = lambda e, x, s: losses.siglip_group_loss_sharded(e, x, s, np.float32(0.0), mesh=mesh, scope="local",
+                                                                normalization="pairs")
+  got, grads = jax.jit(jax.value_and_grad(per_device, argnums=(0, 1, 2)))(ego, exo, log_scale)
+  # Each device holds 2 consecutive scenes (the batch axis split over data x fsdp in order); no
+  # negatives cross devices.
+  want = np.mean([np_evgap_eq2(ego[2 * d:2 * d + 2], exo[2 * d:2 * d + 2], float(log_scale)) for d in range(8)])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert abs(float(got) - np_evgap_eq2(ego, exo, float(log_scale))) > 1e-3  # not the global mean
+  mean_of_slices = lambda e, x, s: jnp.mean(jnp.stack([losses.evgap_group_loss(e[2 * d:2 * d + 2], x[2 * d:2 * d + 2], s)
+                                                       for d in range(8)]))
+  for g, w in zip(grads, jax.grad(mean_of_slices, argnums=(0, 1, 2))(ego, exo, log_scale)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+  # The global ring with the 'pairs' normalisation is the global mean over all (B M) x (B N) pairs.
+  ring = jax.jit(lambda e, x, s: losses.siglip_group_loss_sharded(e, x, s, np.float32(0.0), mesh=mesh, scope="global",
+                                                                  normalization="pairs"))
+  np.testing.assert_allclose(ring(ego, exo, log_scale), np_evgap_eq2(ego, exo, float(log_scale)), rtol=1e-5)
+
+
 def test_auxiliary_layers_weigh_earlier_layers():
   per_layer = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
   np.testing.assert_allclose(losses.with_auxiliary_layers(per_layer, 0.2), 4.0 + 0.2 * 6.0, rtol=1e-6)

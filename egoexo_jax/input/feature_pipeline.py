@@ -15,9 +15,12 @@ pairs of the same recording in the batch are hard negatives. Batches of B pairs 
   'ego', 'exo' (B, w1, C); 'record_index' (B,) int64 (into the records' index; the trainer keeps it on
   the host and names it when a loss is not finite), 'window' (B,) int32 (the nominal window number);
   'start', 'span' (B,) float32 (the augmented window, in recording frames).
-Step 2 (groups): an element is one window (a scene) of one record, seen by M ego and N exo views
+Step 2 (groups): built as step 1, "the same configuration from the first step": an element is G
+consecutive windows of one record (G = `windows_per_recording`, 10; the other scenes of the same
+recording in a batch are hard negatives), and each window is a scene seen by M ego and N exo views
 (`ego_views_per_group` 4, `exo_views_per_group` 8). A recording with fewer views of a kind gives all of
-them once, in random order, and fills the rest by drawing among them with replacement.
+them once, in random order, and fills the rest by drawing among them with replacement. Batches of B
+scenes hold B / G elements; G = 1 draws every scene independently.
   'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32; 'record_index'
   (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
 
@@ -54,6 +57,13 @@ def window_starts(num_frames: int, window_frames: int, window_stride: int) -> np
   if num_frames < window_frames:
     return np.zeros((0,), np.int64)
   return np.arange(0, num_frames - window_frames + 1, window_stride, dtype=np.int64)
+
+
+def training_frames(num_frames: int, heldout_fraction: float) -> int:
+  """Frames [0, this) of a record may feed training; the last `heldout_fraction` of them are held out."""
+  if not 0 <= heldout_fraction < 1:
+    raise ValueError(f"config data.heldout_fraction is {heldout_fraction}; it must lie in [0, 1)")
+  return num_frames - int(round(heldout_fraction * num_frames))
 
 
 def augment_window(start: int, num_frames: int, window_frames: int, scale: float) -> tuple[int, int]:
@@ -157,6 +167,7 @@ class BuildBatch(grain.transforms.RandomMap):
   ego_views: int = 4  # M, groups
   exo_views: int = 8  # N, groups
   dtype: str = "float32"
+  heldout_fraction: float = 0.0  # the end of every record, never drawn (training_frames)
 
   def random_map(self, rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     base = int(rng.integers(2**62))
@@ -166,15 +177,17 @@ class BuildBatch(grain.transforms.RandomMap):
       if record_index not in loaded:
         loaded[record_index] = self.source[record_index]
       element_rng = np.random.default_rng((base, position))
-      build = self._pairs if self.kind == PAIR else self._group
-      examples.append(build(loaded[record_index], record_index, first_window, element_rng))
-    if self.kind == PAIR:
-      return {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+      if self.kind == PAIR:
+        examples.append(self._pairs(loaded[record_index], record_index, first_window, element_rng))
+      else:  # G scenes of consecutive windows, each its own group of views
+        scenes = [self._group(loaded[record_index], record_index, window, element_rng)
+                  for window in range(first_window, first_window + self.windows_per_element)]
+        examples.append({k: np.stack([scene[k] for scene in scenes]) for k in scenes[0]})
+    return {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
 
   def _window(self, recording, window: int, rng) -> tuple[int, int]:
     nominal = window * self.windows.window_stride
-    return self.windows.draw(nominal, recording.num_frames, rng)
+    return self.windows.draw(nominal, training_frames(recording.num_frames, self.heldout_fraction), rng)
 
   def _pairs(self, recording, record_index: int, first_window: int, rng) -> dict[str, np.ndarray]:
     ego_views, exo_views = recording.views_of_kind("ego"), recording.views_of_kind("exo")
@@ -215,30 +228,32 @@ def window_settings(config) -> WindowSettings:
 
 
 def make_dataset(config, source: FeatureRecordSource, kind: str, *, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+                 process_count: int = 1, exclude_recordings=()) -> grain.IterDataset:
   """This host's stream of step-1 (`kind` 'pair') or step-2 ('group') batches of `config.global_batch_size`
-  pairs or scenes in all."""
+  pairs or scenes in all. Records of `exclude_recordings`, and the last `data.heldout_fraction` of every
+  record's frames, are held out for evaluation: never drawn, not even by a stretched window."""
   data = config.data
   windows = window_settings(config)
-  counts = [len(window_starts(e["num_frames"], windows.window_frames, windows.window_stride)) for e in source.entries]
-  if kind == PAIR:
-    group = data.windows_per_recording
-    if config.global_batch_size % group:
-      raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of "
-                       f"data.windows_per_recording {group}: a pair batch is whole groups of one recording's windows")
-    elements_per_batch, windows_per_element = config.global_batch_size // group, group
-  elif kind == GROUP:
-    elements_per_batch, windows_per_element = config.global_batch_size, 1
-  else:
+  excluded = set(exclude_recordings)
+  heldout_fraction = data.get("heldout_fraction", 0.0)
+  counts = [0 if e["recording"] in excluded else
+            len(window_starts(training_frames(e["num_frames"], heldout_fraction), windows.window_frames,
+                              windows.window_stride)) for e in source.entries]
+  if kind not in (PAIR, GROUP):
     raise ValueError(f"unknown batch kind '{kind}': use '{PAIR}' or '{GROUP}'")
-  unused = sum(c < windows_per_element for c in counts)
+  group = data.windows_per_recording
+  if config.global_batch_size % group:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of "
+                     f"data.windows_per_recording {group}: a batch is whole groups of one recording's windows")
+  elements_per_batch, windows_per_element = config.global_batch_size // group, group
+  unused = sum(c < windows_per_element for c, e in zip(counts, source.entries) if e["recording"] not in excluded)
   if unused:
     logging.warning("%d of %d records have fewer than %d windows of %d frames (stride %d) and are not used.",
                     unused, len(counts), windows_per_element, windows.window_frames, windows.window_stride)
   plan = EpochPlan(counts, elements_per_batch, windows_per_element, config.seed, process_index, process_count)
   build = BuildBatch(source, kind, windows, windows_per_element=windows_per_element,
                      ego_views=data.ego_views_per_group, exo_views=data.exo_views_per_group,
-                     dtype=data.get("batch_dtype", "float32"))
+                     dtype=data.get("batch_dtype", "float32"), heldout_fraction=heldout_fraction)
   dataset = grain.MapDataset.range(sys.maxsize).map(plan).seed(config.seed).random_map(build)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                                       prefetch_buffer_size=data.prefetch_batches))

@@ -10,8 +10,8 @@ View manifest: a CSV file with a header and one row per (recording, view):
   path       a .npy file of shape (frames, feature_dim), float16/32/64; relative to the manifest's folder.
              Frame t of every view of a recording is the same moment.
   fps        optional; frames per second of the features (equal for all views of a recording).
-LMDB feature stores (Assembly101 ships its TSM features as LMDB) are not read: the `lmdb` package is
-not a dependency of this project. Export each view to .npy first.
+Assembly101's released TSM features (one LMDB store per view) convert straight into the same records
+with `python -m egoexo_jax.input.assembly101` (input/assembly101.py), which calls `write_feature_records`.
 
 Record fields (a tf.Example, framed as TFRecord with masked CRC32C via records.py, or in ArrayRecord):
 
@@ -44,7 +44,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -178,8 +178,8 @@ def read_view_manifest(manifest_path: str) -> dict[str, list[ViewFile]]:
       raise FeatureManifestError(f"{where}: fps {fps} differs from {views[0].fps} of the recording's other views "
                                  f"({views[0].where}); synchronised views share one frame rate")
     if path.endswith(".lmdb") or os.path.isdir(os.path.join(folder, path)):
-      raise FeatureManifestError(f"{where}: '{path}' is not a .npy file; LMDB stores need the `lmdb` package, which "
-                                 "this project does not depend on: export each view to .npy")
+      raise FeatureManifestError(f"{where}: '{path}' is not a .npy file; LMDB stores need converting first: "
+                                 "`python -m egoexo_jax.input.assembly101` reads Assembly101's per-view stores")
     views.append(ViewFile(view, kind, os.path.join(folder, path), fps, where))
   if not recordings:
     raise FeatureManifestError(f"{manifest_path}: no rows")
@@ -224,39 +224,60 @@ def convert_feature_manifest(manifest_path: str, output_prefix: str, *, num_shar
                              formats: Sequence[str] = ("tfrecord",), dtype: str = "float16", chunk_frames: int = 0,
                              max_length_difference: int = 2) -> dict:
   """Writes every recording of a view manifest into record shards and `<prefix>.json`; returns the index."""
+  if max_length_difference < 0:
+    raise ValueError(f"max_length_difference must be >= 0, got {max_length_difference}")
+  recordings = read_view_manifest(manifest_path)
+
+  def load():
+    for recording_id, views in recordings.items():
+      yield FeatureRecording(recording_id, [v.view for v in views], [v.kind for v in views],
+                             load_views(views, max_length_difference), views[0].fps), views[0].where
+
+  return write_feature_records(load(), output_prefix, num_shards=num_shards, formats=formats, dtype=dtype,
+                               chunk_frames=chunk_frames, source=os.path.abspath(manifest_path))
+
+
+def write_feature_records(recordings: Iterable[tuple[FeatureRecording, str]], output_prefix: str, *,
+                          num_shards: int = 1, formats: Sequence[str] = ("tfrecord",), dtype: str = "float16",
+                          chunk_frames: int = 0, source: str = "") -> dict:
+  """Writes (recording with all its views, where it came from for errors) pairs into record shards and
+  `<prefix>.json` (chunked by `chunk_frames` > 0, stored as `dtype`); returns the index. `source` names
+  the input in the index ('manifest')."""
   from egoexo_jax.input import convert  # pylint: disable=g-import-not-at-top  (its ShardSet writes atomically)
 
   formats = tuple(formats)
   if not formats or set(formats) - set(FORMATS) or len(set(formats)) != len(formats):
     raise ValueError(f"formats must be distinct values among {FORMATS}, got {formats}")
-  if dtype not in DTYPES or num_shards < 1 or chunk_frames < 0 or max_length_difference < 0:
+  if dtype not in DTYPES or num_shards < 1 or chunk_frames < 0:
     raise ValueError(f"bad settings: dtype={dtype} (one of {DTYPES}), num_shards={num_shards}, "
-                     f"chunk_frames={chunk_frames}, max_length_difference={max_length_difference}")
-  recordings = read_view_manifest(manifest_path)
+                     f"chunk_frames={chunk_frames}")
   for fmt in formats:
     ours = set(convert.shard_paths(output_prefix, fmt, num_shards))
     stale = sorted(set(glob.glob(f"{glob.escape(output_prefix)}.{fmt}-*-of-*")) - ours)
     if stale:
       raise FileExistsError(f"{stale[0]} exists from a run with another shard count; remove it or use another prefix")
   os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-  shard_sets, entries, feature_dims, shard_counts = [], [], set(), [0] * num_shards
+  shard_sets, entries, feature_dims, shard_counts, recording_ids = [], [], set(), [0] * num_shards, set()
   try:
     shard_sets = [convert.ShardSet(output_prefix, fmt, num_shards) for fmt in formats]
-    for recording_id, views in recordings.items():
-      features = load_views(views, max_length_difference).astype(dtype)
+    for whole, where in recordings:
+      features = np.asarray(whole.features).astype(dtype)
       feature_dims.add(features.shape[2])
       if len(feature_dims) > 1:
-        raise FeatureManifestError(f"{views[0].where}: feature size {features.shape[2]} differs from the "
+        raise FeatureManifestError(f"{where}: feature size {features.shape[2]} differs from the "
                                    f"dataset's other recordings ({sorted(feature_dims)})")
+      if whole.recording_id in recording_ids:
+        raise FeatureManifestError(f"{where}: recording '{whole.recording_id}' is given twice")
+      recording_ids.add(whole.recording_id)
       step = chunk_frames or features.shape[1]
       for first in range(0, features.shape[1], step):
-        record = FeatureRecording(recording_id, [v.view for v in views], [v.kind for v in views],
-                                  features[:, first:first + step], views[0].fps, first)
+        record = FeatureRecording(whole.recording_id, whole.view_names, whole.view_kinds,
+                                  features[:, first:first + step], whole.fps, whole.first_frame + first)
         shard = len(entries) % num_shards
         data = encode_recording(record)
         for shard_set in shard_sets:
           shard_set.write(shard, data)
-        entries.append({"recording": recording_id, "first_frame": first, "num_frames": record.num_frames,
+        entries.append({"recording": whole.recording_id, "first_frame": record.first_frame, "num_frames": record.num_frames,
                         "views": record.view_names, "kinds": record.view_kinds, "fps": record.fps,
                         "shard": shard, "position": shard_counts[shard]})
         shard_counts[shard] += 1
@@ -264,16 +285,20 @@ def convert_feature_manifest(manifest_path: str, output_prefix: str, *, num_shar
     for shard_set in shard_sets:
       shard_set.abort()
     raise
+  if not entries:
+    for shard_set in shard_sets:
+      shard_set.abort()
+    raise FeatureManifestError(f"{source or output_prefix}: no recordings to write")
   for shard_set in shard_sets:
     shard_set.commit()
-  index = {"manifest": os.path.abspath(manifest_path), "feature_dim": feature_dims.pop(), "dtype": dtype,
+  index = {"manifest": source, "feature_dim": feature_dims.pop(), "dtype": dtype,
            "formats": list(formats), "num_shards": num_shards, "chunk_frames": chunk_frames,
-           "num_recordings": len(recordings), "num_records": len(entries), "records": entries}
+           "num_recordings": len(recording_ids), "num_records": len(entries), "records": entries}
   with atomic_files.atomic_write(f"{output_prefix}.json", "w") as f:
     json.dump(index, f, indent=1)
     f.write("\n")
-  logging.info("%s: wrote %d records of %d recordings into %d shards per format", manifest_path, len(entries),
-               len(recordings), num_shards)
+  logging.info("%s: wrote %d records of %d recordings into %d shards per format", source or output_prefix,
+               len(entries), len(recording_ids), num_shards)
   return index
 
 

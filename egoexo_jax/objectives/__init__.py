@@ -14,6 +14,8 @@ parts that differ, as plain functions:
       `batch` holds global jax.Arrays sharded over the mesh's batch axes (`sharding.BATCH_AXES`,
       data x fsdp); a loss that needs explicit collectives (per-device negatives, ring passes)
       uses jax.shard_map over `mesh` with those axes.
+  evaluate(model, params, config, workdir) -> {name: float}     (optional)
+      held-out metrics, computed at every log step and logged with the step's scalars.
 
 Objectives: egoexo (Ego-Exo pre-training and view classification), suml (SUM-L stages (a) and (b)
 and its baselines), evgap (EVGAP steps 1 and 2), finetune (Charades-Ego / EPIC-Kitchens, Ego-Exo*).

@@ -2,25 +2,37 @@
 
   'pair'  (step 1): batches of B synchronised ego-exo window pairs, G = 10 per recording (hard
           negatives); CLIP pair loss on every layer's embedding, scale exp(params['pair_log_scale']).
-  'group' (step 2): batches of B scenes, each M ego + N exo synchronised windows; SigLIP group loss
-          (block-diagonal positives) with scale exp(params['group_log_scale']) and, when
-          loss.use_group_bias, bias params['group_bias'] (else 0), over each device's own scenes
-          (loss.group_scope 'local', the paper's) or over the global batch with a ppermute ring
-          (loss.group_scope 'global').
+  'group' (step 2): batches of B scenes, each M ego + N exo synchronised windows, G = 10 consecutive
+          scenes per recording as in step 1; the sigmoid group loss (block-diagonal positives) with
+          scale exp(params['group_log_scale']). By default EVGAP's Eq. 2: no bias, the mean over all
+          B^2 M N ego-exo pairs of each device's own scenes, averaged over devices (loss.group_scope
+          'local', loss.group_normalization 'pairs', loss.use_group_bias False). SigLIP's variant is
+          configuration: use_group_bias adds params['group_bias'], normalization 'ego' divides by
+          B M, scope 'global' takes negatives from the whole batch with a ppermute ring.
 
 Both: total = L_L + w sum_{l<L} L_l over the L layers' class-token embeddings (w = loss.auxiliary_weight,
 0.2). Scalars: loss, loss_last_layer, loss_auxiliary (the mean over layers 1..L-1), logit_scale (t),
 logit_bias (step 2), and a retrieval accuracy (step 1: ego -> exo top-1 among the batch's pairs; step
 2: mean cosine of same-scene minus other-scene pairs, 'similarity_gap', computed without the B M x B N
 matrix).
+
+Held-out evaluation (`evaluate`, called by the trainer at every log step): the last
+`data.heldout_fraction` of every record's frames and the recordings named in `data.heldout_recordings`
+are left out of training. Every nominal window there (windows of w1 frames every w2, no scale
+augmentation) is a held-out scene, embedded in every view; each ego window is matched to the scene
+whose exo group (the mean of its exo windows' unit embeddings) is most similar. 'heldout_group_top1' is
+the fraction matched to their own scene (chance: one over the number of held-out scenes, logged as
+'heldout_chance').
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from egoexo_jax import losses, sharding
 from egoexo_jax.input import feature_pipeline, feature_records
@@ -50,15 +62,29 @@ def prepare_feature_records(config, workdir: str) -> str:
   return prefix
 
 
-def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
-  del model
+def heldout_recordings(config) -> tuple[str, ...]:
+  """config data.heldout_recordings (comma-separated recording ids) as a tuple."""
+  return tuple(r.strip() for r in config.data.get("heldout_recordings", "").split(",") if r.strip())
+
+
+def _open_source(config, workdir: str) -> feature_records.FeatureRecordSource:
   source = feature_records.FeatureRecordSource(prepare_feature_records(config, workdir),
                                                config.data.get("feature_format") or None)
   if source.feature_dim != config.data.feature_dim:
     raise ValueError(f"the feature records hold {source.feature_dim}-d features but config data.feature_dim is "
                      f"{config.data.feature_dim}")
-  return feature_pipeline.make_dataset(config, source, _step(config), process_index=process_index,
-                                       process_count=process_count)
+  unknown = set(heldout_recordings(config)) - {e["recording"] for e in source.entries}
+  if unknown:
+    raise ValueError(f"config data.heldout_recordings names {sorted(unknown)}, which the feature records "
+                     f"({source!r}) do not hold")
+  return source
+
+
+def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
+  del model
+  return feature_pipeline.make_dataset(config, _open_source(config, workdir), _step(config),
+                                       process_index=process_index, process_count=process_count,
+                                       exclude_recordings=heldout_recordings(config))
 
 
 def init_variables(model, config, rng: jax.Array):
@@ -97,7 +123,8 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
   bias = params["group_bias"] if config.loss.use_group_bias else jnp.zeros((), jnp.float32)
   per_layer = [losses.siglip_group_loss_sharded(ego, exo, params["group_log_scale"], bias,
                                                 mesh=mesh, scope=config.loss.group_scope, axis_name=sharding.BATCH_AXES,
-                                                tile_rows=config.loss.get("tile_rows", 0))
+                                                tile_rows=config.loss.get("tile_rows", 0),
+                                                normalization=config.loss.get("group_normalization", "pairs"))
                for ego, exo in zip(ego_layers, exo_layers)]
   total, scalars = _layer_losses(per_layer, config)
   scalars["similarity_gap"] = similarity_gap(ego_layers[-1], exo_layers[-1])
@@ -117,3 +144,66 @@ def similarity_gap(ego: jax.Array, exo: jax.Array) -> jax.Array:
   every = jnp.sum(jnp.sum(ego, (0, 1)) * jnp.sum(exo, (0, 1)))
   other = (every - same) / jnp.maximum(scenes * m * (scenes - 1) * n, 1)
   return same / (scenes * m * n) - other
+
+
+# --------------------------------------------------------------------------- held-out group retrieval
+
+
+@functools.lru_cache(maxsize=2)
+def _heldout_windows(prefix: str, fmt: str | None, recordings: tuple[str, ...], fraction: float, window_frames: int,
+                     window_stride: int) -> dict[str, np.ndarray]:
+  """Every nominal window of the held-out frames in every view: 'windows' (K, w1, C) float32, 'scene' (K,)
+  and 'is_ego' (K,) bool; scenes numbered over (record, window)."""
+  source = feature_records.FeatureRecordSource(prefix, fmt)
+  windows, scenes, is_ego = [], [], []
+  for index, entry in enumerate(source.entries):
+    first = 0 if entry["recording"] in recordings else feature_pipeline.training_frames(entry["num_frames"], fraction)
+    starts = first + feature_pipeline.window_starts(entry["num_frames"] - first, window_frames, window_stride)
+    if not len(starts):
+      continue
+    recording = source[index]
+    for start in starts:
+      scene = len(set(scenes))
+      for view, kind in enumerate(recording.view_kinds):
+        windows.append(recording.features[view, start:start + window_frames].astype(np.float32))
+        scenes.append(scene)
+        is_ego.append(kind == "ego")
+  if not windows:
+    raise ValueError(f"the held-out frames (config data.heldout_recordings {list(recordings)}, data.heldout_fraction "
+                     f"{fraction}) hold no window of {window_frames} frames")
+  return {"windows": np.stack(windows), "scene": np.asarray(scenes), "is_ego": np.asarray(is_ego)}
+
+
+@functools.lru_cache(maxsize=2)
+def _embed_fn(model):
+  return jax.jit(lambda params, windows: losses.l2_normalize(
+      model.apply({"params": params}, windows, train=False)["embeddings"][-1]))
+
+
+def group_retrieval_top1(ego: np.ndarray, ego_scene: np.ndarray, exo: np.ndarray, exo_scene: np.ndarray) -> float:
+  """Top-1 accuracy of ego -> exo group matching: unit ego rows (Q, D) against the groups of unit exo rows
+  (K, D) by scene; a group's score is the mean cosine to its rows, <e, mean_j x_j>; ties go to the lowest
+  scene id. Scenes are 0..S-1."""
+  scenes = int(max(ego_scene.max(), exo_scene.max())) + 1
+  centroids = np.zeros((scenes, exo.shape[1]), np.float64)
+  np.add.at(centroids, exo_scene, exo)
+  counts = np.bincount(exo_scene, minlength=scenes)
+  scores = ego @ (centroids / np.maximum(counts, 1)[:, None]).T
+  scores[:, counts == 0] = -np.inf
+  return float(np.mean(np.argmax(scores, axis=1) == ego_scene))
+
+
+def evaluate(model, params, config, workdir: str) -> dict[str, float]:
+  """Held-out ego -> exo group retrieval (module docstring); {} when nothing is held out."""
+  recordings, fraction = heldout_recordings(config), config.data.get("heldout_fraction", 0.0)
+  if not recordings and not fraction:
+    return {}
+  data = _heldout_windows(prepare_feature_records(config, workdir), config.data.get("feature_format") or None,
+                          recordings, fraction, config.data.window_frames, config.data.window_stride)
+  embed = _embed_fn(model)
+  chunk = 256
+  embeddings = np.concatenate([np.asarray(embed(params, data["windows"][i:i + chunk]), np.float64)
+                               for i in range(0, len(data["windows"]), chunk)])
+  ego, scene = data["is_ego"], data["scene"]
+  top1 = group_retrieval_top1(embeddings[ego], scene[ego], embeddings[~ego], scene[~ego])
+  return {"heldout_group_top1": top1, "heldout_chance": 1.0 / (int(scene.max()) + 1)}
