@@ -132,9 +132,14 @@ def eval_settings(config) -> ml_collections.ConfigDict:
 
 
 def restore_variables(config, workdir: str, mesh) -> tuple[Any, dict, int]:
-  """(model, {'params', 'batch_stats'} on `mesh`, step) from the newest checkpoint of workdir, opened read-only."""
+  """(model, {'params', 'batch_stats'} on `mesh`, step) from the newest checkpoint of workdir, opened read-only,
+  or from an export folder (python -m egoexo_jax.export) whose model card fits `config`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from egoexo_jax import pretrained  # pylint: disable=g-import-not-at-top
 
+  if pretrained.is_export(workdir):
+    model, variables, step = pretrained.load_for_config(workdir, config)
+    return model, jax.device_put(variables, sharding.replicated(mesh)), step
   model = build_model(config.model)
   optimizer, _ = train.make_optimizer(config)
   abstract, _ = train.abstract_state(model, optimizer, config, mesh)
