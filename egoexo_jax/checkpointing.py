@@ -387,13 +387,14 @@ def latest_step_dir(path: str) -> str:
 def load_backbone(path: str, params: Any, batch_stats: Any, subtree: str = "backbone",
                   source_subtree: str | None = None) -> tuple[Any, Any]:
   """Replaces the `subtree` of params and batch_stats with the checkpoint's `source_subtree`
-  (default: the same name) of the checkpoint at `path`.
+  (default: the same name) of the checkpoint at `path` (a training checkpoint or an export folder).
 
   Heads stay as initialised (a new task's heads). Every array of the subtree must be present with
   the same shape; the error names the first one that is not.
   """
-  source_subtree = source_subtree or subtree
-  step_dir = latest_step_dir(path)
+  from egoexo_jax import pretrained  # pylint: disable=g-import-not-at-top  (it imports this module)
+  source_subtree = pretrained.source_subtree(path, source_subtree or subtree)  # an export's single part
+  step_dir, _ = pretrained.resolve(path)  # a training checkpoint or an export folder
   saved = restore_on_this_host(os.path.join(step_dir, STATE))
   out = []
   for collection, current in (("params", params), ("batch_stats", batch_stats)):

@@ -144,10 +144,15 @@ def restore_variables(config, workdir: str, mesh, checkpoint: str = "") -> tuple
   `checkpoint`: '' the newest checkpoint of <workdir>/checkpoints; 'best' the one of <workdir>/best
   (kept by periodic evaluation during training, egoexo_jax/train_eval.py); otherwise a folder holding
   a `state/` item with 'params' and 'batch_stats' (models/import_weights.py writes one, e.g. from a
-  released fine-tuned checkpoint), whose step is reported as 0.
+  released fine-tuned checkpoint), whose step is reported as 0. `workdir` may also be an export
+  folder (python -m egoexo_jax.export) whose model card fits `config`.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from egoexo_jax import pretrained  # pylint: disable=g-import-not-at-top
 
+  if pretrained.is_export(workdir):
+    model, variables, step = pretrained.load_for_config(workdir, config)
+    return model, jax.device_put(variables, sharding.replicated(mesh)), step
   model = build_model(config.model)
   optimizer, _ = train.make_optimizer(config)
   abstract, _ = train.abstract_state(model, optimizer, config, mesh)

@@ -13,6 +13,8 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+import torch
+from torch import nn as tnn
 
 import sys
 
@@ -115,3 +117,219 @@ def assert_trees_close(a, b, rtol, atol):
   assert tree_a == tree_b
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- PySlowFast's networks in torch.nn
+# PySlowFast is not installed here; these have its module tree and state-dict names (weight import and
+# export tests).
+
+
+def bn3d(channels):
+  return tnn.BatchNorm3d(channels, eps=1e-5, momentum=0.1)
+
+
+class BottleneckTransform(tnn.Module):
+  """PySlowFast resnet_helper.BottleneckTransform: a (kt x 1 x 1), b (1 x 3 x 3, strided), c (1 x 1 x 1)."""
+
+  def __init__(self, dim_in, dim_out, inner, kt, stride):
+    super().__init__()
+    self.a = tnn.Conv3d(dim_in, inner, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
+    self.a_bn = bn3d(inner)
+    self.b = tnn.Conv3d(inner, inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
+    self.b_bn = bn3d(inner)
+    self.c = tnn.Conv3d(inner, dim_out, 1, bias=False)
+    self.c_bn = bn3d(dim_out)
+
+  def forward(self, x):
+    x = torch.relu(self.a_bn(self.a(x)))
+    x = torch.relu(self.b_bn(self.b(x)))
+    return self.c_bn(self.c(x))
+
+
+class ResBlock(tnn.Module):
+  """PySlowFast resnet_helper.ResBlock: branch1 (projection, when needed) + branch2."""
+
+  def __init__(self, dim_in, dim_out, inner, kt, stride):
+    super().__init__()
+    if dim_in != dim_out or stride != 1:
+      self.branch1 = tnn.Conv3d(dim_in, dim_out, 1, stride=(1, stride, stride), bias=False)
+      self.branch1_bn = bn3d(dim_out)
+    self.branch2 = BottleneckTransform(dim_in, dim_out, inner, kt, stride)
+
+  def forward(self, x):
+    shortcut = self.branch1_bn(self.branch1(x)) if hasattr(self, "branch1") else x
+    return torch.relu(shortcut + self.branch2(x))
+
+
+class BasicStem(tnn.Module):
+  """PySlowFast stem_helper.ResNetBasicStem: conv (kt, 7, 7) /2, BN, ReLU, max-pool (1, 3, 3) /2."""
+
+  def __init__(self, dim_out, kt):
+    super().__init__()
+    self.conv = tnn.Conv3d(3, dim_out, (kt, 7, 7), stride=(1, 2, 2), padding=(kt // 2, 3, 3), bias=False)
+    self.bn = bn3d(dim_out)
+    self.pool_layer = tnn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+
+  def forward(self, x):
+    return self.pool_layer(torch.relu(self.bn(self.conv(x))))
+
+
+class FuseFastToSlow(tnn.Module):
+  """PySlowFast video_model_builder.FuseFastToSlow."""
+
+  def __init__(self, dim_in, kernel, alpha):
+    super().__init__()
+    self.conv_f2s = tnn.Conv3d(dim_in, 2 * dim_in, (kernel, 1, 1), stride=(alpha, 1, 1), padding=(kernel // 2, 0, 0),
+                               bias=False)
+    self.bn = bn3d(2 * dim_in)
+
+  def forward(self, pathways):
+    slow, fast = pathways
+    return [torch.cat([slow, torch.relu(self.bn(self.conv_f2s(fast)))], 1), fast]
+
+
+class PathwayModules(tnn.Module):
+  """Holds 'pathway{p}_{name}' modules (PySlowFast's VideoModelStem and ResStage) and runs each pathway."""
+
+  def __init__(self, name, modules_per_pathway):
+    super().__init__()
+    self.layout = [len(modules) for modules in modules_per_pathway]
+    for p, modules in enumerate(modules_per_pathway):
+      for i, module in enumerate(modules):
+        self.add_module(f"pathway{p}_{name}" if name == "stem" else f"pathway{p}_{name}{i}", module)
+    self.name = name
+
+  def forward(self, pathways):
+    out = []
+    for p, x in enumerate(pathways):
+      for i in range(self.layout[p]):
+        x = getattr(self, f"pathway{p}_{self.name}" if self.name == "stem" else f"pathway{p}_{self.name}{i}")(x)
+      out.append(x)
+    return out
+
+
+class VideoResNet(tnn.Module):
+  """PySlowFast's `ResNet` (Slow-only: one pathway; I3D with i3d=True) or `SlowFast` (two), with ResNetBasicHead's
+  'head.projection', or with Ego-Exo's heads: MultiTaskHead 'head.projections.{0,1,2}' (action, ego,
+  object) and HandObjHeadSingle 'handobjhead' on pathway 0. forward([slow, (fast)]) -> (outputs, res5)."""
+
+  def __init__(self, blocks, num_classes, slowfast, width=64, fusion_kernel=7, alpha=4, beta_inv=8,
+               egoexo_heads=False, interaction_channels=32, num_object_classes=12, i3d=False):
+    super().__init__()
+    widths = [width, width // beta_inv] if slowfast else [width]
+    lateral = [2 * width // beta_inv * (1 if s == 0 else 2 * 2**s) for s in range(4)] if slowfast else [0] * 4
+    self.s1 = PathwayModules("stem", [[BasicStem(w, kt)] for w, kt in zip(widths, (5 if i3d else 1, 5))])
+    # PySlowFast _TEMPORAL_KERNEL_BASIS per stage: 'slow' / 'slowfast' (slow, fast) and 'i3d' (cycled over blocks).
+    stage_kernels = ([([3],), ([3, 1],), ([3, 1],), ([1, 3],)] if i3d else
+                     [([1], [3]), ([1], [3]), ([3], [3]), ([3], [3])])
+    for s in range(4):
+      stage = []
+      for p, w in enumerate(widths):
+        inner, dim_in = w * 2**s, (w if s == 0 else 2 * w * 2**s) + (lateral[s] if p == 0 else 0)
+        kernels = stage_kernels[s][p]
+        stage.append([ResBlock(dim_in if i == 0 else 4 * inner, 4 * inner, inner, kernels[i % len(kernels)],
+                               (1 if s == 0 else 2) if i == 0 else 1) for i in range(blocks[s])])
+      self.add_module(f"s{s + 2}", PathwayModules("res", stage))
+      if slowfast:
+        self.add_module(f"s{s + 1}_fuse", FuseFastToSlow(widths[1] * (1 if s == 0 else 2 * 2**s), fusion_kernel, alpha))
+    if i3d:  # PySlowFast's temporal max-pool after s2 (_POOL1 'i3d' = [2, 1, 1]); no parameters
+      self.pathway0_pool = tnn.MaxPool3d((2, 1, 1), (2, 1, 1), (0, 0, 0))
+    self.slowfast = slowfast
+    features = sum(32 * w for w in widths)
+    if egoexo_heads:
+      self.head = tnn.Module()
+      self.head.projections = tnn.ModuleList([tnn.Linear(features, n) for n in (num_classes, 2, num_object_classes)])
+      self.handobjhead = tnn.Module()
+      self.handobjhead.pathway0_conv_fcn0 = tnn.Conv3d(32 * width, interaction_channels, (1, 3, 3), padding=(0, 1, 1))
+      self.handobjhead.score_projection = tnn.Conv3d(interaction_channels, 2, 1)
+    else:
+      self.head = tnn.Module()
+      self.head.projection = tnn.Linear(features, num_classes)
+
+  def forward(self, pathways):
+    x = self.s1(pathways)
+    for s in range(2, 6):
+      if self.slowfast:
+        x = getattr(self, f"s{s - 1}_fuse")(x)
+      x = getattr(self, f"s{s}")(x)
+      if s == 2 and hasattr(self, "pathway0_pool"):
+        x = [self.pathway0_pool(x[0])]
+    pooled = torch.cat([p.mean((2, 3, 4)) for p in x], 1)
+    if hasattr(self.head, "projection"):
+      return {"action": self.head.projection(pooled)}, x
+    action, ego, obj = (projection(pooled) for projection in self.head.projections)
+    interaction = self.handobjhead.score_projection(torch.relu(self.handobjhead.pathway0_conv_fcn0(x[0])))
+    return {"action": action, "ego": ego, "object": obj, "interaction": interaction.permute(0, 2, 3, 4, 1)}, x
+
+
+def randomise(model, seed=0):
+  """Random weights (conv: PySlowFast's MSRA fill) and random BN affine parameters and running statistics.
+
+  bn_c's gamma is kept small, as a trained network's last BN of a block tends to be, so that the
+  activations stay O(1) through 16 residual blocks and the fp32 comparison is meaningful.
+  """
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, module in model.named_modules():
+      if isinstance(module, tnn.Conv3d):
+        fan_out = module.weight.shape[0] * np.prod(module.weight.shape[2:])
+        module.weight.normal_(0, (2.0 / fan_out) ** 0.5, generator=generator)
+        if module.bias is not None:
+          module.bias.uniform_(-0.1, 0.1, generator=generator)
+      elif isinstance(module, tnn.BatchNorm3d):
+        module.weight.uniform_(*((0.1, 0.5) if name.endswith("c_bn") else (0.5, 1.5)), generator=generator)
+        module.bias.uniform_(-0.2, 0.2, generator=generator)
+        module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+        module.running_var.uniform_(0.5, 2.0, generator=generator)
+      elif isinstance(module, tnn.Linear):
+        module.weight.normal_(0, 0.05, generator=generator)
+        module.bias.uniform_(-0.1, 0.1, generator=generator)
+  return model.eval()
+
+
+def pack_pathways(frames, slowfast, alpha=4):
+  """PySlowFast's pack_pathway_output: (B, 3, T, H, W) -> [slow (every alpha-th by linspace), fast]."""
+  if not slowfast:
+    return [frames]
+  index = torch.linspace(0, frames.shape[2] - 1, frames.shape[2] // alpha).long()
+  return [torch.index_select(frames, 2, index), frames]
+
+
+# --------------------------------------------------------------------------- synthetic runs (export tests)
+
+
+def random_variables(shapes, seed=0):
+  """Concrete variables for a tree of ShapeDtypeStructs: kernels He-normal, BatchNorm scales, biases and
+  running statistics random (bn_c's scale small, as randomise() does), other leaves normal(0, 0.02)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, shape):
+    names = [getattr(k, "key", "") for k in path]
+    size = shape.shape
+    if names[-1] == "kernel":
+      value = rng.normal(size=size) * np.sqrt(2.0 / np.prod(size[:-1]))
+    elif names[-1] == "scale":
+      value = rng.uniform(*((0.1, 0.5) if "bn_c" in names else (0.5, 1.5)), size=size)
+    elif names[-1] in ("bias", "mean"):
+      value = rng.uniform(-0.2, 0.2, size=size)
+    elif names[-1] == "var":
+      value = rng.uniform(0.5, 2.0, size=size)
+    else:
+      value = rng.normal(0, 0.02, size=size)
+    return np.asarray(value, shape.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def write_checkpoint(workdir, variables, step=7):
+  """`workdir` holding one checkpoint in the trainer's layout (state: step, params, batch_stats and an
+  optimiser-sized opt_state), as if a run had saved it at `step`."""
+  import jax.numpy as jnp
+  from egoexo_jax import checkpointing
+  state = {"step": jnp.asarray(step, jnp.int32), "params": variables["params"],
+           "batch_stats": variables.get("batch_stats", {}), "opt_state": {"momentum": variables["params"]}}
+  manager = checkpointing.make_manager(str(workdir), max_to_keep=1, async_save=False)
+  checkpointing.save(manager, step, jax.tree.map(jnp.asarray, state))
+  manager.wait_until_finished()
+  manager.close()
+  return str(workdir)

@@ -6,8 +6,9 @@
 Reads the view manifest of the pre-training data (feature_records.read_view_manifest: recording, view,
 kind, path[, fps]) and writes `<output_dir>/<recording>/<view>.npy`, float32 (T, width), the layout the
 segmentation and anticipation CLIs read. The encoder is the 'encoder' subtree of a checkpoint (a
-workdir, its checkpoints/ folder or a step folder), `--subtree` naming it there: pre-training's
-encoder (frozen), or the encoder of any later run that trained one further (fine-tuned). Modes:
+workdir, its checkpoints/ folder, a step folder or an export folder of egoexo_jax.export), `--subtree`
+naming it there: pre-training's encoder (frozen), or the encoder of any later run that trained one
+further (fine-tuned). Modes:
   tokens  the recording cut into consecutive windows of `window_frames` (the last one padded and
           masked); each frame's feature is the last layer's token of that frame. T / w1 encoder calls.
   class   a window of `window_frames` centred on every frame (frames beyond the recording masked); each
@@ -25,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from egoexo_jax import atomic_files, checkpointing
+from egoexo_jax import atomic_files, checkpointing, pretrained
 from egoexo_jax.input import feature_records
 from egoexo_jax.models import build_model
 from egoexo_jax.models import evgap as evgap_model
@@ -39,6 +40,8 @@ def load_encoder(config, checkpoint: str, subtree: str = "encoder"):
   model = build_model(config.model)
   if not isinstance(model, evgap_model.Model):
     raise ValueError(f"config model.name is '{config.model.name}'; feature extraction needs the EVGAP model")
+  if pretrained.is_export(checkpoint):  # an export folder: its card must fit the config's encoder
+    pretrained.check_config(pretrained.read_card(checkpoint), config, part="encoder", where=checkpoint)
   params = evgap_objective.init_variables(model, config, jax.random.key(0))["params"]
   params, _ = checkpointing.load_backbone(checkpoint, params, {}, subtree="encoder", source_subtree=subtree)
   return model, params

@@ -96,10 +96,17 @@ def score_records(records_iter: Iterable[records.VideoRecord], logits_fn, config
 
 
 def load_classifier(config, workdir: str):
-  """The view classifier's model and inference variables from the newest checkpoint of `workdir`."""
-  from egoexo_jax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
+  """The view classifier's model and inference variables from the newest checkpoint of `workdir`, or from
+  an export folder (python -m egoexo_jax.export) whose model card fits `config`."""
+  from egoexo_jax import checkpointing, pretrained, sharding, train  # pylint: disable=g-import-not-at-top
   from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
+  if config.model.num_classes != 2:
+    raise ValueError(f"an ego/exo classifier has 2 classes; the config says {config.model.num_classes}")
+  if pretrained.is_export(workdir):
+    model, variables, step = pretrained.load_for_config(workdir, config)
+    logging.info("Ego/exo classifier from the export %s (step %d).", workdir, step)
+    return model, variables
   model = build_model(config.model)
   optimizer, _ = train.make_optimizer(config)
   abstract, _ = train.abstract_state(model, optimizer, config, sharding.make_mesh(1))
@@ -110,8 +117,6 @@ def load_classifier(config, workdir: str):
                             "first (python main.py --config=configs/ego_classifier.py --workdir=...)")
   state, step = restored
   logging.info("Ego/exo classifier from %s, step %d.", workdir, step)
-  if config.model.num_classes != 2:
-    raise ValueError(f"an ego/exo classifier has 2 classes; the config says {config.model.num_classes}")
   return model, {"params": state.params, "batch_stats": state.batch_stats}
 
 

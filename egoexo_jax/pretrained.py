@@ -1,0 +1,173 @@
+"""Exported models (egoexo_jax/export.py): one-call loading, and the checks that tie an export to a config.
+
+An export folder holds `state/` (Orbax: {'params', 'batch_stats'} for inference), `model_card.json`
+(what it is, from what, how to feed it) and `MODEL_CARD.md`, optionally `forward.jax_export` and
+`pyslowfast.pyth` (export.py's docstring lists them). The card's `part` says which network it holds:
+
+    model          the whole network of `config.model` (variables stored as the run had them)
+    backbone, ego_backbone, exo_backbone
+                   one video backbone (models/backbones.py), e.g. the SUM-L ego encoder
+    encoder        the EVGAP sequence encoder (models/transformer.SequenceEncoder)
+
+A part is stored under its own name ({'params': {'ego_backbone': ...}}), so `init_from` and
+`checkpointing.load_backbone` read an export folder as they read a training checkpoint; `load_pretrained`
+returns the part's own module and unwrapped variables, ready to `apply`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from egoexo_jax import checkpointing
+
+CARD = "model_card.json"
+CARD_MARKDOWN = "MODEL_CARD.md"
+FORWARD = "forward.jax_export"
+PYSLOWFAST = "pyslowfast.pyth"
+FORMAT = "egoexo_jax export 1"
+
+VIDEO_BACKBONE_PARTS = ("backbone", "ego_backbone", "exo_backbone")
+PARTS = ("model", *VIDEO_BACKBONE_PARTS, "encoder")
+# config.model fields each part depends on; 'model' compares every field but these (compute-only).
+_PART_FIELDS = {**{p: ("backbone", "backbone_args") for p in VIDEO_BACKBONE_PARTS},
+                "encoder": ("width", "num_layers", "num_heads", "mlp_dim", "max_length", "norm_first")}
+_NOT_COMPARED = ("dtype", "param_dtype", "dropout_rate")
+
+
+class ExportMismatchError(ValueError):
+  """An export does not fit the config it is used with; the message names the field."""
+
+
+def is_export(path: str) -> bool:
+  """Whether `path` is an export folder (it holds a model card)."""
+  return bool(path) and os.path.isfile(os.path.join(path, CARD))
+
+
+def read_card(path: str) -> dict[str, Any]:
+  """The model card of the export folder `path`."""
+  card_path = os.path.join(path, CARD)
+  try:
+    with open(card_path) as f:
+      card = json.load(f)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{path}: not an export folder (no {CARD}); make one with python -m egoexo_jax.export") from e
+  if card.get("format") != FORMAT:
+    raise ValueError(f"{card_path}: format '{card.get('format')}' is not '{FORMAT}'")
+  return card
+
+
+def resolve(path: str) -> tuple[str, dict[str, Any] | None]:
+  """(folder holding `state/`, model card or None) of a workdir, its checkpoints/ folder, a step folder
+  (newest step, checkpointing.latest_step_dir) or an export folder. The one resolution the trainer's
+  init_from, evaluate, downstream.extract and the teachers share."""
+  if is_export(path):
+    return os.path.abspath(path), read_card(path)
+  return checkpointing.latest_step_dir(path), None
+
+
+def source_subtree(path: str, subtree: str) -> str:
+  """The subtree to read from `path` for a requested `subtree`: when `path` is an export of one video
+  backbone and `subtree` names a video backbone, the export's (so `init_from=<an ego_backbone export>`
+  starts this run's 'backbone'); else `subtree`."""
+  if subtree not in VIDEO_BACKBONE_PARTS or not is_export(path):
+    return subtree
+  part = read_card(path)["part"]
+  return part if part in VIDEO_BACKBONE_PARTS else subtree
+
+
+def _normalised(value: Any) -> Any:
+  """A config value as JSON would give it back (tuples -> lists, ConfigDicts -> dicts), None -> {}."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.loads(json.dumps(value if value is not None else {}, default=str))
+
+
+def check_config(card: Mapping[str, Any], config: ml_collections.ConfigDict, *, part: str | None = None,
+                 where: str = "the export") -> None:
+  """Raises ExportMismatchError naming the first config.model field (of those `part` depends on) whose
+  value differs between the card and `config`. `part` defaults to the card's."""
+  part = part or card["part"]
+  saved, given = dict(card["model"]), config.model.to_dict()
+  if part == "model":
+    if saved.get("name") != given.get("name"):
+      raise ExportMismatchError(f"{where} holds a '{saved.get('name')}' model, the config's model.name is "
+                                f"'{given.get('name')}'")
+    fields = sorted((set(saved) | set(given)) - set(_NOT_COMPARED))
+  else:
+    fields = _PART_FIELDS[part]
+  for field in fields:
+    for name, (was, now) in _differences(f"model.{field}", _normalised(saved.get(field)),
+                                          _normalised(given.get(field))):
+      raise ExportMismatchError(f"{where} was made with {name}={json.dumps(was)}, the config has "
+                                f"{name}={json.dumps(now)}")
+
+
+def _differences(name: str, was: Any, now: Any):
+  """(dotted name, (card value, config value)) of each leaf that differs; dicts compared key by key."""
+  if isinstance(was, dict) and isinstance(now, dict):
+    for key in sorted(set(was) | set(now)):
+      yield from _differences(f"{name}.{key}", was.get(key), now.get(key))
+  elif was != now:
+    yield name, (was, now)
+
+
+def part_module(model_config: Mapping[str, Any], part: str):
+  """The flax module of `part` (PARTS) of the network `model_config` (config.model as a dict)."""
+  from egoexo_jax.models import backbones, build_model, transformer  # pylint: disable=g-import-not-at-top
+
+  model_config = dict(model_config)
+  dtypes = {k: jnp.dtype(model_config[k]) for k in ("dtype", "param_dtype") if k in model_config}
+  if part == "model":
+    return build_model(ml_collections.ConfigDict(model_config))
+  if part in VIDEO_BACKBONE_PARTS:
+    return backbones.build_backbone(model_config["backbone"], model_config.get("backbone_args"), name=None, **dtypes)
+  if part == "encoder":
+    fields = {k: model_config[k] for k in _PART_FIELDS["encoder"] + ("dropout_rate",) if k in model_config}
+    return transformer.SequenceEncoder(**fields, **dtypes)
+  raise ValueError(f"unknown part '{part}': use one of {PARTS}")
+
+
+def restore_variables(path: str) -> dict[str, Any]:
+  """The stored {'params', 'batch_stats'} of an export folder, as saved (part subtrees included)."""
+  tree = checkpointing.restore_on_this_host(os.path.join(os.path.abspath(path), checkpointing.STATE))
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+
+
+def load_pretrained(path: str, *, dtype: Any = None) -> tuple[Any, dict[str, Any]]:
+  """(flax module, variables) of the export folder `path`, ready for `module.apply(variables, x, train=False)`.
+
+  The module is the card's part (the whole model, a video backbone or the EVGAP encoder), built from the
+  card alone: no config is needed. `dtype` (e.g. jnp.float32) casts floating-point variables, say to
+  compute in float32 from a bfloat16 export; None keeps them as stored.
+  """
+  card = read_card(path)
+  part = card["part"]
+  variables = restore_variables(path)
+  if part != "model":
+    variables = {collection: tree[part] for collection, tree in variables.items() if part in tree}
+  if dtype is not None:
+    variables = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
+  return part_module(card["model"], part), variables
+
+
+def load_for_config(path: str, config: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any], int]:
+  """(model of config.model, its variables, training step) from the whole-model export `path`, after
+  checking that the card fits `config` (check_config). For evaluate and the Ego-Score teacher."""
+  card = read_card(path)
+  if card["part"] != "model":
+    raise ExportMismatchError(f"{path} holds only part '{card['part']}' of a model; this needs a whole-model "
+                              "export (python -m egoexo_jax.export ... --part=model)")
+  check_config(card, config, where=path)
+  from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  variables = restore_variables(path)
+  param_dtype = jnp.dtype(config.model.get("param_dtype", "float32"))
+  variables = jax.tree.map(lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                           variables)
+  return build_model(config.model), variables, int(card["training"]["step"])
