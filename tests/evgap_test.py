@@ -310,6 +310,11 @@ def test_paper_settings_of_both_steps():
   assert group.model.group_log_scale_init == pytest.approx(np.log10(1 / 0.7)) and not group.loss.use_group_bias
   assert group.loss.group_normalization == "pairs"
   assert group.model.group_bias_init == -10.0 and pair.model.pair_log_scale_init == 1.0
+  siglip = load_config("evgap_group", "small,siglip")
+  assert siglip.loss.use_group_bias and siglip.loss.group_normalization == "ego" and siglip.global_batch_size == 16
+  assert siglip.model.group_log_scale_init == pytest.approx(np.log(10.0)) and siglip.model.group_bias_init == -10.0
+  with pytest.raises(ValueError, match="unknown config argument 'small,sig'"):
+    load_config("evgap_group", "small,sig")
   assert train.parse_init_from(group.init_from) == {"encoder": ("runs/evgap_pair", "encoder"),
                                                     "heads": ("runs/evgap_pair", "heads")}
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
