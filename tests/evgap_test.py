@@ -222,6 +222,7 @@ def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_p
   # By hand: the nominal windows (every 10 frames, 8 long) of box_r3 and bikes_r1, and of the last quarter
   # of every other recording, each view embedded alone.
   source = feature_records.FeatureRecordSource(demo_prefix)
+  embed = jax.jit(lambda window: model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
   embeddings, scenes, kinds = [], [], []
   for index, entry in enumerate(source.entries):
     recording = source[index]
@@ -230,7 +231,7 @@ def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_p
       scene = len(set(scenes))
       for view, kind in enumerate(recording.view_kinds):
         window = recording.features[view, start:start + 8].astype(np.float32)[None]
-        embedding = np.asarray(model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
+        embedding = np.asarray(embed(window))
         embeddings.append(embedding / np.linalg.norm(embedding))
         scenes.append(scene)
         kinds.append(kind)
