@@ -222,6 +222,7 @@ def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_p
   # By hand: the nominal windows (every 10 frames, 8 long) of box_r3 and bikes_r1, and of the last quarter
   # of every other recording, each view embedded alone.
   source = feature_records.FeatureRecordSource(demo_prefix)
+  embed = jax.jit(lambda window: model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
   embeddings, scenes, kinds = [], [], []
   for index, entry in enumerate(source.entries):
     recording = source[index]
@@ -230,7 +231,7 @@ def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_p
       scene = len(set(scenes))
       for view, kind in enumerate(recording.view_kinds):
         window = recording.features[view, start:start + 8].astype(np.float32)[None]
-        embedding = np.asarray(model.apply({"params": params}, window, train=False)["embeddings"][-1, 0])
+        embedding = np.asarray(embed(window))
         embeddings.append(embedding / np.linalg.norm(embedding))
         scenes.append(scene)
         kinds.append(kind)
@@ -310,6 +311,11 @@ def test_paper_settings_of_both_steps():
   assert group.model.group_log_scale_init == pytest.approx(np.log10(1 / 0.7)) and not group.loss.use_group_bias
   assert group.loss.group_normalization == "pairs"
   assert group.model.group_bias_init == -10.0 and pair.model.pair_log_scale_init == 1.0
+  siglip = load_config("evgap_group", "small,siglip")
+  assert siglip.loss.use_group_bias and siglip.loss.group_normalization == "ego" and siglip.global_batch_size == 16
+  assert siglip.model.group_log_scale_init == pytest.approx(np.log(10.0)) and siglip.model.group_bias_init == -10.0
+  with pytest.raises(ValueError, match="unknown config argument 'small,sig'"):
+    load_config("evgap_group", "small,sig")
   assert train.parse_init_from(group.init_from) == {"encoder": ("runs/evgap_pair", "encoder"),
                                                     "heads": ("runs/evgap_pair", "heads")}
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
