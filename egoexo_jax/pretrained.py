@@ -35,6 +35,13 @@ FORMAT = "egoexo_jax export 1"
 
 VIDEO_BACKBONE_PARTS = ("backbone", "ego_backbone", "exo_backbone")
 PARTS = ("model", *VIDEO_BACKBONE_PARTS, "encoder")
+PART_DESCRIPTIONS = {
+    "model": "the whole network of config.model, every head included",
+    "backbone": "the video backbone (models/backbones.py): clips -> one feature map per pathway",
+    "ego_backbone": "SUM-L's ego encoder f_f, a video backbone: clips -> one feature map per pathway",
+    "exo_backbone": "SUM-L's exo encoder, a video backbone: clips -> one feature map per pathway",
+    "encoder": "EVGAP's shared sequence encoder: feature windows (B, T, C) -> class tokens per layer, frame tokens",
+}
 # config.model fields each part depends on; 'model' compares every field but these (compute-only).
 _PART_FIELDS = {**{p: ("backbone", "backbone_args") for p in VIDEO_BACKBONE_PARTS},
                 "encoder": ("width", "num_layers", "num_heads", "mlp_dim", "max_length", "norm_first")}
@@ -57,7 +64,8 @@ def read_card(path: str) -> dict[str, Any]:
     with open(card_path) as f:
       card = json.load(f)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{path}: not an export folder (no {CARD}); make one with python -m egoexo_jax.export") from e
+    raise FileNotFoundError(f"{path}: not an export folder (no {CARD}); make one with "
+                            "python -m egoexo_jax.export") from e
   if card.get("format") != FORMAT:
     raise ValueError(f"{card_path}: format '{card.get('format')}' is not '{FORMAT}'")
   return card

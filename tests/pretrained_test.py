@@ -97,11 +97,14 @@ def test_suml_ego_encoder_exports_as_a_backbone(tmp_path):
 
   module, loaded = egoexo_jax.load_pretrained(str(tmp_path / "ego"))
   assert isinstance(module, backbones.BACKBONES["slow_r50"][0])
-  clips = jax.random.normal(jax.random.key(0), (2, 4, 32, 32, 3))
-  want = backbones.build_backbone("slow_r50", config.model.backbone_args).apply(
-      {"params": variables["params"]["ego_backbone"], "batch_stats": variables["batch_stats"]["ego_backbone"]},
-      clips, train=False)
-  np.testing.assert_allclose(module.apply(loaded, clips, train=False)[0], want[0], rtol=1e-6, atol=1e-6)
+  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
+  uint8 = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
+  clips = transforms.normalize_clips(uint8, jnp.float32)
+  reference = backbones.build_backbone("slow_r50", config.model.backbone_args)
+  want = jax.jit(lambda v, x: reference.apply(v, x, train=False))(
+      {"params": variables["params"]["ego_backbone"], "batch_stats": variables["batch_stats"]["ego_backbone"]}, clips)
+  np.testing.assert_allclose(apply(loaded, clips)[0], want[0], rtol=1e-6, atol=1e-6)
 
   # init_from=<this export> starts a 'backbone' (its single part), e.g. of a fine-tuning or Ego-Exo run.
   fresh = {"backbone": jax.tree.map(np.zeros_like, variables["params"]["ego_backbone"])}
@@ -111,11 +114,7 @@ def test_suml_ego_encoder_exports_as_a_backbone(tmp_path):
   # The serialised forward function gives the backbone's pathway features.
   with open(tmp_path / "ego" / pretrained.FORWARD, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
-  uint8 = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
-  from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
-  served = exported.call(loaded, uint8)
-  np.testing.assert_allclose(served[0], module.apply(loaded, transforms.normalize_clips(uint8, jnp.float32),
-                                                     train=False)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(exported.call(loaded, uint8)[0], want[0], rtol=1e-5, atol=1e-5)
 
   with pytest.raises(ValueError, match=r"no parameter subtree 'backbone' \(it has \["):
     export.export(workdir, str(tmp_path / "shared"), config=config, part="backbone")
@@ -133,8 +132,8 @@ def test_evgap_encoder_export_feeds_feature_extraction(tmp_path):
   encoder, loaded = egoexo_jax.load_pretrained(str(tmp_path / "encoder"))
   assert isinstance(encoder, transformer.SequenceEncoder) and set(loaded) == {"params"}
   windows = np.asarray(jax.random.normal(jax.random.key(1), (1, config.data.window_frames, config.data.feature_dim)))
-  want = model.apply({"params": params}, windows, train=False, method="encode")
-  got = encoder.apply(loaded, windows, train=False)
+  want = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, method="encode"))(params, windows)
+  got = jax.jit(lambda v, x: encoder.apply(v, x, train=False))(loaded, windows)
   np.testing.assert_allclose(got["class_tokens"], want["class_tokens"], rtol=1e-5, atol=1e-5)
   with open(tmp_path / "encoder" / pretrained.FORWARD, "rb") as f:
     served = jax.export.deserialize(bytearray(f.read())).call(loaded, windows)
