@@ -5,7 +5,9 @@ Workdirs here hold one checkpoint written in the trainer's layout from random va
 write_checkpoint), so each test exports in seconds without training.
 """
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,20 @@ def test_evaluate_reads_an_export_and_names_a_mismatched_field(egoexo_export):
     evaluate.restore_variables(tiny_config(**{"model.backbone": "i3d_r50"}), output, mesh)
   # Compute-only fields may differ: a bfloat16 evaluation of a float32 export.
   evaluate.restore_variables(tiny_config(**{"model.dtype": "bfloat16", "model.dropout_rate": 0.0}), output, mesh)
+
+
+def test_variables_that_do_not_fit_the_config_are_named(egoexo_export, tmp_path):
+  config, _, output = egoexo_export
+  older = str(tmp_path / "older")
+  shutil.copytree(output, older)
+  card = pretrained.read_card(older)
+  del card["model"]["backbone_args"]  # a card without the field: only the shapes can tell
+  with open(os.path.join(older, pretrained.CARD), "w") as f:
+    json.dump(card, f)
+  with pytest.raises(pretrained.ExportMismatchError, match=r"older: variable \['batch_stats'\]\['backbone'\]"
+                                                           r"\['res2_block0'\]\['bn_a'\]\['mean'\] is \(8,\) in the "
+                                                           r"export, \(16,\) in the config's model$"):
+    evaluate.restore_variables(tiny_config(**{"model.backbone_args.width": 16}), older, sharding.make_mesh(1))
 
 
 def test_ego_score_teacher_reads_an_export(tmp_path):
