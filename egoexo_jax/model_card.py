@@ -136,21 +136,31 @@ def event_scalars(path: str):
     os.close(fd)
 
 
-def read_metrics(workdir: str) -> dict[str, Any]:
+def _event_file_time(path: str) -> tuple[int, str]:
+  """Sort key of an event file: the creation time in its name ('events.out.tfevents.<time>.<host>...')."""
+  stamp = os.path.basename(path).split(".tfevents.")[1].split(".")[0]
+  return (int(stamp) if stamp.isdigit() else 0, path)
+
+
+def read_metrics(workdir: str, up_to_step: int | None = None) -> dict[str, Any]:
   """{'source', 'final': {tag: {step, value}}, 'best': {tag: {step, value, mode}}} from the TensorBoard
-  event files under `workdir` (not under checkpoints/) and `results*.json` files in it."""
+  event files under `workdir` (not under checkpoints/) and the `results*.json` files in it.
+
+  Only steps up to `up_to_step` (the exported checkpoint's) count, and only results of that checkpoint
+  (their 'checkpoint_step'). A step logged twice (a run resumed from an earlier checkpoint) keeps the
+  value of the newer event file.
+  """
   final, best, sources = {}, {}, []
-  event_files = sorted(os.path.join(d, f) for d, _, files in os.walk(workdir) for f in files if ".tfevents." in f
-                       and "checkpoints" not in os.path.relpath(d, workdir).split(os.sep))
-  series: dict[str, list[tuple[int, float]]] = {}
+  event_files = sorted((os.path.join(d, f) for d, _, files in os.walk(workdir) for f in files if ".tfevents." in f
+                        and "checkpoints" not in os.path.relpath(d, workdir).split(os.sep)), key=_event_file_time)
+  series: dict[str, dict[int, float]] = {}
   for path in event_files:
     sources.append(os.path.relpath(path, workdir))
     for tag, step, value in event_scalars(path):
-      series.setdefault(tag, []).append((step, value))
-  for tag, points in series.items():
-    if "/" not in tag:  # clu's own 'steps_per_sec', 'uptime'
-      continue
-    points.sort(key=lambda p: p[0])
+      if "/" in tag and (up_to_step is None or step <= up_to_step):  # no '/': clu's own 'uptime' and the like
+        series.setdefault(tag, {})[step] = value
+  for tag, values in series.items():
+    points = sorted(values.items())
     final[tag] = {"step": points[-1][0], "value": points[-1][1]}
     lower = any(word in tag.split("/")[-1] for word in _LOWER_IS_BETTER)
     step, value = (min if lower else max)(points, key=lambda p: p[1])
@@ -158,13 +168,15 @@ def read_metrics(workdir: str) -> dict[str, Any]:
   for results in sorted(glob.glob(os.path.join(workdir, "results*.json"))):
     with open(results) as f:
       content = json.load(f)
+    if up_to_step is not None and content.get("checkpoint_step", up_to_step) != up_to_step:
+      continue
     metrics = content.get("metrics", content)
     sources.append(os.path.basename(results))
     for key, value in metrics.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool):
         final[f"{os.path.basename(results)}/{key}"] = {"step": content.get("checkpoint_step"), "value": float(value)}
   return {"source": ("TensorBoard event files and results: " + ", ".join(sources)) if sources else "none found",
-          "final": final, "best": best}
+          "up_to_step": up_to_step, "final": final, "best": best}
 
 
 def input_spec(config: ml_collections.ConfigDict, part: str, batch: int) -> dict[str, Any]:
@@ -213,7 +225,7 @@ def model_card(config, config_source: str, *, workdir: str, step_dir: str, step:
       "training": {"step": int(step), "num_train_steps": config.get("num_train_steps"),
                    "global_batch_size": config.get("global_batch_size"),
                    "examples_seen": int(step) * int(config.get("global_batch_size", 0))},
-      "metrics": read_metrics(workdir),
+      "metrics": read_metrics(workdir, up_to_step=int(step)),
       "recipe": recipe if recipe else "none recorded (the config has no 'recipe' field)",
       "data": data_seen(config, workdir),
       "config": config.to_dict(),

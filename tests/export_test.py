@@ -221,6 +221,9 @@ def test_cli_reads_the_recorded_config_and_writes_pyslowfast(trained_run, tmp_pa
   assert summary["step"] == 2 and summary["state_bytes"] < summary["checkpoint_bytes"]
   card = pretrained.read_card(str(tmp_path / "out"))
   assert card["config_source"] == str(run / "config.json") and card["files"]["pyslowfast"]["left_out"] == []
+  # Metrics of the exported step: the run's later scalars and evaluation do not count.
+  assert card["metrics"]["final"] == {"train/loss": {"step": 2, "value": 2.0},
+                                      "train/accuracy": {"step": 2, "value": 0.5}}
   assert sorted(os.listdir(tmp_path / "out")) == ["MODEL_CARD.md", "model_card.json", "pyslowfast.pyth", "state"]
   assert sorted(os.listdir(tmp_path)) == ["out", "run"]  # no temporary folder left
 
