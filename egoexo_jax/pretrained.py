@@ -35,6 +35,13 @@ FORMAT = "egoexo_jax export 1"
 
 VIDEO_BACKBONE_PARTS = ("backbone", "ego_backbone", "exo_backbone")
 PARTS = ("model", *VIDEO_BACKBONE_PARTS, "encoder")
+PART_DESCRIPTIONS = {
+    "model": "the whole network of config.model, every head included",
+    "backbone": "the video backbone (models/backbones.py): clips -> one feature map per pathway",
+    "ego_backbone": "SUM-L's ego encoder f_f, a video backbone: clips -> one feature map per pathway",
+    "exo_backbone": "SUM-L's exo encoder, a video backbone: clips -> one feature map per pathway",
+    "encoder": "EVGAP's shared sequence encoder: feature windows (B, T, C) -> class tokens per layer, frame tokens",
+}
 # config.model fields each part depends on; 'model' compares every field but these (compute-only).
 _PART_FIELDS = {**{p: ("backbone", "backbone_args") for p in VIDEO_BACKBONE_PARTS},
                 "encoder": ("width", "num_layers", "num_heads", "mlp_dim", "max_length", "norm_first")}
@@ -57,7 +64,8 @@ def read_card(path: str) -> dict[str, Any]:
     with open(card_path) as f:
       card = json.load(f)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{path}: not an export folder (no {CARD}); make one with python -m egoexo_jax.export") from e
+    raise FileNotFoundError(f"{path}: not an export folder (no {CARD}); make one with "
+                            "python -m egoexo_jax.export") from e
   if card.get("format") != FORMAT:
     raise ValueError(f"{card_path}: format '{card.get('format')}' is not '{FORMAT}'")
   return card
@@ -99,7 +107,8 @@ def check_config(card: Mapping[str, Any], config: ml_collections.ConfigDict, *, 
     if saved.get("name") != given.get("name"):
       raise ExportMismatchError(f"{where} holds a '{saved.get('name')}' model, the config's model.name is "
                                 f"'{given.get('name')}'")
-    fields = sorted((set(saved) | set(given)) - set(_NOT_COMPARED))
+    # Fields of both: a field only one side has is a default added or dropped since (same network).
+    fields = sorted((set(saved) & set(given)) - set(_NOT_COMPARED))
   else:
     fields = _PART_FIELDS[part]
   for field in fields:
@@ -165,9 +174,24 @@ def load_for_config(path: str, config: ml_collections.ConfigDict) -> tuple[Any, 
     raise ExportMismatchError(f"{path} holds only part '{card['part']}' of a model; this needs a whole-model "
                               "export (python -m egoexo_jax.export ... --part=model)")
   check_config(card, config, where=path)
+  from egoexo_jax import objectives  # pylint: disable=g-import-not-at-top
   from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
   variables = restore_variables(path)
+  model = build_model(config.model)
+  expected = jax.eval_shape(lambda: objectives.get_objective(config.objective).init_variables(
+      model, config, jax.random.key(0)))
+  _check_shapes(path, variables, {c: expected.get(c, {}) for c in variables})
   param_dtype = jnp.dtype(config.model.get("param_dtype", "float32"))
   variables = jax.tree.map(lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                            variables)
-  return build_model(config.model), variables, int(card["training"]["step"])
+  return model, variables, int(card["training"]["step"])
+
+
+def _check_shapes(path: str, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+  """Raises ExportMismatchError naming the first variable missing, extra or of another shape."""
+  flat = lambda tree: {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(stored), flat(expected)
+  for name in sorted(set(have) | set(want)):
+    if have.get(name) != want.get(name):
+      raise ExportMismatchError(f"{path}: variable {name} is {have.get(name, 'absent')} in the export, "
+                                f"{want.get(name, 'absent')} in the config's model")

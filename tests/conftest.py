@@ -322,13 +322,13 @@ def random_variables(shapes, seed=0):
 
 
 def write_checkpoint(workdir, variables, step=7):
-  """`workdir` holding one checkpoint in the trainer's layout (state: step, params, batch_stats and an
-  optimiser-sized opt_state), as if a run had saved it at `step`."""
+  """`workdir` with a checkpoint in the trainer's layout (state: step, params, batch_stats and an
+  optimiser-sized opt_state) added, as if a run had saved it at `step`."""
   import jax.numpy as jnp
   from egoexo_jax import checkpointing
   state = {"step": jnp.asarray(step, jnp.int32), "params": variables["params"],
            "batch_stats": variables.get("batch_stats", {}), "opt_state": {"momentum": variables["params"]}}
-  manager = checkpointing.make_manager(str(workdir), max_to_keep=1, async_save=False)
+  manager = checkpointing.make_manager(str(workdir), max_to_keep=10, async_save=False)
   checkpointing.save(manager, step, jax.tree.map(jnp.asarray, state))
   manager.wait_until_finished()
   manager.close()

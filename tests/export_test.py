@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import egoexo_jax
-from conftest import ROOT, VideoResNet, pack_pathways, random_variables, tiny_config
-from egoexo_jax import checkpointing, export, pretrained, train
+from conftest import ROOT, VideoResNet, pack_pathways, random_variables, tiny_config, write_checkpoint
+from egoexo_jax import checkpointing, export, pretrained
 from egoexo_jax.input import transforms
 from egoexo_jax.models import build_model, egoexo, export_weights, import_weights
 from egoexo_jax.models.resnet2d import WeightImportError
@@ -54,7 +54,8 @@ def test_pyslowfast_export_round_trips_and_gives_pyslowfast_outputs(arch, ego_he
 
   # PySlowFast's network loads it strictly (every key, num_batches_tracked included) and computes the same.
   checkpoint = torch.load(path, weights_only=True)
-  assert checkpoint["epoch"] == 3 and f"ARCH: {info['arch']}" in checkpoint["cfg"] and "DEPTH: null" in checkpoint["cfg"]
+  assert checkpoint["epoch"] == 3 and f"ARCH: {info['arch']}" in checkpoint["cfg"]
+  assert "DEPTH: null" in checkpoint["cfg"]  # one block per stage: no PySlowFast depth
   slowfast = arch == "slowfast_r50"
   torch_model = VideoResNet(TINY_BLOCKS, 5, slowfast, width=16, egoexo_heads=ego_heads, interaction_channels=32,
                             num_object_classes=12, i3d=arch == "i3d_r50")
@@ -89,12 +90,29 @@ def test_pyslowfast_export_refuses_what_pyslowfast_cannot_hold():
 
 
 @pytest.fixture(scope="module")
-def trained_run(real_record_pattern, tmp_path_factory):
-  """A tiny Ego-Exo run trained 4 steps (checkpoints at steps 2 and 4, TensorBoard events)."""
-  config = tiny_config(real_record_pattern)
-  workdir = str(tmp_path_factory.mktemp("egoexo_run"))
-  train.train_and_evaluate(config, workdir)
-  return config, workdir
+def trained_run(tmp_path_factory):
+  """(config, workdir) of a tiny Ego-Exo run as the trainer leaves it: checkpoints at steps 2 and 4 (random
+  variables), TensorBoard scalars written with the trainer's and evaluate's writers, a record shard with
+  the converter's summary beside it."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("egoexo_run")
+  records = tmp_path_factory.mktemp("records")
+  (records / "train.tfrecord-00000-of-00001").write_bytes(b"\0" * 1000)
+  (records / "train.json").write_text(json.dumps({"manifest": "videos.csv", "num_records": 6}))
+  config = tiny_config(str(records / "train.tfrecord-*"))
+  model = build_model(config.model)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 4, 64, 64, 3), jnp.float32))
+  for step in (2, 4):
+    write_checkpoint(workdir, random_variables(shapes, seed=step), step=step)
+  writer = metric_writers.create_default_writer(str(workdir))
+  writer.write_scalars(2, {"train/loss": 2.0, "train/accuracy": 0.5})
+  writer.write_scalars(4, {"train/loss": 1.5, "train/accuracy": 0.25})
+  writer.close()
+  writer = metric_writers.create_default_writer(str(workdir), collection="eval")
+  writer.write_scalars(4, {"eval/mAP": 0.75})
+  writer.close()
+  return config, str(workdir)
 
 
 FORWARD_WITHOUT_EGOEXO_JAX = """
@@ -125,7 +143,8 @@ def test_export_holds_the_inference_variables_a_card_and_a_forward_function(trai
 
   # The card.
   assert json.load(open(os.path.join(output, "model_card.json"))) == card
-  assert (card["part"], card["objective"], card["backbone"], card["dtype"]) == ("model", "egoexo", "slow_r50", "float32")
+  assert (card["part"], card["objective"], card["backbone"], card["dtype"]) == ("model", "egoexo", "slow_r50",
+                                                                                 "float32")
   assert card["num_parameters"] == sum(np.size(x) for x in jax.tree.leaves(training["params"]))
   assert card["input"]["shape"] == [1, 4, 64, 64, 3]
   assert (card["input"]["frames"], card["input"]["frame_stride"], card["input"]["crop_size"]) == (4, 2, 64)
@@ -134,10 +153,13 @@ def test_export_holds_the_inference_variables_a_card_and_a_forward_function(trai
   assert card["config"] == json.loads(json.dumps(config.to_dict())) and card["config_source"] == "--config"
   assert card["recipe"].startswith("none recorded")
   records = card["data"]["record_sets"]["train_records"]
-  assert (records["files"], records["bytes"]) == (1, os.path.getsize(config.data.train_records))
-  losses = card["metrics"]["final"]["train/loss"], card["metrics"]["best"]["train/loss"]
-  assert losses[0]["step"] == 4 and losses[1]["mode"] == "min" and losses[1]["value"] <= losses[0]["value"]
-  assert card["metrics"]["best"]["train/accuracy"]["mode"] == "max"
+  assert (records["files"], records["bytes"], records["records"]) == (1, 1000, 6)
+  metrics = card["metrics"]
+  assert metrics["final"]["train/loss"] == {"step": 4, "value": 1.5}
+  assert metrics["best"]["train/loss"] == {"step": 4, "value": 1.5, "mode": "min"}
+  assert metrics["final"]["train/accuracy"] == {"step": 4, "value": 0.25}
+  assert metrics["best"]["train/accuracy"] == {"step": 2, "value": 0.5, "mode": "max"}
+  assert metrics["final"]["eval/mAP"] == {"step": 4, "value": 0.75} and "eval" in metrics["source"]
   commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
   assert card["version"]["git_commit"] == (commit.stdout.strip() if commit.returncode == 0 else "unknown")
   assert card["files"]["state_bytes"] < 0.75 * card["source"]["checkpoint_bytes"]  # no optimiser state
@@ -147,10 +169,10 @@ def test_export_holds_the_inference_variables_a_card_and_a_forward_function(trai
   # One-call loading gives the trained model's outputs.
   clips = np.random.default_rng(0).integers(0, 256, (1, 4, 64, 64, 3), dtype=np.uint8)
   normalised = transforms.normalize_clips(clips, jnp.float32)
-  want = build_model(config.model).apply({"params": training["params"], "batch_stats": training["batch_stats"]},
-                                         normalised, train=False)
+  want = jax.jit(lambda v, x: build_model(config.model).apply(v, x, train=False))(
+      {"params": training["params"], "batch_stats": training["batch_stats"]}, normalised)
   model, variables = egoexo_jax.load_pretrained(output)
-  got = model.apply(variables, normalised, train=False)
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, normalised)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
 
   # The serialised forward function, in a process that cannot import egoexo_jax.
@@ -180,7 +202,8 @@ def test_bfloat16_export_halves_the_variables(trained_run, tmp_path):
     np.testing.assert_allclose(np.asarray(value, np.float32), want, rtol=1e-2, atol=1e-6)  # bf16 rounding only
   clips = transforms.normalize_clips(np.full((1, 4, 64, 64, 3), 100, np.uint8), jnp.float32)
   _, as_float32 = egoexo_jax.load_pretrained(str(tmp_path / "bf16"), dtype=jnp.float32)
-  got, want = model.apply(as_float32, clips, train=False), model.apply(reference, clips, train=False)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  got, want = apply(as_float32, clips), apply(reference, clips)
   np.testing.assert_allclose(got["action"], want["action"], rtol=0.05, atol=0.05)
 
 
@@ -198,6 +221,9 @@ def test_cli_reads_the_recorded_config_and_writes_pyslowfast(trained_run, tmp_pa
   assert summary["step"] == 2 and summary["state_bytes"] < summary["checkpoint_bytes"]
   card = pretrained.read_card(str(tmp_path / "out"))
   assert card["config_source"] == str(run / "config.json") and card["files"]["pyslowfast"]["left_out"] == []
+  # Metrics of the exported step: the run's later scalars and evaluation do not count.
+  assert card["metrics"]["final"] == {"train/loss": {"step": 2, "value": 2.0},
+                                      "train/accuracy": {"step": 2, "value": 0.5}}
   assert sorted(os.listdir(tmp_path / "out")) == ["MODEL_CARD.md", "model_card.json", "pyslowfast.pyth", "state"]
   assert sorted(os.listdir(tmp_path)) == ["out", "run"]  # no temporary folder left
 

@@ -5,7 +5,9 @@ Workdirs here hold one checkpoint written in the trainer's layout from random va
 write_checkpoint), so each test exports in seconds without training.
 """
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,20 @@ def test_evaluate_reads_an_export_and_names_a_mismatched_field(egoexo_export):
   evaluate.restore_variables(tiny_config(**{"model.dtype": "bfloat16", "model.dropout_rate": 0.0}), output, mesh)
 
 
+def test_variables_that_do_not_fit_the_config_are_named(egoexo_export, tmp_path):
+  config, _, output = egoexo_export
+  older = str(tmp_path / "older")
+  shutil.copytree(output, older)
+  card = pretrained.read_card(older)
+  del card["model"]["backbone_args"]  # a card without the field: only the shapes can tell
+  with open(os.path.join(older, pretrained.CARD), "w") as f:
+    json.dump(card, f)
+  with pytest.raises(pretrained.ExportMismatchError, match=r"older: variable \['batch_stats'\]\['backbone'\]"
+                                                           r"\['res2_block0'\]\['bn_a'\]\['mean'\] is \(8,\) in the "
+                                                           r"export, \(16,\) in the config's model$"):
+    evaluate.restore_variables(tiny_config(**{"model.backbone_args.width": 16}), older, sharding.make_mesh(1))
+
+
 def test_ego_score_teacher_reads_an_export(tmp_path):
   config = tiny_config(**{"model.num_classes": 2, "model.use_ego_heads": False})
   workdir, variables = synthetic_run(config, tmp_path / "classifier", seed=1)
@@ -97,11 +113,14 @@ def test_suml_ego_encoder_exports_as_a_backbone(tmp_path):
 
   module, loaded = egoexo_jax.load_pretrained(str(tmp_path / "ego"))
   assert isinstance(module, backbones.BACKBONES["slow_r50"][0])
-  clips = jax.random.normal(jax.random.key(0), (2, 4, 32, 32, 3))
-  want = backbones.build_backbone("slow_r50", config.model.backbone_args).apply(
-      {"params": variables["params"]["ego_backbone"], "batch_stats": variables["batch_stats"]["ego_backbone"]},
-      clips, train=False)
-  np.testing.assert_allclose(module.apply(loaded, clips, train=False)[0], want[0], rtol=1e-6, atol=1e-6)
+  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
+  uint8 = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
+  clips = transforms.normalize_clips(uint8, jnp.float32)
+  reference = backbones.build_backbone("slow_r50", config.model.backbone_args)
+  want = jax.jit(lambda v, x: reference.apply(v, x, train=False))(
+      {"params": variables["params"]["ego_backbone"], "batch_stats": variables["batch_stats"]["ego_backbone"]}, clips)
+  np.testing.assert_allclose(apply(loaded, clips)[0], want[0], rtol=1e-6, atol=1e-6)
 
   # init_from=<this export> starts a 'backbone' (its single part), e.g. of a fine-tuning or Ego-Exo run.
   fresh = {"backbone": jax.tree.map(np.zeros_like, variables["params"]["ego_backbone"])}
@@ -111,11 +130,7 @@ def test_suml_ego_encoder_exports_as_a_backbone(tmp_path):
   # The serialised forward function gives the backbone's pathway features.
   with open(tmp_path / "ego" / pretrained.FORWARD, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
-  uint8 = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
-  from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
-  served = exported.call(loaded, uint8)
-  np.testing.assert_allclose(served[0], module.apply(loaded, transforms.normalize_clips(uint8, jnp.float32),
-                                                     train=False)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(exported.call(loaded, uint8)[0], want[0], rtol=1e-5, atol=1e-5)
 
   with pytest.raises(ValueError, match=r"no parameter subtree 'backbone' \(it has \["):
     export.export(workdir, str(tmp_path / "shared"), config=config, part="backbone")
@@ -133,8 +148,8 @@ def test_evgap_encoder_export_feeds_feature_extraction(tmp_path):
   encoder, loaded = egoexo_jax.load_pretrained(str(tmp_path / "encoder"))
   assert isinstance(encoder, transformer.SequenceEncoder) and set(loaded) == {"params"}
   windows = np.asarray(jax.random.normal(jax.random.key(1), (1, config.data.window_frames, config.data.feature_dim)))
-  want = model.apply({"params": params}, windows, train=False, method="encode")
-  got = encoder.apply(loaded, windows, train=False)
+  want = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, method="encode"))(params, windows)
+  got = jax.jit(lambda v, x: encoder.apply(v, x, train=False))(loaded, windows)
   np.testing.assert_allclose(got["class_tokens"], want["class_tokens"], rtol=1e-5, atol=1e-5)
   with open(tmp_path / "encoder" / pretrained.FORWARD, "rb") as f:
     served = jax.export.deserialize(bytearray(f.read())).call(loaded, windows)

@@ -42,7 +42,8 @@ def load_encoder(config, checkpoint: str, subtree: str = "encoder"):
     raise ValueError(f"config model.name is '{config.model.name}'; feature extraction needs the EVGAP model")
   if pretrained.is_export(checkpoint):  # an export folder: its card must fit the config's encoder
     pretrained.check_config(pretrained.read_card(checkpoint), config, part="encoder", where=checkpoint)
-  params = evgap_objective.init_variables(model, config, jax.random.key(0))["params"]
+  # Jitted: initialising the transformer op by op takes several times longer than compiling it.
+  params = jax.jit(lambda rng: evgap_objective.init_variables(model, config, rng))(jax.random.key(0))["params"]
   params, _ = checkpointing.load_backbone(checkpoint, params, {}, subtree="encoder", source_subtree=subtree)
   return model, params
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -130,7 +130,3 @@ def export_pyth(variables: Mapping[str, Any], model_config: Mapping[str, Any], p
   return {"path": os.path.basename(path), "keys": len(state_dict), "left_out": left_out,
           "arch": PYSLOWFAST_ARCH[backbone][0]}
 
-
-def subtrees(names: Sequence[str], variables: Mapping[str, Any]) -> dict[str, Any]:
-  """{'params', 'batch_stats'} restricted to the top-level subtrees `names`."""
-  return {c: {k: v for k, v in tree.items() if k in names} for c, tree in variables.items()}
