@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch import nn as tnn
 
 from conftest import VideoResNet, pack_pathways, randomise
 from egoexo_jax import checkpointing
