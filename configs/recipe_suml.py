@@ -81,10 +81,10 @@ ROWS = (
         ours={"paper": "all-MiniLM-L6-v2", "released": "all-MiniLM-L6-v2"}),
     Row("narration similarity threshold", "loss.threshold", 0.5, 0.5, f"{TPV_YAML} MODEL.DCL_THRES",
         "tuned for the release's encoder; not re-derived for all-MiniLM-L6-v2 here (the release's encoder does "
-        "not ship offline): `narration_pairs --calibrate_reference` derives it, README 'SUM-L recipe'. `:small`: "
+        "not ship offline): `narration_pairs --reference_model` derives it, README 'SUM-L recipe'. `:small`: "
         "0.15, the shipped narrations are unrelated (data/suml/README.md)", ours={"small": 0.15}),
     Row("sigma of w", "loss.sigma", 0.1, 0.1, f"{TPV_YAML} MODEL.DCL_SIGMA",
-        "as the threshold: tuned for the release's encoder; `narration_pairs --calibrate_reference` rescales it"),
+        "as the threshold: tuned for the release's encoder; `narration_pairs --reference_model` rescales it"),
     Row("temperature tau", "loss.temperature", 0.06, 0.06, f"{TPV_YAML} MODEL.TEMP"),
     Row("w_t", "loss.weight_exo_task", 0.1, 0.1, f"paper Eq. 12; {TPV_YAML} MODEL.L_CLS"),
     Row("w_aw", "loss.weight_align", 0.02, 0.02, f"paper Eq. 12; {TPV_YAML} MODEL.L_CON (unused by the release)"),

@@ -1,7 +1,11 @@
 r"""SUM-L stage (b) (Wang et al., ICCV 2023): joint ego + exo training through narration pseudo-pairs.
 
 Loss (Eq. 12): L_f + 0.1 L_t + 0.02 L_aw + 0.1 L_m, tau 0.06, sigma 0.1, threshold 0.5, 384-d projections
-(the released EPIC-100 settings). The stages, their checkpoints passed on by path:
+(the released EPIC-100 settings). Two recipes, configs/recipe_suml.py (every value with its source):
+`:paper` (the default) is the paper's method, decoupled denominators of cross-view negatives (Eq. 4/6)
+over the global batch and L_aw weighted by w; `:released` is what the authors' code trains: no alignment
+term (its head computes a triplet loss and drops it), both-view denominators, negatives per half batch
+(2 GPUs x 32), label-mined pairs drawn among 3. The stages, their checkpoints passed on by path:
   (a) configs/suml_exo.py   the exo encoder and head on the exo dataset alone;
   (b) this file             joint training, exo side from (a), ego side from Kinetics / Ego-Exo pre-training;
   (c) configs/suml_eval.py  the ego encoder and head on ego records (python -m egoexo_jax.suml_eval).
@@ -28,20 +32,28 @@ workdir on first use), after stage (a) and the Ego-Exo `:small` run:
       --config.init_from="ego_backbone=runs/egoexo_small,exo_backbone=runs/suml_exo_small:exo_backbone,\
 exo_head_0=runs/suml_exo_small:exo_head_0"
 
-Expected for `:small` (measured on a 2-core CPU shared with other jobs: conversion, compilation and 100
-steps in 4 min 47 s), as averages over the first and last 10 steps: ego task loss 0.60 -> 0.04, L_aw
-33.7 -> 13.8, L_m 59.5 -> 14.1, total 7.43 -> 1.74; L_aw sees about 66% of each batch (the shipped
-narrations are unrelated, so `:small` lowers the threshold to 0.15). The exo accuracy starts near 0.06
-although stage (a) ended at 1.0: the top-1 partners are mostly tree clips, and BatchNorm's statistics of
-such batches differ from stage (a)'s mixed ones; it is back at 0.99 by step 100. The clips are not a real
-ego-exo dataset (data/suml/README.md): the numbers show that every term trains on real pixels, not accuracy.
+(`:small,released` for the released recipe.) Expected for `:small`, as printed at steps 10 and 100 (the
+averages over steps 1-10 and 91-100), measured on a 2-core CPU shared with many other jobs (about 14 min
+each with conversion and compilation; 4 min 47 s on a quieter machine):
+  paper     total 1.68 -> 0.51; ego task 0.60 -> 0.04, L_t 2.15 -> 0.19, L_aw 2.72 -> 2.66, L_m 8.11 -> 4.03;
+            L_aw sees 66% of each batch (the shipped narrations are unrelated, so `:small` lowers the
+            threshold to 0.15); exo accuracy 0.10 -> 0.975.
+  released  total 6.13 -> 0.90; ego task 0.60 -> 0.04, L_t 2.12 -> 0.19, no L_align, L_m 53.2 -> 8.37;
+            exo accuracy 0.09 -> 0.96.
+L_m of the released form is larger because its denominators add same-view similarities, which are high
+while the embeddings of one view are still alike. `:small` pairs by narration under both recipes (the
+shipped ego and exo clips share no label). The exo accuracy starts low although stage (a) ended at 1.0:
+the top-1 partners are mostly tree clips, and BatchNorm's statistics of such batches differ from stage
+(a)'s mixed ones. The clips are not a real ego-exo dataset (data/suml/README.md): the numbers show that
+every term trains on real pixels, not accuracy.
 
-Baselines of the paper's comparison, as a second argument: `:small,fpv_only`, `:small,typical_cl`,
+Baselines of the paper's comparison, as a further argument: `:small,fpv_only`, `:small,typical_cl`,
 `:small,triplet`, `:small,domain_adapt`, `:small,joint_embed` (or `:fpv_only` etc. at full size). Table 6
 ablations:
 `--config.model.share_backbone=True`, or `--config.model.freeze_exo_backbone=True
 --config.optimizer.frozen="('exo_backbone',)"`; `--config.loss.negatives=per_device` keeps each device's
-negatives to its own slice of the batch.
+negatives to its own slice of the batch (`groups` with `loss.negative_groups`: each group's, on any device
+count).
 """
 
 import ml_collections

