@@ -39,6 +39,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+LOGS = tempfile.gettempdir()  # main() sets the run's temporary folder; every run's log is written there
 sys.path.insert(0, str(ROOT))
 
 SHRINK = ["--config.optimizer.warmup_steps=1", "--config.data.crop_size=64", "--config.data.min_short_side=64",
@@ -62,12 +63,12 @@ def parse_args():
 class Run:
   """main.py in its own session; its log (stderr) read line by line."""
 
-  def __init__(self, workdir, records, args):
+  def __init__(self, workdir, records, args, *extra):
     self.workdir = workdir
     command = [sys.executable, "main.py", "--config=configs/egoexo.py:small", f"--workdir={workdir}",
                "--alsologtostderr", f"--config.num_train_steps={args.steps}",
                f"--config.checkpoint_every_steps={args.checkpoint_every}", f"--config.data.num_workers={args.workers}",
-               f"--config.data.train_records={records}", *SHRINK]
+               f"--config.data.train_records={records}", *SHRINK, *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     text=True, start_new_session=True)
@@ -86,6 +87,9 @@ class Run:
     self.read_until(None)
     self.process.wait(timeout=timeout)
     self.seconds = time.monotonic() - self.started
+    name = os.path.relpath(self.workdir, LOGS).replace(os.sep, "_")
+    with open(os.path.join(LOGS, f"{name}-{int(self.started)}.log"), "w") as f:
+      f.writelines(self.lines)  # in the temporary folder, for --keep
     return self.process.returncode
 
   def last(self, pattern: str) -> int | None:
@@ -93,12 +97,14 @@ class Run:
     found = [int(m.group(1)) for line in self.lines if (m := re.search(pattern, line))]
     return found[-1] if found else None
 
-  def first_error(self) -> str:
-    for line in self.lines:
-      if line.startswith(("E1", "E0")) or "Error" in line.split(":")[0]:
-        return line.strip()[:220]
-    tail = [line.strip() for line in self.lines if line.strip()]
-    return tail[-1][:220] if tail else ""
+  def error_line(self) -> str:
+    """main.py's one-line error, else the last exception line of a traceback, else the last line."""
+    ours = [line for line in self.lines if re.match(r"E\d{4} .* main\.py:\d+\] ", line)]
+    if ours:
+      return ours[-1].split("] ", 1)[1].strip()[:260]
+    raised = [line for line in self.lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", line)]
+    tail = raised or [line for line in self.lines if line.strip()]
+    return tail[-1].strip()[:260] if tail else ""
 
   def left_behind(self, wait_s: float = 10.0) -> int:
     """Processes of this run's session still alive `wait_s` seconds after it ended."""
@@ -175,7 +181,7 @@ def corrupt_shard(base, records_dir, args, reference):
   return dict(scenario="corrupt_shard", exits=str(status), lost="-", left=run.left_behind(),
               equal=equal_trees(final_state(workdir, args.steps), reference),
               note=(f"trained {done} steps (other data: not expected equal)" if done else "refused: ")
-              + ("" if done else run.first_error()))
+              + ("" if done else run.error_line()))
 
 
 def disk_full(base, records, args, reference, state_mib):
@@ -194,8 +200,9 @@ def disk_full(base, records, args, reference, state_mib):
     done = logged_step(first)
     good = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if not d.isdigit()]
-    error = first.first_error()
+    error = first.error_line()
     lines = sum(1 for line in first.lines if line.startswith(("E1", "Traceback", "  File")))
+    stopped = first.last(r"checkpoint of step (\d+) could not be written")
     moved = os.path.join(base, "disk_full_moved")
     shutil.copytree(workdir, moved)
   finally:
@@ -206,26 +213,30 @@ def disk_full(base, records, args, reference, state_mib):
   return dict(scenario="disk_full", exits=f"{status} then {status2}", lost=done - resumed,
               left=first.left_behind() + second.left_behind(),
               equal=equal_trees(final_state(moved, args.steps), reference),
-              note=f"tmpfs {size_kib} KiB; checkpoints left {good}, other entries {leftovers}; "
-                   f"{lines} error/traceback lines; {error}")
+              note=f"tmpfs {size_kib} KiB; save of step {stopped} failed, run stopped after step {done}; checkpoints "
+                   f"left {good}, other entries {leftovers}; {lines} lines of Orbax's logged traceback, then: {error}")
 
 
 def second_trainer(base, records, args):
   workdir = os.path.join(base, "second_trainer")
-  first = Run(workdir, records, args)
-  first.read_until(rf"\bstep 1/{args.steps}  loss")
+  first = Run(workdir, records, args, "--config.num_train_steps=1000000")  # still running when the second starts
+  first.read_until(r"\bstep 1/1000000  loss")
   second = Run(workdir, records, args)
   status2 = second.finish()
-  os.killpg(first.process.pid, signal.SIGTERM)
+  running = first.process.poll() is None
+  if running:
+    os.killpg(first.process.pid, signal.SIGTERM)
   status = first.finish()
-  return dict(scenario="second_trainer", exits=f"{status2} (second), {status} (first, SIGTERM)", lost="-",
-              left=first.left_behind() + second.left_behind(), equal="-", note=second.first_error())
+  first_note = "first, SIGTERM after the second ended" if running else "first, had already finished"
+  return dict(scenario="second_trainer", exits=f"{status2} (second), {status} ({first_note})", lost="-",
+              left=first.left_behind() + second.left_behind(), equal="-", note=second.error_line())
 
 
 def main():
   args = parse_args()
   from egoexo_jax.input import convert
-  base = tempfile.mkdtemp(prefix="chaos-")
+  global LOGS
+  base = LOGS = tempfile.mkdtemp(prefix="chaos-")
   try:
     records_dir = os.path.join(base, "records")
     report = convert.convert_manifest(str(ROOT / "data" / "manifest.csv"), os.path.join(records_dir, "train"),
