@@ -25,8 +25,8 @@ Laptop / CPU size, on the real clips shipped in data/ (converted into the workdi
 
 Expected for `:small` on a 2-core CPU (measured): conversion, compilation and 300 steps in about
 2 minutes; under the released recipe the total loss averages 3.25 over steps 1-20 and about 0.66 over
-steps 281-300, the 5-class action term falling from 1.50 to about 0.1 (`:small,paper`: 3.63 at the
-start, whose total weighs the action term 1 and the interaction term half). Checkpoints (steps 100, 200, 300) and
+steps 281-300, the 5-class action term falling from 1.50 to about 0.1 (`:small,paper`: 3.63 and 0.54;
+its total weighs the action term 1 and the interaction term half). Checkpoints (steps 100, 200, 300) and
 TensorBoard event files go under the workdir. The shipped clips carry hand-declared labels and
 stand-in teachers (data/README.md): the numbers show that training works, not accuracy.
 """
