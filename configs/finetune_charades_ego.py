@@ -59,4 +59,4 @@ def get_config(arg: str = ""):
     # The shipped manifest's paths are '../clips/<file>' (relative to data/finetune/); from this folder
     # they lead to the stand-in detector files data/pseudo_labels/hand_object/clips/<file>.npy.
     config.data.hand_object_dir = "data/pseudo_labels/hand_object/clips"
-  return config
+  return finetune_common.apply_recipe(config, arg, "finetune_charades_ego")

@@ -10,17 +10,24 @@ import math
 
 import ml_collections
 
-from configs import egoexo
+from configs import common_recipe, egoexo, recipe_egoexo
 
 
 def parse_arg(arg: str, config_file: str) -> tuple[bool, bool]:
-  """`arg` of `--config=<file>:<arg>`: comma-separated options among 'small' and 'star' -> (small, star)."""
-  options = [a for a in arg.split(",") if a]
+  """`arg` of `--config=<file>:<arg>`: comma-separated options among 'small' and 'star' -> (small, star);
+  a recipe ('released' or 'paper', configs/recipe_egoexo.py) may be named too (recipe_of)."""
+  options = [a for a in arg.split(",") if a and a not in common_recipe.RECIPES]
   unknown = sorted(set(options) - {"small", "star"})
   if unknown:
     raise ValueError(f"unknown config argument(s) {unknown}: use {config_file}[:small][,star] "
                      "('small': a CPU-sized run on the shipped clips; 'star': Ego-Exo* with the interaction loss)")
   return "small" in options, "star" in options
+
+
+def apply_recipe(config, arg: str, config_name: str):
+  """Sets the recipe rows of `config_name` (configs/recipe_egoexo.py) for the recipe named in `arg`."""
+  _, recipe = common_recipe.parse_options(arg, f"configs/{config_name}.py", ("small", "star"), "released")
+  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, recipe, config_name, small="small" in arg.split(","))
 
 
 def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -53,6 +60,8 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.data.crop_size = 112 if small else 224
   config.data.min_short_side = 128 if small else 256
   config.data.max_short_side = 160 if small else 320
+  config.data.target_fps = 0.0  # stride over stored frames (transforms.sample_frame_indices), as the release
+  config.data.interaction_frames = "slow_frames"  # as configs/egoexo.py
   config.data.box_score_threshold = 0.5
   config.data.num_workers = 1 if small else 12
   config.data.read_threads = 2
@@ -74,6 +83,7 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.weight_interaction = 0.0  # per map (hand, object), as the released HANDOBJ weights
+  config.loss.interaction_reduction = "sum"  # L_int = BCE mean of the hand map + that of the object map
 
   config.evaluate = ml_collections.ConfigDict()
   config.evaluate.manifest = ""  # converted into <workdir>/records/eval when --records is not given
@@ -116,6 +126,7 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 1e-4
+  config.optimizer.weight_decay_on = "all_but_batchnorm"  # PySlowFast: every parameter but BatchNorm's
   config.optimizer.decay_steps = ()
   config.optimizer.decay_factor = 0.1
   config.optimizer.frozen = ()

@@ -58,9 +58,27 @@ def interaction_map_bce(logits: jax.Array, targets: jax.Array, weights: jax.Arra
   return _weighted_mean(per_cell.reshape(per_cell.shape[0], -1).mean(axis=1), weights)
 
 
+INTERACTION_REDUCTIONS = {"mean": 1.0, "sum": 2.0}
+
+
+def interaction_term_scale(reduction: str) -> float:
+  """L_int / interaction_map_bce for a reduction of the (hand, object) maps: 'mean' 1 (one mean over both
+  maps), 'sum' 2: the released code adds hand_loss and obj_loss, each a BCE mean over its map's cells
+  (slowfast/models/handobj_models.py cal_handobj_loss), which is twice the mean over both maps."""
+  if reduction not in INTERACTION_REDUCTIONS:
+    raise ValueError(f"unknown interaction-map reduction '{reduction}': use one of {sorted(INTERACTION_REDUCTIONS)}")
+  return INTERACTION_REDUCTIONS[reduction]
+
+
 def egoexo_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], weights: Mapping[str, float],
-                temperature_ego: float, temperature_object: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Ego-Exo pre-training objective (Eq. 7): L_act + w_ego L_ego + w_object L_object + w_interaction L_int.
+                temperature_ego: float, temperature_object: float, *, action_weight: float = 1.0,
+                interaction_reduction: str = "mean") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Ego-Exo pre-training objective (Eq. 7): w_act L_act + w_ego L_ego + w_object L_object + w_interaction L_int.
+
+  w_act is `action_weight` (the paper: 1; the release: LOSS.CE_LOSS_WEIGHT 0.5); L_int is
+  interaction_term_scale(interaction_reduction) x interaction_map_bce: 'mean' of the two maps, or their
+  'sum' as released. The reported 'interaction' term is interaction_map_bce (per cell, whatever the
+  reduction), so it compares across recipes.
 
   outputs: egoexo.Model outputs 'action' (B, K_act), 'ego' (B, 2), 'object' (B, K_obj), 'interaction'
     (B, t, h, w, 2); a term's output is only read when its weight is non-zero.
@@ -82,13 +100,14 @@ def egoexo_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
       "interaction": lambda: interaction_map_bce(outputs["interaction"], batch["interaction_map"],
                                                  batch["has_interaction"]),
   }
+  scale = {"ego": 1.0, "object": 1.0, "interaction": interaction_term_scale(interaction_reduction)}
   terms = {"action": softmax_cross_entropy(outputs["action"], batch["label"])}
-  total = terms["action"]
+  total = action_weight * terms["action"]
   for name in EGO_TERMS:
     weight = weights.get(name, 0.0)
     if weight:
       terms[name] = compute_term[name]()
-      total = total + weight * terms[name]
+      total = total + weight * scale[name] * terms[name]
     else:
       terms[name] = jnp.zeros((), jnp.float32)
   terms["total"] = total

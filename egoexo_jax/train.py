@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from egoexo_jax import checkpointing, metrics, monitoring, objectives, processes, run_lock, sharding
-from egoexo_jax.input import pipelines
+from egoexo_jax import checkpointing, lr_policy, metrics, monitoring, objectives, processes, run_lock, sharding
+from egoexo_jax.input import pipelines, sources
 from egoexo_jax.models import build_model
 
 
@@ -45,14 +45,23 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Learning rate per step: linear warm-up from `warmup_start_fraction` of the peak, then
-  `optimizer.schedule`: 'cosine' (to zero at num_train_steps; the default) or 'steps' (the peak
-  multiplied by `decay_factor` at each step of `decay_steps`, as EPIC-Kitchens fine-tuning).
+  """Learning rate per step.
+
+  With `optimizer.lr_policy` ('cosine', 'steps_with_relative_lrs'): PySlowFast's policy, in epochs when
+  config.epochs > 0 (egoexo_jax/lr_policy.py; resolve_run_length first sets num_train_steps). Otherwise,
+  linear warm-up from `warmup_start_fraction` of the peak to the peak, then `optimizer.schedule`:
+  'cosine' (to zero at num_train_steps; the default) or 'steps' (the peak multiplied by `decay_factor` at
+  each step of `decay_steps`, as EPIC-Kitchens fine-tuning).
 
   The peak is `base_learning_rate`, scaled linearly with the global batch when
   `reference_batch_size` (default 64, PySlowFast's convention) is non-zero.
   """
   opt = config.optimizer
+  if opt.get("lr_policy", ""):
+    try:
+      return lr_policy.make_schedule(config, lr_policy.plan(config))
+    except lr_policy.RecordCountUnknown as e:  # restoring for evaluation needs only the optimiser's structure
+      return lr_policy.unresolved_schedule(e)
   if not 0 <= opt.warmup_steps < config.num_train_steps:
     raise ValueError(f"config optimizer.warmup_steps ({opt.warmup_steps}) must be in [0, num_train_steps) "
                      f"(num_train_steps is {config.num_train_steps})")
@@ -73,18 +82,54 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [opt.warmup_steps])
 
 
+def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """With an lr_policy: the config with num_train_steps = ceil(epochs x records / global batch) when
+  epoch-based (records: data.num_train_examples, else counted in the training records), and one log line
+  describing the schedule. Without one: `config` unchanged."""
+  if not config.optimizer.get("lr_policy", ""):
+    return config
+  num_records = 0
+  if lr_policy.is_epoch_based(config) and not config.data.get("num_train_examples", 0):
+    pattern = config.data.train_records or os.path.join(workdir, "records", "train.tfrecord-*")
+    num_records = len(sources.open_records(pattern))
+  config, plan = lr_policy.resolve(config, num_records)
+  logging.info("%s", plan.describe(config))
+  return config
+
+
+def is_normalization_module(name: str) -> bool:
+  """PySlowFast's test, "'bn' in the parameter's name", on one module name of our trees ('bn', 'bn_a',
+  'shortcut_bn', 'bn1', 'BatchNorm_0'), extended to LayerNorm-style names ('norm', 'ln_1')."""
+  tokens = [t.rstrip("0123456789") for t in name.lower().split("_")]
+  return "norm" in name.lower() or "bn" in tokens or "ln" in tokens
+
+
+def weight_decay_mask(weight_decay_on: str):
+  """params -> pytree of bools: which parameters weight decay applies to (make_optimizer)."""
+  if weight_decay_on == "kernels":
+    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if weight_decay_on == "all_but_batchnorm":
+    def mask(params):
+      return jax.tree_util.tree_map_with_path(
+          lambda path, _: not any(is_normalization_module(str(getattr(k, "key", k))) for k in path[:-1]), params)
+    return mask
+  raise ValueError(f"unknown config optimizer.weight_decay_on '{weight_decay_on}': use 'kernels' or "
+                   "'all_but_batchnorm'")
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimiser of `config.optimizer` and its learning-rate schedule (make_schedule).
 
   optimizer.name: 'sgd' (default; momentum, nesterov, L2 weight decay added to the gradient, as
   PySlowFast), 'adam' (beta1, beta2; L2 weight decay when non-zero) or 'adamw' (decoupled weight
-  decay). Weight decay applies to kernels (arrays of 2 or more dimensions), not to BatchNorm,
-  LayerNorm or biases. optimizer.frozen lists top-level parameter names (e.g. 'exo_backbone') that
-  receive no updates at all.
+  decay). optimizer.weight_decay_on: 'kernels' (default; arrays of 2 or more dimensions, not BatchNorm,
+  LayerNorm or biases) or 'all_but_batchnorm' (PySlowFast's optimizer: every parameter outside a
+  normalisation layer, biases included; see is_normalization_module). optimizer.frozen lists top-level
+  parameter names (e.g. 'exo_backbone') that receive no updates at all.
   """
   opt = config.optimizer
   schedule = make_schedule(config)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  decay_mask = weight_decay_mask(opt.get("weight_decay_on", "kernels"))
   name = opt.get("name", "sgd")
   if name == "sgd":
     optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
@@ -290,6 +335,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
   data_iterator = iter(dataset)
   describe_record = getattr(dataset, "describe_record", None)  # names records in NonFiniteLossError
   data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
+  config = resolve_run_length(config, workdir)  # epoch-based runs: num_train_steps from the record count
 
   optimizer, schedule = make_optimizer(config)
   checkpoints = checkpointing.CheckpointWriter(workdir, max_to_keep=config.max_checkpoints_to_keep,

@@ -143,6 +143,28 @@ def test_egoexo_loss_total_is_the_weighted_sum_of_the_terms():
   assert all(v.dtype == jnp.float32 for v in terms.values())
 
 
+def test_egoexo_loss_released_recipe_sums_the_hand_and_object_map_means():
+  # Released: 0.5 CE + 0.1 KL_ego + 0.5 KL_obj + 1.0 (BCE mean of the hand map + BCE mean of the object map),
+  # each map's mean taken on its own over the clips that carry boxes (handobj_models.cal_handobj_loss).
+  outputs, batch = egoexo_example()
+  weights = {"ego": 0.1, "object": 0.5, "interaction": 1.0}
+  total, terms = losses.egoexo_loss(outputs, batch, weights, 1.0, 1.0, action_weight=0.5,
+                                    interaction_reduction="sum")
+  keep = batch["has_interaction"] > 0
+  logits, targets = outputs["interaction"][keep].astype(np.float64), batch["interaction_map"][keep]
+  bce = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+  hand, obj = bce[..., 0].mean(), bce[..., 1].mean()
+  want = (0.5 * np_cross_entropy(outputs["action"], batch["label"], None)
+          + 0.1 * np_soft_target_kl(outputs["ego"], batch["ego_logits"], 1.0, batch["has_ego"])
+          + 0.5 * np_soft_target_kl(outputs["object"], batch["object_logits"], 1.0, batch["has_object"])
+          + 1.0 * (hand + obj))
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+  np.testing.assert_allclose(terms["interaction"], (hand + obj) / 2, rtol=1e-5)  # reported per cell
+  assert losses.interaction_term_scale("mean") == 1.0
+  with pytest.raises(ValueError, match="unknown interaction-map reduction 'max'"):
+    losses.interaction_term_scale("max")
+
+
 def test_egoexo_loss_skips_zero_weight_terms():
   outputs, batch = egoexo_example()
   action_only = {"action": outputs["action"]}  # a computed ego term would raise KeyError

@@ -77,7 +77,7 @@ def test_non_finite_loss_stops_naming_the_step(real_record_pattern, tmp_path):
 
 def test_optimizer_schedule_and_weight_decay_mask():
   config = tiny_config(**{"num_train_steps": 100, "optimizer.warmup_steps": 10, "global_batch_size": 128,
-                          "optimizer.base_learning_rate": 0.1})
+                          "optimizer.base_learning_rate": 0.1, "optimizer.lr_policy": ""})  # step-based schedule
   _, schedule = train.make_optimizer(config)
   peak = 0.1 * 128 / 64
   assert float(schedule(0)) == pytest.approx(0.1 * peak)
@@ -90,7 +90,7 @@ def test_optimizer_schedule_and_weight_decay_mask():
 
 def test_step_schedule_after_warmup():
   config = tiny_config(**{"num_train_steps": 30, "optimizer.warmup_steps": 5, "global_batch_size": 64,
-                          "optimizer.base_learning_rate": 0.02})
+                          "optimizer.base_learning_rate": 0.02, "optimizer.lr_policy": ""})
   config.optimizer.schedule = "steps"
   config.optimizer.decay_steps = (20, 25)
   config.optimizer.decay_factor = 0.1
@@ -105,7 +105,8 @@ def test_step_schedule_after_warmup():
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_variants_and_frozen_subtrees(name):
-  config = tiny_config(**{"optimizer.weight_decay": 0.1})
+  config = tiny_config(**{"optimizer.weight_decay": 0.1, "optimizer.lr_policy": "",
+                          "optimizer.weight_decay_on": "kernels"})
   config.optimizer.name = name
   config.optimizer.reference_batch_size = 0  # the base rate as is
   config.optimizer.frozen = ("frozen_part",)

@@ -64,6 +64,8 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
   interaction: bool = False
   feature_grid: tuple[int, int, int] = (8, 7, 7)
   box_score_threshold: float = 0.5
+  target_fps: float = 0.0  # transforms.sample_frame_indices: 0 strides over stored frames
+  interaction_frames: str = "max"  # transforms.interaction_time_steps
   label_intervals: dict | None = dataclasses.field(default=None, hash=False, compare=False)
 
   def check(self, record: records.VideoRecord) -> None:
@@ -78,14 +80,15 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     if self.interaction:
       pipelines.check_boxes(record)
-    indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng)
+    indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng,
+                                              fps=record.fps, target_fps=self.target_fps)
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
     example = {"clips": transforms.decode_and_crop(record.frames, indices, window),
                "labels": self.clip_labels(record, indices)}
     if self.interaction:
       maps = [transforms.boxes_to_map(b, indices, record.height, record.width, window, self.feature_grid,
-                                      self.box_score_threshold)
+                                      self.box_score_threshold, self.interaction_frames)
               for b in (record.hand_boxes, record.object_boxes)]
       example["interaction_map"] = np.stack(maps, axis=-1)
       example["has_interaction"] = np.float32(record.hand_boxes is not None or record.object_boxes is not None)
@@ -156,7 +159,8 @@ def finetune_transform(config) -> FinetuneTrainTransform:
       frame_stride=data.frame_stride, crop_size=data.crop_size, min_short_side=data.min_short_side,
       max_short_side=data.max_short_side, interaction=interaction,
       feature_grid=tuple(pipelines.feature_grid(config)) if interaction else (1, 1, 1),
-      box_score_threshold=data.box_score_threshold,
+      box_score_threshold=data.box_score_threshold, target_fps=float(data.get("target_fps", 0.0)),
+      interaction_frames=data.get("interaction_frames", "max"),
       label_intervals=load_intervals(intervals) if intervals else None)
 
 

@@ -67,6 +67,8 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
   max_short_side: int = 320
   feature_grid: tuple[int, int, int] = (8, 7, 7)
   box_score_threshold: float = 0.5
+  target_fps: float = 0.0  # transforms.sample_frame_indices: 0 strides over stored frames
+  interaction_frames: str = "max"  # transforms.interaction_time_steps
 
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return self.apply(record, rng)
@@ -89,7 +91,8 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
   def apply(self, record: records.VideoRecord, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     """The transform itself; rng None gives the deterministic centre clip used for evaluation."""
     self.check(record)
-    indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng)
+    indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng,
+                                              fps=record.fps, target_fps=self.target_fps)
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
     example = {
@@ -105,7 +108,7 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
         example[key], example[mask_key] = signal.astype(np.float32), np.float32(1)
     has_boxes = record.hand_boxes is not None or record.object_boxes is not None
     maps = [transforms.boxes_to_map(b, indices, record.height, record.width, window, self.feature_grid,
-                                    self.box_score_threshold)
+                                    self.box_score_threshold, self.interaction_frames)
             for b in (record.hand_boxes, record.object_boxes)]
     example["interaction_map"] = np.stack(maps, axis=-1)
     example["has_interaction"] = np.float32(has_boxes)
@@ -161,6 +164,8 @@ def egoexo_transform(config, grid: tuple[int, int, int] | None = None) -> EgoExo
       max_short_side=data.max_short_side,
       feature_grid=tuple(grid or feature_grid(config)),
       box_score_threshold=data.box_score_threshold,
+      target_fps=float(data.get("target_fps", 0.0)),
+      interaction_frames=data.get("interaction_frames", "max"),
   )
 
 

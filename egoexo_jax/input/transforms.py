@@ -32,27 +32,78 @@ class CropWindow:
   flip: bool
 
 
-def sample_frame_indices(num_frames: int, clip_length: int, stride: int, rng: np.random.Generator | None) -> np.ndarray:
-  """`clip_length` frame indices `stride` apart, from a random start (centre when rng is None).
+def _resampled_span(clip_length: int, stride: int, fps: float, target_fps: float) -> float:
+  """Stored frames spanned by a clip of `clip_length` x `stride` frames at `target_fps` (PySlowFast's
+  clip_size = sampling_rate x num_frames / target_fps x fps, slowfast/datasets/decoder.py)."""
+  if not fps > 0:
+    raise ValueError(f"clip sampling at target_fps {target_fps} needs the video's fps (the record says {fps})")
+  return stride * clip_length * fps / target_fps
 
+
+def _linspace_clip(start: float, span: float, clip_length: int, num_frames: int) -> np.ndarray:
+  """PySlowFast's temporal_sampling: linspace(start, start + span - 1, T), clamped to the video, truncated."""
+  index = np.linspace(start, start + span - 1, clip_length)
+  return np.clip(index, 0, num_frames - 1).astype(np.int64)
+
+
+def sample_frame_indices(num_frames: int, clip_length: int, stride: int, rng: np.random.Generator | None,
+                         fps: float = 0.0, target_fps: float = 0.0) -> np.ndarray:
+  """The frame indices of one clip, from a random start (centre when rng is None).
+
+  target_fps 0: `clip_length` stored frames `stride` apart. target_fps > 0 (PySlowFast's decoder, which
+  the released Ego-Exo pre-training used at 30): the video is treated as resampled to target_fps, so the
+  clip covers span = clip_length x stride x fps / target_fps stored frames from a start drawn uniformly in
+  [0, num_frames - span], and its frames sit at floor(linspace(start, start + span - 1, clip_length)).
   Videos shorter than the clip's span repeat their last frame, as PySlowFast does.
   """
+  if target_fps > 0:
+    span = _resampled_span(clip_length, stride, fps, target_fps)
+    delta = max(num_frames - span, 0.0)
+    start = delta / 2 if rng is None else float(rng.uniform(0, delta))
+    return _linspace_clip(start, span, clip_length, num_frames)
   span = (clip_length - 1) * stride + 1
   slack = max(num_frames - span, 0)
   start = slack // 2 if rng is None else int(rng.integers(0, slack + 1))
   return np.minimum(start + stride * np.arange(clip_length), num_frames - 1)
 
 
-def evenly_spaced_clips(num_frames: int, clip_length: int, stride: int, num_clips: int) -> np.ndarray:
+def evenly_spaced_clips(num_frames: int, clip_length: int, stride: int, num_clips: int, fps: float = 0.0,
+                        target_fps: float = 0.0) -> np.ndarray:
   """Frame indices (num_clips, clip_length) of test-time clips, as PySlowFast places them.
 
   Clip i of N starts at floor(delta * i / N), delta = max(num_frames - span, 0); short videos
-  repeat their last frame.
+  repeat their last frame. With target_fps > 0 the clips are those of sample_frame_indices, starting at
+  delta * i / N (PySlowFast's get_start_end_idx).
   """
+  if target_fps > 0:
+    span = _resampled_span(clip_length, stride, fps, target_fps)
+    delta = max(num_frames - span, 0.0)
+    return np.stack([_linspace_clip(delta * i / num_clips, span, clip_length, num_frames) for i in range(num_clips)])
   span = (clip_length - 1) * stride + 1
   delta = max(num_frames - span, 0)
   starts = (delta * np.arange(num_clips)) // num_clips
   return np.minimum(starts[:, None] + stride * np.arange(clip_length)[None], num_frames - 1)
+
+
+INTERACTION_FRAMES = ("slow_frames", "max")
+
+
+def interaction_time_steps(clip_length: int, grid_t: int, mode: str = "max") -> list[tuple[int, int]]:
+  """(clip frame k, map time step) pairs: which sampled frames draw their boxes onto which step of a map
+  grid of grid_t steps (boxes_to_map).
+
+  'max': frame k feeds step k * grid_t // clip_length (all frames; a step takes the max over its group).
+  'slow_frames': step j takes only frame floor(linspace(0, clip_length - 1, grid_t))[j], as the released
+  code builds the targets on the 32 fast frames of SlowFast and keeps the slow pathway's (torch.linspace(0,
+  T - 1, slow_T).long() in slowfast/models/handobj_models.py: frames 0, 4, 8, 13, 17, 22, 26, 31 of 32).
+  Both are the identity when clip_length == grid_t (Slow-only).
+  """
+  if mode == "max":
+    return [(k, k * grid_t // clip_length) for k in range(clip_length)]
+  if mode == "slow_frames":
+    frames = np.floor(np.linspace(0, clip_length - 1, grid_t)).astype(np.int64)
+    return [(int(k), j) for j, k in enumerate(frames)]
+  raise ValueError(f"unknown interaction_frames '{mode}': use one of {INTERACTION_FRAMES}")
 
 
 def sample_crop_window(height: int, width: int, crop_size: int, min_short_side: int, max_short_side: int,
@@ -93,11 +144,12 @@ def decode_and_crop(jpeg_frames: list[bytes], indices: np.ndarray, window: CropW
 
 
 def boxes_to_map(boxes: np.ndarray, indices: np.ndarray, height: int, width: int, window: CropWindow,
-                 grid: tuple[int, int, int], score_threshold: float = 0.5) -> np.ndarray:
+                 grid: tuple[int, int, int], score_threshold: float = 0.5, frames: str = "max") -> np.ndarray:
   """Rasterises detector boxes onto the backbone's output grid (Ego-Exo Eq. 5): float32 (t, h, w).
 
   boxes: (N, 6) rows (frame, x1, y1, x2, y2, score), coordinates normalised to the stored frame.
-  A sampled frame `indices[k]` feeds output time step `k * t // T`. Boxes under the threshold are
+  Sampled frame `indices[k]` feeds the time steps interaction_time_steps(T, t, frames) gives it ('max':
+  step `k * t // T`; 'slow_frames': the slow pathway's frames only). Boxes under the threshold are
   dropped; each box is moved through the crop window and flip, and every grid cell it touches
   takes the highest score among the boxes touching it. Cells are touched as in Ego-Exo's own
   code (corners floored onto the grid, both ends inclusive); unlike it, a box wholly outside
@@ -109,9 +161,8 @@ def boxes_to_map(boxes: np.ndarray, indices: np.ndarray, height: int, width: int
     return out
   boxes = boxes[boxes[:, 5] >= score_threshold]
   crop_w, crop_h = window.x1 - window.x0, window.y1 - window.y0
-  for k, frame in enumerate(indices):
-    t = k * grid_t // len(indices)
-    for _, x1, y1, x2, y2, score in boxes[boxes[:, 0] == frame]:
+  for k, t in interaction_time_steps(len(indices), grid_t, frames):
+    for _, x1, y1, x2, y2, score in boxes[boxes[:, 0] == indices[k]]:
       # stored-frame pixels -> [0, 1] of the crop
       u1, u2 = (x1 * width - window.x0) / crop_w, (x2 * width - window.x0) / crop_w
       v1, v2 = (y1 * height - window.y0) / crop_h, (y2 * height - window.y0) / crop_h

@@ -35,7 +35,7 @@ class Model(nn.Module):
   num_object_classes: int = 1000
   backbone: str = "slow_r50"
   backbone_args: Mapping[str, Any] | None = None
-  dropout_rate: float = 0.5
+  dropout_rate: float = 0.0  # the released Ego-Exo pre-training's MODEL.DROPOUT_RATE (configs/recipe_egoexo.py)
   interaction_channels: int = 512
   use_ego_heads: bool = True
   dtype: Any = jnp.float32

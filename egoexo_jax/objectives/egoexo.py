@@ -1,7 +1,8 @@
 """Ego-Exo pre-training (Eq. 7) and plain single-label video classification on the same records.
 
-Loss: L_act + w_ego L_ego + w_object L_object + w_interaction L_int; with the ego weights at 0 and
-model.use_ego_heads False it is plain action cross-entropy (the Ego-Score view classifier).
+Loss: w_act L_act + w_ego L_ego + w_object L_object + w_interaction L_int (config.loss: weight_action,
+interaction_reduction; configs/recipe_egoexo.py); with the ego weights at 0 and model.use_ego_heads
+False it is plain action cross-entropy (the Ego-Score view classifier).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def init_variables(model, config, rng: jax.Array):
 
 def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
   """Eq. 7 on the global batch. Scalars: loss, loss_action, loss_ego, loss_object, loss_interaction
-  (unweighted terms; a term whose weight is 0 is reported as 0) and accuracy (action top-1)."""
+  (unweighted terms, L_int as its BCE per cell; a term whose weight is 0 is reported as 0) and accuracy (action top-1)."""
   del mesh  # the global batch is one array; XLA inserts the cross-device reductions
   clips = transforms.normalize_clips(batch["clips"], jnp.dtype(config.model.dtype))
   loss_weights = {"ego": config.loss.weight_ego, "object": config.loss.weight_object,
@@ -57,7 +58,9 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
     raise ValueError(f"loss weights {missing} are non-zero but the model has no such heads "
                      "(model.use_ego_heads is False): set their config.loss.weight_* to 0")
   total, terms = losses.egoexo_loss(outputs, batch, loss_weights, config.loss.temperature_ego,
-                                    config.loss.temperature_object)
+                                    config.loss.temperature_object,
+                                    action_weight=config.loss.get("weight_action", 1.0),
+                                    interaction_reduction=config.loss.get("interaction_reduction", "mean"))
   scalars = {"loss" if name == "total" else f"loss_{name}": value for name, value in terms.items()}
   scalars["accuracy"] = jnp.mean(jnp.argmax(outputs["action"], -1) == batch["label"]).astype(jnp.float32)
   return total, (scalars, updates["batch_stats"])

@@ -3,11 +3,13 @@
 Loss, with z_h the logits of head h and y the clip's labels (egoexo_jax/input/finetune_pipeline.py):
   multi-label (Charades-Ego): L_cls = mean over (b, k) of BCE(sigmoid(z_bk), y_bk)   (PySlowFast 'bce_logit')
   per-head (EPIC verb + noun, Kinetics action): L_cls = sum_h CE(softmax(z_h), y_h)
-Ego-Exo* (model.use_interaction_head) adds the interaction-map loss of Eq. 6 on the target data:
-  L = L_cls + w_int (BCE_hand + BCE_obj) = L_cls + 2 w_int losses.interaction_map_bce,
-since the released code weights the hand and the object map BCE separately (HAND_LOSS_WEIGHT =
-OBJ_LOSS_WEIGHT = w_int: 0.1 for Charades-Ego, 3.0 for EPIC) while interaction_map_bce averages the
-two maps. Clips of records without detector output do not count in it (has_interaction mask).
+Ego-Exo* (model.use_interaction_head) adds the interaction-map loss of Eq. 6 on the target data, as in
+pre-training (losses.interaction_map_bce with config.loss.interaction_reduction):
+  L = L_cls + w_int L_int,  L_int = BCE_hand + BCE_obj = 2 losses.interaction_map_bce ('sum', the default
+and the release's: it weights the hand and the object map BCE means separately, HAND_LOSS_WEIGHT =
+OBJ_LOSS_WEIGHT = w_int: 0.1 for Charades-Ego, 3.0 for EPIC) or their mean ('mean'). The reported
+'loss_interaction' is interaction_map_bce (per cell). Clips of records without detector output do not
+count in it (has_interaction mask).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def classification_loss(outputs, labels, heads, multi_label: bool) -> tuple[jax.
 
 
 def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
-  """L_cls (+ 2 w_int L_int in Ego-Exo* mode) on the global batch; scalars as classification_loss, plus
-  'loss' and, with the interaction head, the unweighted 'loss_interaction'."""
+  """L_cls (+ w_int L_int in Ego-Exo* mode) on the global batch; scalars as classification_loss, plus
+  'loss' and, with the interaction head, 'loss_interaction' (the BCE per cell)."""
   del mesh  # one global batch array; XLA inserts the cross-device reductions
   clips = transforms.normalize_clips(batch["clips"], jnp.dtype(config.model.dtype))
   outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, clips, train=True,
@@ -75,6 +77,7 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
     interaction = losses.interaction_map_bce(outputs["interaction"], batch["interaction_map"],
                                              batch["has_interaction"])
     scalars["loss_interaction"] = interaction
-    total = total + 2.0 * weight * interaction
+    scale = losses.interaction_term_scale(config.loss.get("interaction_reduction", "sum"))
+    total = total + weight * scale * interaction
   scalars["loss"] = total
   return total, (scalars, updates["batch_stats"])

@@ -41,7 +41,8 @@ def test_clips(record: records.VideoRecord, config, num_clips: int) -> np.ndarra
   data = config.data
   window = transforms.sample_crop_window(record.height, record.width, data.crop_size, data.min_short_side,
                                          data.min_short_side, rng=None)
-  indices = transforms.evenly_spaced_clips(record.num_frames, data.clip_length, data.frame_stride, num_clips)
+  indices = transforms.evenly_spaced_clips(record.num_frames, data.clip_length, data.frame_stride, num_clips,
+                                           fps=record.fps, target_fps=data.get("target_fps", 0.0))
   return np.stack([transforms.decode_and_crop(record.frames, clip, window) for clip in indices])
 
 
