@@ -47,13 +47,13 @@ def test_tiny_widths_shapes_for_even_and_odd_lengths():
   widths = (8, 8, 8, 4, 4, 4, 4)
   model = c2ftcn.C2FTCN(5, widths, 6)
   x = np.random.default_rng(0).normal(size=(2, 400, 3)).astype(np.float32)
-  variables = jax.jit(lambda r: model.init(r, x, train=False))(jax.random.key(0))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))  # shapes only: no compilation
   assert count(variables["params"]) == expected_parameters(3, 5, widths, 6)
-  outputs = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+  outputs = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
   # 400 -> 200 -> 100 -> 50 -> 25 -> 12 -> 6 positions; decoder back up through the skips' lengths.
   assert [y.shape for y in outputs] == [(2, 400, 5), (2, 200, 5), (2, 100, 5), (2, 50, 5), (2, 25, 5), (2, 12, 5)]
   with pytest.raises(ValueError, match="at least 384"):
-    jax.eval_shape(lambda: model.apply(variables, x[:, :383], train=False))
+    jax.eval_shape(lambda v: model.apply(v, x[:, :383], train=False), variables)
 
 
 @pytest.mark.parametrize("source, target", [(7, 14), (12, 400), (1, 5), (25, 50)])
