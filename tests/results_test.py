@@ -39,13 +39,13 @@ def test_table_from_hand_made_runs(tmp_path):
   (runs / "unrelated.json").write_text("{}")
   table = results.write(str(runs), str(tmp_path / "out"))
 
-  assert [(r["model"], r["features"]) for r in table["segmentation"]] == [("C2F-TCN", "+EVGAP"), ("C2F-TCN", "TSM")]
-  tsm = table["segmentation"][1]["splits"]
+  assert [(r["model"], r["features"]) for r in table["segmentation"]] == [("C2F-TCN", "TSM"), ("C2F-TCN", "+EVGAP")]
+  tsm = table["segmentation"][0]["splits"]
   assert tsm["ego"] == pytest.approx({"runs": 1, "f1@10": 50, "f1@25": 40, "f1@50": 30, "edit": 60, "accuracy": 70,
                                       "average": 50})
   assert tsm["exo"]["runs"] == 2 and tsm["exo"]["accuracy"] == pytest.approx(20)
   assert tsm["exo"]["average"] == pytest.approx((10 + 22) / 2)  # (10 x 5) / 5 and (20 x 4 + 30) / 5
-  assert table["segmentation"][0]["splits"]["ego+exo"]["average"] == pytest.approx(3)
+  assert table["segmentation"][1]["splits"]["ego+exo"]["average"] == pytest.approx(3)
   assert table["anticipation"][0]["splits"]["ego"] == pytest.approx(
       {"runs": 1, "verb_recall@5": 80, "object_recall@5": 90, "action_recall@5": 30})
   [novel] = table["novel_view"]

@@ -13,8 +13,9 @@ writes `<output_dir>/results_table.md` and `results_table.json` with:
   Novel views (Tables 4, 5): runs whose test views were never trained on, one row each with the train
       and test views.
 The split of a run is that of its test views (views.split_name). 'Features' is the run's --label, or
-'+EVGAP' for the finetune protocol, or the name of its features folder. Runs with the same task, model,
-features, split and views are averaged (the JSON gives how many).
+'+EVGAP' for the finetune protocol, or the name of its features folder; baseline rows come first, then
++EVGAP*, then +EVGAP. Runs with the same task, model, features, split and views are averaged (the JSON
+gives how many).
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def collect(runs_dir: str, kinds: dict[str, str] | None = None) -> list[dict[str
   return runs
 
 
+def order(features: str) -> tuple[int, str]:
+  """Rows as the paper's: the baseline features first, then +EVGAP* (frozen), then +EVGAP (fine-tuned)."""
+  return {"+EVGAP*": 1, "+EVGAP": 2}.get(features, 0), features
+
+
 def _average(group: list[dict[str, Any]]) -> dict[str, float]:
   return {key: float(np.mean([r["scores"][key] for r in group])) for key in group[0]["scores"]}
 
@@ -101,9 +107,9 @@ def tables(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     task, model, features, split = key
     row = rows.setdefault((task, model, features), {"model": model, "features": features, "splits": {}})
     row["splits"][split] = {"runs": len(group), **_average(group)}
-  for (task, _, _), row in sorted(rows.items()):
+  for (task, _, _), row in sorted(rows.items(), key=lambda item: (item[0][0], item[0][1], *order(item[0][2]))):
     out[task].append(row)
-  out["novel_view"].sort(key=lambda r: (r["task"], r["model"], r["features"], r["test_views"]))
+  out["novel_view"].sort(key=lambda r: (r["task"], r["model"], *order(r["features"]), r["test_views"]))
   return out
 
 
