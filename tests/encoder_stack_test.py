@@ -1,6 +1,9 @@
 """The +EVGAP protocol: the encoder stacked under each task model encodes windows as the encoder applied by
 hand, two-view inputs view by view, loads a pre-training checkpoint, and gradients reach the encoder."""
 
+import pathlib
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +11,10 @@ import numpy as np
 import pytest
 
 from egoexo_jax import checkpointing
-from egoexo_jax.downstream import c2ftcn, encoder_stack, mstcn, segmentation, tempagg
+from egoexo_jax.downstream import anticipation, c2ftcn, encoder_stack, loop, mstcn, segmentation, tempagg
+from egoexo_jax.models import build_model
 from egoexo_jax.models.transformer import SequenceEncoder
+from egoexo_jax.objectives import evgap as evgap_objective
 
 ENCODER = SequenceEncoder(width=8, num_layers=1, num_heads=2, mlp_dim=16, max_length=8, dropout_rate=0.1)
 
@@ -95,3 +100,56 @@ def test_protocol_settings_are_checked():
     segmentation.ProtocolSettings("linear").check()
   with pytest.raises(ValueError, match="needs encoder_config and encoder_checkpoint"):
     segmentation.ProtocolSettings("finetune").check()
+
+
+# --------------------------------------------------------------------------- the CLIs' run(), end to end
+
+DEMO = pathlib.Path(__file__).resolve().parent.parent / "data" / "evgap"
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+  """A checkpoint of the `:small` EVGAP model (initial weights), as a pre-training run leaves one."""
+  config = encoder_stack.load_config(str(DEMO.parent.parent / "configs" / "evgap_pair.py") + ":small")
+  model = build_model(config.model)
+  params = jax.jit(lambda r: evgap_objective.init_variables(model, config, r))(jax.random.key(3))["params"]
+  workdir = tmp_path_factory.mktemp("pretrained")
+  manager = checkpointing.make_manager(str(workdir), max_to_keep=1, async_save=False)
+  checkpointing.save(manager, 1, {"params": params, "batch_stats": {}})
+  manager.close()
+  return str(workdir), params["encoder"]
+
+
+def test_c2ftcn_finetuned_two_view_segmentation_run(tmp_path, pretrained_run):
+  workdir, encoder = pretrained_run
+  config = str(DEMO.parent.parent / "configs" / "evgap_pair.py") + ":small"
+  results = segmentation.run(
+      str(DEMO / "features"), str(DEMO / "segments.csv"), str(DEMO / "split.csv"), str(tmp_path),
+      train_views=["ego_0+exo_0"], test_views=["ego_1+exo_2"],
+      settings=segmentation.SegmentationSettings(model="c2ftcn", chunk_size=2, batch_size=6,
+                                                 c2f_encoder_widths=(4,) * 7, c2f_decoder_width=4),
+      loop_settings=loop.LoopSettings(epochs=1, learning_rate=1e-3),
+      protocol=segmentation.ProtocolSettings("finetune", config, workdir), label="+EVGAP")
+  assert results["model"] == "C2F-TCN" and results["protocol"] == "finetune" and results["num_views"] == 2
+  assert results["window_frames"] == 8 and results["test_views"] == ["ego_1+exo_2"]
+  assert set(results["test"]) == {"f1@10", "f1@25", "f1@50", "edit", "accuracy", "mean"}
+  saved = flax.serialization.msgpack_restore((tmp_path / loop.BEST_CHECKPOINT).read_bytes())
+  params, state = saved["0"], saved["1"]  # (params, model_state): C2F-TCN's BatchNorm statistics travel along
+  assert "batch_stats" in state and set(params) == {"encoder", "head"}
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params["encoder"], encoder)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0  # started from the checkpoint and was fine-tuned
+
+
+def test_tempagg_novel_view_anticipation_run(tmp_path):
+  snippets = tempagg.SnippetSettings(spanning_seconds=1.2, spanning_snippets=(3, 2), recent_seconds=(0.6, 0.3),
+                                     min_observed_seconds=0.3)
+  results = anticipation.run(
+      str(DEMO / "features"), str(DEMO / "segments.csv"), str(DEMO / "split.csv"), str(tmp_path),
+      train_views=["ego_0", "exo_0"], test_views=["exo_2"],
+      settings=anticipation.AnticipationSettings(fps=29.97, anticipation_seconds=0.3, model="tempagg", snippets=snippets,
+                                                 latent=8, linear=8, batch_size=16),
+      loop_settings=loop.LoopSettings(epochs=2, learning_rate=1e-3, lr_decay_epochs=(1,)))
+  assert results["model"] == "TempAgg" and results["protocol"] == "frozen"
+  assert results["train_views"] == ["ego_0", "exo_0"] and results["test_views"] == ["exo_2"]
+  assert results["examples"]["test"] > 0 and len(results["history"]) == 2
+  assert results["test"]["verb_recall@5"] == 100.0  # 3 verbs: always in the top 5
