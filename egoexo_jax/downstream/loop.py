@@ -5,6 +5,11 @@ egoexo_jax/train.py: one jitted Adam step, a validation pass after every epoch, 
 the best epoch (by `selection_metric`, higher is better) written to `<output_dir>/best.msgpack`
 (flax.serialization bytes, written whole or not at all). The caller scores the test set with the
 parameters this returns: the best epoch's, read back from that file.
+
+Weight decay is PyTorch Adam's (an L2 term added to the gradient, as the released C2F-TCN trains);
+the learning rate is multiplied by `lr_decay_factor` at each epoch of `lr_decay_epochs` (PyTorch's
+StepLR, as TempAgg's release: x0.1 after epoch 10). Models with BatchNorm pass `model_state` (the
+'batch_stats'), which the loss returns updated.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -32,6 +38,8 @@ class LoopSettings:
   learning_rate: float = 5e-4
   weight_decay: float = 0.0
   seed: int = 0
+  lr_decay_epochs: tuple[int, ...] = ()  # the learning rate is multiplied by lr_decay_factor after these epochs
+  lr_decay_factor: float = 0.1
 
 
 def write_json(path: str, content: Any) -> None:
@@ -66,22 +74,32 @@ def define_data_flags() -> None:
 
 def fit(params: Any, loss_fn: Callable[[Any, dict, jax.Array], jax.Array],
         epoch_batches: Callable[[int], Iterable[dict]], evaluate: Callable[[Any], dict[str, float]],
-        selection_metric: str, settings: LoopSettings, output_dir: str) -> tuple[Any, list[dict]]:
+        selection_metric: str, settings: LoopSettings, output_dir: str, *, model_state: Any = None
+        ) -> tuple[Any, list[dict]]:
   """Trains `params` for `settings.epochs` epochs; returns (the best epoch's parameters, history).
 
   loss_fn(params, batch, rng) -> scalar; epoch_batches(epoch) -> that epoch's batches (dicts of
   arrays, shuffled by the caller); evaluate(params) -> validation metrics holding `selection_metric`.
   history: one dict per epoch (epoch, train_loss, seconds, validation metrics).
+  With `model_state` (e.g. BatchNorm statistics): loss_fn(params, model_state, batch, rng) -> (loss, new
+  model_state), evaluate((params, model_state)), and the best epoch's (params, model_state) is returned.
   """
-  optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay) if settings.weight_decay \
-      else optax.adam(settings.learning_rate)
+  def make_optimizer(learning_rate):
+    adam = optax.adam(learning_rate)
+    return optax.chain(optax.add_decayed_weights(settings.weight_decay), adam) if settings.weight_decay else adam
+
+  optimizer = optax.inject_hyperparams(make_optimizer)(learning_rate=settings.learning_rate)
   opt_state = optimizer.init(params)
+  stateful = model_state is not None
 
   @jax.jit
-  def step(params, opt_state, batch, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
+  def step(params, model_state, opt_state, batch, rng):
+    if stateful:
+      (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, batch, rng)
+    else:
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), model_state, opt_state, loss
 
   os.makedirs(output_dir, exist_ok=True)
   best_path = os.path.join(output_dir, BEST_CHECKPOINT)
@@ -89,26 +107,29 @@ def fit(params: Any, loss_fn: Callable[[Any, dict, jax.Array], jax.Array],
   history, best = [], -np.inf
   for epoch in range(1, settings.epochs + 1):
     start, epoch_losses = time.perf_counter(), []
+    decays = sum(epoch > e for e in settings.lr_decay_epochs)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(
+        settings.learning_rate * settings.lr_decay_factor**decays, jnp.float32)
     for batch in epoch_batches(epoch):
       rng, step_rng = jax.random.split(rng)
-      params, opt_state, loss = step(params, opt_state, batch, step_rng)
+      params, model_state, opt_state, loss = step(params, model_state, opt_state, batch, step_rng)
       epoch_losses.append(loss)
     if not epoch_losses:
       raise ValueError("an epoch produced no batches: the training set is empty")
     train_loss = float(np.mean(jax.device_get(epoch_losses)))
     if not np.isfinite(train_loss):
       raise FloatingPointError(f"non-finite training loss at epoch {epoch}; the best checkpoint is kept")
-    validation = evaluate(params)
+    validation = evaluate((params, model_state) if stateful else params)
     if selection_metric not in validation:
       raise KeyError(f"selection metric '{selection_metric}' not among the validation metrics {sorted(validation)}")
     record = {"epoch": epoch, "train_loss": train_loss, "seconds": time.perf_counter() - start, **validation}
     if validation[selection_metric] > best:
       best = validation[selection_metric]
       with atomic_files.atomic_write(best_path) as f:
-        f.write(flax.serialization.to_bytes(params))
+        f.write(flax.serialization.to_bytes((params, model_state) if stateful else params))
       record["best"] = True
     history.append(record)
     logging.info("epoch %d/%d  train loss %.4f  %s", epoch, settings.epochs, train_loss,
                  "  ".join(f"{k} {v:.2f}" for k, v in validation.items()))
   with open(best_path, "rb") as f:
-    return flax.serialization.from_bytes(params, f.read()), history
+    return flax.serialization.from_bytes((params, model_state) if stateful else params, f.read()), history

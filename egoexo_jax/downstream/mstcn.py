@@ -1,9 +1,7 @@
 """MS-TCN (Farha and Gall, CVPR 2019): a multi-stage temporal convolutional network for action segmentation.
 
-We use MS-TCN rather than C2F-TCN: both are the temporal models Assembly101 benchmarks, but MS-TCN is
-one stack of dilated residual convolutions with a two-term loss and no test-time augmentation or
-ensembling of resolutions, so its results depend on the features and little else, which is what a
-pre-training evaluation needs.
+EVGAP's segmentation model is C2F-TCN (c2ftcn.py, `--model=c2ftcn`); MS-TCN stays beside it as the
+simpler baseline: one stack of dilated residual convolutions per stage, with no ensembling of resolutions.
 
   stage 1:  1x1 conv (C -> F), `num_layers` dilated residual layers, 1x1 conv (F -> K)
   stage s>1: the same on softmax(stage s-1 logits)
