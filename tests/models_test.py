@@ -91,7 +91,10 @@ def test_batch_stats_update_in_train_only(tiny):
 
 
 def test_dropout_only_in_train(tiny):
-  _, clips, variables, apply = tiny
+  _, clips, variables, _ = tiny
+  model = egoexo.Model(**{**TINY, "dropout_rate": 0.5})  # the pre-training recipe sets 0 (configs/recipe_egoexo.py)
+  apply = jax.jit(lambda v, x, key, train: model.apply(v, x, train=train, mutable=["batch_stats"],
+                                                       rngs={"dropout": key}), static_argnames="train")
   action = lambda key, train: apply(variables, clips, key, train=train)[0]["action"]
   np.testing.assert_array_equal(action(jax.random.key(3), False), action(jax.random.key(4), False))
   assert not np.allclose(action(jax.random.key(3), True), action(jax.random.key(4), True))
