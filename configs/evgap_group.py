@@ -71,8 +71,8 @@ hard negatives; t read directly (0.155) would keep every logit in [-0.155, 0.155
 use batches that are not the paper's: one window per recording (G = 1) at 1e-4 stays at 0.35-0.38
 over 600 steps with the gap near 0.89, but its loss barely moves (0.692 -> 0.676); with G = 4 the same
 rate separates the views (gap 0.50 at 600 steps): the hard negatives, adjacent windows of one
-recording labelled -1 with no bias, are what pull the views apart at a low rate. With G = 1, 1e-4 and t = 14.3 (CLIP's start) as well, the
-run trains visibly: loss 2.26 -> 1.84, gap 0.94 throughout, top-1 0.33 -> 0.38 (peak 0.40) over 600
+recording labelled -1 with no bias, are what pull the views apart at a low rate. With G = 1, 1e-4
+and t = 14.3 (CLIP's start) as well, the run trains visibly: loss 2.26 -> 1.84, gap 0.94 throughout, top-1 0.33 -> 0.38 (peak 0.40) over 600
 steps; neither G = 1 nor t = 14.3 is what the paper states, so it is an override, not the default.
 No faithful reading keeps the held-out retrieval above step 1's for long on this data, so Eq. 2 as
 stated stays the default.
