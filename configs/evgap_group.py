@@ -68,14 +68,14 @@ optimizer.frozen="('group_log_scale',)", data.windows_per_recording, num_train_s
 A lower rate only delays the separation (the gap of same- minus other-scene cosine falls 0.86 -> 0.50
 over 600 steps at 1e-4); a larger t or a frozen scale does not stop it, nor, at 1e-3, batches without
 hard negatives; t read directly (0.155) would keep every logit in [-0.155, 0.155]. The runs that hold
-use batches that are not the paper's: one window per recording (G = 1) at 1e-4 stays at 0.35-0.38
-over 600 steps with the gap near 0.89, but its loss barely moves (0.692 -> 0.676); with G = 4 the same
-rate separates the views (gap 0.50 at 600 steps): the hard negatives, adjacent windows of one
-recording labelled -1 with no bias, are what pull the views apart at a low rate. With G = 1, 1e-4
-and t = 14.3 (CLIP's start) as well, the run trains visibly: loss 2.26 -> 1.84, gap 0.94 throughout, top-1 0.33 -> 0.38 (peak 0.40) over 600
-steps; neither G = 1 nor t = 14.3 is what the paper states, so it is an override, not the default.
-No faithful reading keeps the held-out retrieval above step 1's for long on this data, so Eq. 2 as
-stated stays the default.
+use batches that are not the paper's: one window per recording (G = 1) at 1e-4 stays at 0.35-0.38 over
+600 steps with the gap near 0.89, but its loss barely moves (0.692 -> 0.676); with G = 4 the same rate
+separates the views (gap 0.50 at 600 steps): the hard negatives, adjacent windows of one recording
+labelled -1 with no bias, are what pull the views apart at a low rate. With G = 1, 1e-4 and t = 14.3
+(CLIP's start) as well, the run trains visibly: loss 2.26 -> 1.84, gap 0.94 throughout, top-1 0.33 ->
+0.38 (peak 0.40) over 600 steps; neither G = 1 nor t = 14.3 is what the paper states, so it is an
+override, not the default. No faithful reading keeps the held-out retrieval above step 1's for long on
+this data, so Eq. 2 as stated stays the default.
 Stand-in features (data/evgap): this shows what each loss does to the machinery, not accuracy.
 """
 
