@@ -485,6 +485,27 @@ def test_evgap_eq2_matches_numpy(log_scale):
     losses.siglip_group_loss(ego, exo, np.float32(log_scale), np.float32(0.0), "images")
 
 
+def test_evgap_eq2_at_step_2_init_scale_prefers_collapsed_views_to_aligned_scenes():
+  """Why Eq. 2 (no bias) separates the views at t = 1.17 (configs/evgap_group.py): with B = 16 scenes
+  (one positive in 16 pairs) every ego window at u and every exo window at -u costs less than ego and
+  exo of each scene equal and scenes orthogonal. Closed forms, softplus(z) = ln(1 + e^z):
+  collapsed (softplus(t) + 15 softplus(-t)) / 16, aligned (softplus(-t) + 15 ln 2) / 16."""
+  scenes, t = 16, np.exp(np.log10(1 / 0.7))
+  log_scale = np.float32(np.log10(1 / 0.7))
+  softplus = lambda z: np.log1p(np.exp(z))
+  u = np.zeros((scenes, 1, scenes), np.float32)
+  u[..., 0] = 1.0
+  collapsed = losses.evgap_group_loss(u, -u, log_scale)
+  aligned_views = np.eye(scenes, dtype=np.float32)[:, None, :]
+  aligned = losses.evgap_group_loss(aligned_views, aligned_views, log_scale)
+  np.testing.assert_allclose(collapsed, (softplus(t) + 15 * softplus(-t)) / 16, rtol=1e-5)
+  np.testing.assert_allclose(aligned, (softplus(-t) + 15 * np.log(2)) / 16, rtol=1e-5)
+  assert collapsed < 0.6 * aligned  # 0.343 against 0.667
+  # At CLIP's start t = 1/0.07 the aligned scenes cost less.
+  clip = np.float32(np.log(1 / 0.07))
+  assert losses.evgap_group_loss(aligned_views, aligned_views, clip) < losses.evgap_group_loss(u, -u, clip)
+
+
 def test_evgap_eq2_per_device_on_8_devices_is_the_mean_of_each_device_numpy_loss():
   from egoexo_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(8, fsdp=2)
