@@ -137,8 +137,8 @@ ROWS = (
         "Step-based (decay_steps = ceil(epoch x segments / batch), factor 0.1): equal to PySlowFast's "
         "steps_with_relative_lrs at every step (tests/recipes_test.py)."),
     # ------------------------------------------------------------------ fine-tuning: BN, periodic evaluation
-    Row("Precise BatchNorm batches (0 = off) before each evaluation and at the end", ("finetune_epic100", "finetune_epic55"),
-        "precise_bn.num_batches", 200, f"{EPIC_YAMLS} BN.USE_PRECISE_STATS True, NUM_BATCHES_PRECISE 200 "
+    Row("Precise BatchNorm batches (0 = off) before each evaluation and at the end",
+        ("finetune_epic100", "finetune_epic55"), "precise_bn.num_batches", 200, f"{EPIC_YAMLS} BN.USE_PRECISE_STATS True, NUM_BATCHES_PRECISE 200 "
                                        "(capped at one epoch, tools/epic/train_net.py)", 200, SILENT,
         "`:star` sets 0, as the Ego_Exo_star yamls (BN.USE_PRECISE_STATS False). Statistics of the global batch "
         "(the release: per 8-clip GPU batch).", full_size_only=True),
