@@ -6,11 +6,10 @@ The full size follows the Ego-Exo release's Slow-only R50 8x8 fine-tuning recipe
 `configs/egoexo.py:small`, so a small pre-training run can start it (`--config.init_from=<its workdir>`).
 """
 
-import math
-
 import ml_collections
 
 from configs import common_recipe, egoexo, recipe_egoexo
+from egoexo_jax import lr_policy
 
 
 def parse_arg(arg: str, config_file: str) -> tuple[bool, bool]:
@@ -31,7 +30,8 @@ def apply_recipe(config, arg: str, config_name: str):
 
 
 def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
-  return int(math.ceil(epochs * num_examples / batch_size))
+  """ceil(epochs x records / batch), as the trainer counts epochs (egoexo_jax/lr_policy.py)."""
+  return lr_policy.steps_for_epochs(epochs, num_examples, batch_size)
 
 
 def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
@@ -102,12 +102,12 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   # Precise BatchNorm statistics (egoexo_jax/precise_bn.py; PySlowFast BN.USE_PRECISE_STATS with
   # NUM_BATCHES_PRECISE): batches averaged before each periodic evaluation and at the last step; 0 = off.
   config.precise_bn = ml_collections.ConfigDict()
-  config.precise_bn.num_batches = 0
+  config.precise_bn.num_batches = 0  # the recipe table sets 200 for full-size EPIC runs
   # Periodic evaluation on data.eval_records (egoexo_jax/train_eval.py), as the released fine-tuning yamls'
   # TRAIN.EVAL_PERIOD: 2 (epochs); every_steps > 0 overrides every_epochs. The best state by best_metric
   # ('' = mAP / action_top1 / <head>_top1) is kept in <workdir>/best.
   config.train_eval = ml_collections.ConfigDict()
-  config.train_eval.every_epochs = 0.0 if small else 2.0
+  config.train_eval.every_epochs = 0.0  # the recipe table sets 2.0 for full-size runs
   config.train_eval.every_steps = 0
   config.train_eval.best_metric = ""
   config.train_eval.num_clips = 1  # views per record during training (PySlowFast's 'val' mode: 1 clip, 1 crop)

@@ -56,14 +56,15 @@ def epic_config(arg: str, config_file: str, *, verbs: int, nouns: int, num_segme
     steps = lambda epochs: finetune_common.steps_for_epochs(epochs, num_segments, config.global_batch_size)
     config.num_train_steps = steps(config.epochs)
     config.optimizer.decay_steps = (steps(20), steps(25))
-  # Released Ego_Exo_SLOWFAST_8x8_R50.yaml (EPIC-55 and -100): BN.USE_PRECISE_STATS True, NUM_BATCHES_PRECISE
-  # 200; the Ego_Exo_star yamls set USE_PRECISE_STATS False.
-  config.precise_bn.num_batches = 0 if (star or small) else 200
   if star:
     config.loss.weight_interaction = 3.0
     # See configs/finetune_charades_ego.py: the shipped clips' stand-in detector files.
     config.data.hand_object_dir = "data/pseudo_labels/hand_object/clips"
-  return finetune_common.apply_recipe(config, arg, config_file.rsplit("/", 1)[-1].removesuffix(".py"))
+  # Precise BN (200 batches), periodic evaluation, test views: rows of configs/recipe_egoexo.py.
+  config = finetune_common.apply_recipe(config, arg, config_file.rsplit("/", 1)[-1].removesuffix(".py"))
+  if star:  # the Ego_Exo_star yamls: BN.USE_PRECISE_STATS False (the table's precise-BN row says so)
+    config.precise_bn.num_batches = 0
+  return config
 
 
 def get_config(arg: str = ""):

@@ -20,6 +20,8 @@ FINETUNE = ("finetune_charades_ego", "finetune_epic100", "finetune_epic55")
 K400 = "k400/Ego_Exo_SLOW_8x8_R50.yaml"
 K400_BASE = "k400/SLOW_8x8_R50.yaml (base of " + K400 + ")"
 SILENT = "not stated; the released value"
+CHARADES_YAMLS = "charades-ego/Ego_Exo_SLOW_8x8_R50.yaml"
+EPIC_YAMLS = "epic-kitchen-{55,100}/Ego_Exo_SLOWFAST_8x8_R50.yaml"
 
 ROWS = (
     # ------------------------------------------------------------------ pre-training loss (Eq. 7)
@@ -134,4 +136,46 @@ ROWS = (
         "steps", SILENT,
         "Step-based (decay_steps = ceil(epoch x segments / batch), factor 0.1): equal to PySlowFast's "
         "steps_with_relative_lrs at every step (tests/recipes_test.py)."),
+    # ------------------------------------------------------------------ fine-tuning: BN, periodic evaluation
+    Row("Precise BatchNorm batches (0 = off) before each evaluation and at the end",
+        ("finetune_epic100", "finetune_epic55"), "precise_bn.num_batches", 200, f"{EPIC_YAMLS} BN.USE_PRECISE_STATS True, NUM_BATCHES_PRECISE 200 "
+                                       "(capped at one epoch, tools/epic/train_net.py)", 200, SILENT,
+        "`:star` sets 0, as the Ego_Exo_star yamls (BN.USE_PRECISE_STATS False). Statistics of the global batch "
+        "(the release: per 8-clip GPU batch).", full_size_only=True),
+    Row("Precise BatchNorm batches (0 = off)", ("finetune_charades_ego",), "precise_bn.num_batches",
+        0, f"{CHARADES_YAMLS} BN.USE_PRECISE_STATS False", 0, SILENT),
+    Row("Periodic evaluation every N epochs (on data.eval_records)", FINETUNE, "train_eval.every_epochs",
+        2.0, f"{CHARADES_YAMLS}, {EPIC_YAMLS} TRAIN.EVAL_PERIOD", 2.0, SILENT,
+        "In steps as the LR policy counts epochs: ceil(N x records / global batch), records from "
+        "data.num_train_examples or counted at start (egoexo_jax/lr_policy.py steps_for_epochs).",
+        full_size_only=True),
+    Row("Periodic evaluation views (clips x crops): one clip, one crop", FINETUNE, "train_eval.num_clips", 1,
+        "slowfast/datasets/charades.py, epic.py: 'val' mode samples 1 clip x 1 crop", 1, SILENT),
+    Row("Periodic evaluation views (clips x crops): one clip, one crop", FINETUNE, "train_eval.num_crops", 1,
+        "slowfast/datasets/charades.py, epic.py: 'val' mode samples 1 clip x 1 crop", 1, SILENT),
+    Row("Charades-Ego: best checkpoint by", ("finetune_charades_ego",), "train_eval.best_metric", "mAP",
+        "tools/train_net.py: eval_epoch's is_best_epoch (validation mAP, DATA.MULTI_LABEL)", "mAP", SILENT),
+    Row("EPIC: best checkpoint by (highest action top-1 = lowest action top-1 error)",
+        ("finetune_epic100", "finetune_epic55"), "train_eval.best_metric", "action_top1",
+        "tools/epic/train_net.py eval_epoch: ValMeter.log_epoch_stats's is_best_epoch on the action top-1 error",
+        "action_top1", SILENT),
+    # ------------------------------------------------------------------ fine-tuning: testing
+    Row("Test views per video: clips", FINETUNE, "evaluate.num_clips", 10,
+        "slowfast/config/defaults.py TEST.NUM_ENSEMBLE_VIEWS (the yamls keep it)", 10, SILENT),
+    Row("Test views per video: spatial crops", FINETUNE, "evaluate.num_crops", 3,
+        "slowfast/config/defaults.py TEST.NUM_SPATIAL_CROPS (the yamls keep it)", 3, SILENT),
+    Row("Test crop", FINETUNE, "evaluate.crop_size", 256, f"{CHARADES_YAMLS}, {EPIC_YAMLS} DATA.TEST_CROP_SIZE",
+        256, SILENT, full_size_only=True),
+    Row("Test short side (the test crop's: PySlowFast's min_scale = max_scale = TEST_CROP_SIZE)", FINETUNE,
+        "evaluate.short_side", 256, f"{CHARADES_YAMLS}, {EPIC_YAMLS} DATA.TEST_CROP_SIZE; slowfast/datasets/"
+                                    "charades.py, epic.py 'test' mode", 256, SILENT, full_size_only=True),
+    Row("Fully convolutional testing (head at each res5 position of a train-crop window, then the mean)", FINETUNE,
+        "evaluate.fully_convolutional", True,
+        "slowfast/models/head_helper.py ResNetBasicHead (eval: fully convolutional projection, act, mean over "
+        "positions); Ego-Exo's MultiTaskHead likewise", True, SILENT),
+    Row("Charades-Ego: view aggregation", ("finetune_charades_ego",), "evaluate.ensemble", "max",
+        "charades-ego/Ego_Exo_SLOW_8x8_R50.yaml DATA.ENSEMBLE_METHOD", "max", SILENT),
+    Row("EPIC: view aggregation", ("finetune_epic100", "finetune_epic55"), "evaluate.ensemble", "mean",
+        "slowfast/config/defaults.py DATA.ENSEMBLE_METHOD 'sum' (the EPIC yamls keep it)", "mean", SILENT,
+        "'mean' = 'sum' / 30 views: the same ranking, top-k and action scores' order."),
 )

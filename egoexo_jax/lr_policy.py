@@ -61,6 +61,18 @@ def is_epoch_based(config) -> bool:
   return bool(config.optimizer.get("lr_policy", "")) and config.get("epochs", 0) > 0
 
 
+def steps_for_epochs(epochs: float, num_records: int, global_batch_size: int) -> int:
+  """ceil(epochs x records / global batch): how many steps `epochs` epochs are (the run length, the periodic
+  evaluation's period); the 1e-9 keeps a product that is a whole number in exact arithmetic from rounding up."""
+  return int(math.ceil(epochs * num_records / global_batch_size - 1e-9))
+
+
+def epoch_records(config, num_records: int = 0) -> int:
+  """Training records per epoch: data.num_train_examples when set, else `num_records` (counted at start by
+  train.resolve_run_length); 0 when neither is known."""
+  return int(config.data.get("num_train_examples", 0) or num_records or 0)
+
+
 def plan(config, num_records: int = 0) -> Plan:
   """The run's length. Epoch-based runs need `num_records` (or data.num_train_examples, which wins)."""
   opt = config.optimizer
@@ -72,7 +84,7 @@ def plan(config, num_records: int = 0) -> Plan:
       raise ValueError(f"config optimizer.warmup_steps ({opt.warmup_steps}) must be in [0, num_train_steps) "
                        f"(num_train_steps is {steps})")
     return Plan(steps, 1.0, float(steps), float(opt.warmup_steps), 0)
-  num_records = int(config.data.get("num_train_examples", 0) or num_records)
+  num_records = epoch_records(config, num_records)
   if num_records <= 0:
     raise RecordCountUnknown(f"config epochs is {config.epochs} but the number of training records is unknown: set "
                      "config.data.num_train_examples or point data.train_records at non-empty shards")
@@ -80,7 +92,7 @@ def plan(config, num_records: int = 0) -> Plan:
   if not 0 <= opt.warmup_epochs < config.epochs:
     raise ValueError(f"config optimizer.warmup_epochs ({opt.warmup_epochs}) must be in [0, epochs) "
                      f"(epochs is {config.epochs})")
-  steps = int(math.ceil(config.epochs * steps_per_epoch - 1e-9))
+  steps = steps_for_epochs(config.epochs, num_records, config.global_batch_size)
   return Plan(steps, steps_per_epoch, float(config.epochs), float(opt.warmup_epochs), num_records)
 
 

@@ -83,17 +83,28 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """With an lr_policy: the config with num_train_steps = ceil(epochs x records / global batch) when
-  epoch-based (records: data.num_train_examples, else counted in the training records), and one log line
-  describing the schedule. Without one: `config` unchanged."""
-  if not config.optimizer.get("lr_policy", ""):
-    return config
+  """The run's length in steps, from epochs where the config gives epochs: with an lr_policy, num_train_steps =
+  ceil(epochs x records / global batch) when epoch-based, and one log line describing the schedule. Records:
+  data.num_train_examples, else counted in the training records, which is done too when periodic evaluation
+  is given in epochs (train_eval.every_epochs with data.eval_records); the count goes into
+  data.num_train_examples of the returned copy, where egoexo_jax/train_eval.py (and precise BN's one-epoch
+  cap) read it. Otherwise `config` unchanged."""
+  settings = config.get("train_eval", ml_collections.ConfigDict())
+  eval_in_epochs = bool(config.data.get("eval_records", "")) and not settings.get("every_steps", 0) and \
+      settings.get("every_epochs", 0) > 0
+  policy = bool(config.optimizer.get("lr_policy", ""))
   num_records = 0
-  if lr_policy.is_epoch_based(config) and not config.data.get("num_train_examples", 0):
+  if ((policy and lr_policy.is_epoch_based(config)) or eval_in_epochs) and not lr_policy.epoch_records(config):
     pattern = config.data.train_records or os.path.join(workdir, "records", "train.tfrecord-*")
     num_records = len(sources.open_records(pattern))
-  config, plan = lr_policy.resolve(config, num_records)
-  logging.info("%s", plan.describe(config))
+  if policy:
+    config, plan = lr_policy.resolve(config, num_records)
+    logging.info("%s", plan.describe(config))
+  if num_records and not lr_policy.epoch_records(config):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.num_train_examples = num_records
+    logging.info("Counted %d training records per epoch (data.num_train_examples was 0).", num_records)
   return config
 
 

@@ -10,7 +10,8 @@ Here (`TrainingEvaluation`, called once per step by train.py):
   - precise BN statistics (egoexo_jax/precise_bn.py) at every evaluation step and at the last step,
     so the final checkpoint, which export and `egoexo_jax.evaluate` read, holds them;
   - evaluation every `train_eval.every_steps` steps (or, when that is 0, every `train_eval.every_epochs`
-    epochs of data.num_train_examples records) and at the last step, on `data.eval_records` with
+    epochs of data.num_train_examples records, counted at start when 0: train.resolve_run_length) and at
+    the last step, on `data.eval_records` with
     `egoexo_jax.evaluate`'s forward and metrics (`evaluate.score_records`; `config.evaluate`'s views,
     except `train_eval.num_clips` x `train_eval.num_crops`: 1 x 1 by default, PySlowFast's 'val' mode
     view count); scalars 'eval/<metric>' in <workdir>/eval;
@@ -33,7 +34,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from egoexo_jax import atomic_files, checkpointing, evaluate
+from egoexo_jax import atomic_files, checkpointing, evaluate, lr_policy
 from egoexo_jax.input import finetune_pipeline
 from egoexo_jax.precise_bn import PreciseBatchNorm
 
@@ -41,7 +42,9 @@ BEST = "best"
 
 
 def eval_every_steps(config) -> int:
-  """Steps between evaluations: train_eval.every_steps, else every_epochs x ceil(records / global batch)."""
+  """Steps between evaluations: train_eval.every_steps, else every_epochs in steps as the LR policy counts
+  them (lr_policy.steps_for_epochs over data.num_train_examples, which train.resolve_run_length fills in
+  from the record count at start when it is 0)."""
   settings = config.get("train_eval", ml_collections.ConfigDict())
   steps = int(settings.get("every_steps", 0))
   epochs = float(settings.get("every_epochs", 0.0))
@@ -49,11 +52,11 @@ def eval_every_steps(config) -> int:
     raise ValueError(f"config train_eval.every_steps ({steps}) and every_epochs ({epochs}) must be >= 0")
   if steps or not epochs:
     return steps
-  examples = int(config.data.get("num_train_examples", 0) or 0)
-  if not examples:
-    raise ValueError(f"config train_eval.every_epochs is {epochs} but data.num_train_examples is not set: set it "
-                     "(records per epoch) or train_eval.every_steps")
-  return max(1, math.ceil(epochs * examples / config.global_batch_size))
+  records = lr_policy.epoch_records(config)
+  if not records:
+    raise ValueError(f"config train_eval.every_epochs is {epochs} but data.num_train_examples is not set and the "
+                     "training records were not counted: set it (records per epoch) or train_eval.every_steps")
+  return max(1, lr_policy.steps_for_epochs(epochs, records, config.global_batch_size))
 
 
 def best_metric_name(config) -> str:

@@ -113,6 +113,27 @@ def epic_record_sets(tmp_path_factory):
   return out
 
 
+def test_an_epoch_based_eval_period_counts_the_training_records_at_start(epic_record_sets, tmp_path):
+  config = tiny_finetune_config("finetune_epic100", **{
+      "data.train_records": epic_record_sets["train"], "data.eval_records": epic_record_sets["validation"],
+      "data.num_train_examples": 0, "train_eval.every_epochs": 3.0, "train_eval.every_steps": 0,
+      "global_batch_size": 4})
+  with pytest.raises(ValueError, match="every_epochs is 3.0 but data.num_train_examples is not set"):
+    train_eval.eval_every_steps(config)
+  resolved = train.resolve_run_length(config, str(tmp_path))
+  rows = len((ROOT / "data/finetune/epic100_train_manifest.csv").read_text().strip().splitlines()) - 1
+  assert rows == 8 and resolved.data.num_train_examples == rows  # one record per manifest row
+  assert train_eval.eval_every_steps(resolved) == 6  # ceil(3 x 8 / 4)
+  assert config.data.num_train_examples == 0  # the caller's config is left as it was
+  # Counted in steps, or without evaluation records: nothing to count.
+  for overrides in ({"train_eval.every_steps": 2}, {"data.eval_records": ""}):
+    other = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+      node, leaf = other, key.split(".")
+      node[leaf[0]][leaf[1]] = value
+    assert train.resolve_run_length(other, str(tmp_path)).data.num_train_examples == 0
+
+
 def test_training_evaluates_periodically_keeps_the_best_and_saves_precise_statistics(epic_record_sets, tmp_path,
                                                                                      monkeypatch):
   config = tiny_finetune_config("finetune_epic100", **{

@@ -75,6 +75,11 @@ def test_recipes_differ_where_the_issue_says():
   assert (teacher.optimizer.base_learning_rate, teacher.optimizer.lr_policy, teacher.epochs) == (0.01, "cosine", 100)
   epic100 = load_config("finetune_epic100", "")
   assert (epic100.optimizer.base_learning_rate, epic100.optimizer.reference_batch_size) == (0.02, 128)
+  # Precise BN: 200 batches in the released EPIC yamls, off in their Ego_Exo_star ones and in Charades-Ego's.
+  assert (epic100.precise_bn.num_batches, load_config("finetune_epic100", "star").precise_bn.num_batches) == (200, 0)
+  assert load_config("finetune_charades_ego", "").precise_bn.num_batches == 0
+  assert (epic100.evaluate.crop_size, epic100.evaluate.fully_convolutional, epic100.train_eval.every_epochs) == \
+      (256, True, 2.0)
   with pytest.raises(ValueError, match="at most one recipe"):
     load_config("egoexo", "released,paper")
   with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['tiny'\]"):
