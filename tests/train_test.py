@@ -40,10 +40,8 @@ class Preempted(Exception):
   pass
 
 
-def test_preempted_then_resumed_run_equals_uninterrupted_run(real_record_pattern, tmp_path, monkeypatch):
-  config = tiny_config(real_record_pattern)
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
-
+def preempt_after_step_2(config, workdir: str, monkeypatch) -> None:
+  """Trains in `workdir` until the checkpoint of step 2 is written, then dies (Preempted) as a killed run would."""
   real_save = checkpointing.save
 
   def save_then_die_at_step_2(manager, step, state, data_iterator=None):
@@ -54,8 +52,15 @@ def test_preempted_then_resumed_run_equals_uninterrupted_run(real_record_pattern
 
   monkeypatch.setattr(checkpointing, "save", save_then_die_at_step_2)
   with pytest.raises(Preempted):
-    train.train_and_evaluate(config, str(tmp_path / "b"))
+    train.train_and_evaluate(config, workdir)
   monkeypatch.undo()
+
+
+def test_preempted_then_resumed_run_equals_uninterrupted_run(real_record_pattern, tmp_path, monkeypatch):
+  config = tiny_config(real_record_pattern)
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / "a"))
+
+  preempt_after_step_2(config, str(tmp_path / "b"), monkeypatch)
   resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
 
   assert int(resumed.step) == int(uninterrupted.step) == 4
@@ -222,18 +227,7 @@ def test_a_resumed_run_skips_records_that_do_not_fit_instead_of_dying(real_recor
   seed = next(s for s in range(100) if sum(k for _, k in expected_positions(10, bad, s, 32)[16:]) > 0)
   expected = expected_positions(10, bad, seed, 32)
   config = tiny_config(pattern, seed=seed)
-  real_save = checkpointing.save
-
-  def save_then_die_at_step_2(manager, step, state, data_iterator=None):
-    real_save(manager, step, state, data_iterator)
-    if step == 2:
-      manager.wait_until_finished()
-      raise Preempted
-
-  monkeypatch.setattr(checkpointing, "save", save_then_die_at_step_2)
-  with pytest.raises(Preempted):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-  monkeypatch.undo()
+  preempt_after_step_2(config, str(tmp_path / "run"), monkeypatch)
   logged = []
   real_write_summary = train.write_summary
   monkeypatch.setattr(train, "write_summary", lambda *args: logged.append(args) or real_write_summary(*args))
