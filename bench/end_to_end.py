@@ -53,7 +53,7 @@ FLAGS = flags.FLAGS
 def teacher_free_batch(config, clips: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
   """A batch of the Ego-Exo step's shapes from clips and labels only (teacher targets 0, masks 0)."""
   batch = {k: np.zeros(v.shape, v.dtype) for k, v in egoexo_objective.example_batch(config, len(clips)).items()}
-  batch["clips"], batch["label"] = clips, labels.astype(np.int32) % config.model.num_classes
+  batch["clips"], batch["labels"] = clips, labels.astype(np.int32) % config.model.num_classes["action"]
   return batch
 
 

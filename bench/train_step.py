@@ -153,8 +153,8 @@ def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict[str,
   for key, spec in egoexo_objective.example_batch(config, batch_size).items():
     if key == "clips":
       batch[key] = rng.integers(0, 256, spec.shape, np.uint8)
-    elif key == "label":
-      batch[key] = rng.integers(0, config.model.num_classes, spec.shape).astype(np.int32)
+    elif key == "labels":
+      batch[key] = rng.integers(0, config.model.num_classes["action"], spec.shape).astype(np.int32)
     elif key == "interaction_map":
       batch[key] = rng.uniform(size=spec.shape).astype(np.float32)
     elif key.startswith("has_"):
@@ -201,14 +201,14 @@ def build_torch(config, device: torch.device, autocast: bool, compile_model: boo
   arch = torch_slow_resnet.resolved_arguments(*backbones.backbone_arguments(model_config.backbone,
                                                                              model_config.backbone_args))
   model = torch_slow_resnet.SlowResNet(arch["stage_blocks"], arch["width"], arch["temporal_kernels"],
-                                       model_config.num_classes, model_config.dropout_rate).to(device).train()
+                                       model_config.num_classes["action"], model_config.dropout_rate).to(device).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=config.optimizer.momentum,
                               nesterov=config.optimizer.nesterov, weight_decay=config.optimizer.weight_decay)
   forward = torch.compile(model) if compile_model else model
   batch = config.global_batch_size
   clips = torch.randint(0, 256, (batch, 3, data.clip_length, data.crop_size, data.crop_size), dtype=torch.uint8,
                         device=device)
-  labels = torch.randint(0, model_config.num_classes, (batch,), device=device)
+  labels = torch.randint(0, model_config.num_classes["action"], (batch,), device=device)
 
   step = torch_slow_resnet.make_train_step(forward, optimizer, clips, labels, mean=transforms.MEAN, std=transforms.STD,
                                            autocast=autocast)
@@ -246,7 +246,7 @@ def main(argv):
   assert abs(r50 / 1e9 - R50_PUBLISHED_GMACS) < 0.1, r50
   arch = torch_slow_resnet.resolved_arguments(*backbones.backbone_arguments(model.backbone, model.backbone_args))
   macs = slow_resnet_macs(arch["stage_blocks"], arch["width"], arch["temporal_kernels"], data.clip_length, data.crop_size,
-                          model.num_classes, num_object_classes=model.num_object_classes,
+                          model.num_classes["action"], num_object_classes=model.num_object_classes,
                           interaction_channels=model.interaction_channels)
   jax_flops = 6 * (macs["network"] + macs["ego_heads"])  # per clip per train step
   torch_flops = 6 * macs["network"]

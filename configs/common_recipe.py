@@ -1,9 +1,9 @@
 """Recipes as data: rows of (setting, config key, value per recipe, source per recipe, divergence).
 
-A recipe module (configs/recipe_egoexo.py; configs/recipe_suml.py mirrors it) holds a tuple of `Row`s.
+A recipe module (configs/recipe_egoexo.py, configs/recipe_suml.py) holds a tuple of `Row`s.
 `get_config()` calls `apply_recipe(config, ROWS, recipe, config_name, small=...)` to set every row's
-value, and tests/recipes_test.py reads the same rows to check each built config against them, so the
-table, the configs and the README's "Recipes" section cannot drift apart silently.
+value, and tests (recipes_test.py, suml_test.py) read the same rows to check each built config against
+them, so the table, the configs and the README's recipe sections cannot drift apart silently.
 
 Recipes: 'released' (what produced the authors' checkpoints: their released configs and code) and
 'paper' (the text). A row whose paper column says "not stated" takes the released value under both.
@@ -15,16 +15,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-RECIPES = ("released", "paper")
+from configs.common import RECIPES
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One setting of a recipe table.
 
-  configs: the config names (file stems, e.g. 'egoexo', 'finetune_epic100') whose get_config() sets it.
+  configs: the config names (file stems, e.g. 'egoexo', 'finetune_epic100') whose get_config() sets it;
+    () for a row that is no config field (a flag of a tool, e.g. SUM-L's pair miner).
   key: the dotted config key ('loss.weight_action'). released / paper: the value each recipe sets.
-  full_size_only: True when `:small` replaces the value by a laptop-sized one (epochs, batch, LR).
+  full_size_only: True when `:small` keeps the config's own laptop-sized value (epochs, batch, LR).
+  ours: values used instead of a column, by recipe or 'small' ({'small': 8}); `divergence` says why.
   """
 
   setting: str
@@ -36,29 +38,22 @@ class Row:
   paper_source: str
   divergence: str = ""
   full_size_only: bool = False
+  ours: dict = dataclasses.field(default_factory=dict)
 
-  def value(self, recipe: str) -> Any:
+  @property
+  def source(self) -> str:
+    """Both columns' sources: one text when they are the same."""
+    if self.released_source == self.paper_source:
+      return self.released_source
+    return f"{self.released_source} / {self.paper_source}"
+
+  def value(self, recipe: str, small: bool = False) -> Any:
+    """The value the config takes under `recipe` (and at the CPU size when `small`)."""
     if recipe not in RECIPES:
       raise ValueError(f"unknown recipe '{recipe}': use one of {RECIPES}")
-    return self.released if recipe == "released" else self.paper
-
-
-def parse_options(arg: str, config_file: str, allowed: tuple[str, ...], default_recipe: str) -> tuple[set[str], str]:
-  """`arg` of `--config=<file>:<arg>`, comma-separated -> (the non-recipe options, the recipe).
-
-  At most one of RECIPES may be named; none gives `default_recipe`. Unknown options are an error naming
-  the file and what it accepts.
-  """
-  options = [a for a in arg.split(",") if a]
-  unknown = sorted(set(options) - set(allowed) - set(RECIPES))
-  if unknown:
-    named = f"argument '{unknown[0]}'" if len(unknown) == 1 else f"arguments {unknown}"
-    raise ValueError(f"unknown config {named}: {config_file} takes a comma-separated subset of "
-                     f"{list(allowed)} and at most one recipe of {list(RECIPES)} (default '{default_recipe}')")
-  recipes = [o for o in options if o in RECIPES]
-  if len(recipes) > 1:
-    raise ValueError(f"{config_file}: name at most one recipe, got {recipes}")
-  return {o for o in options if o not in RECIPES}, (recipes[0] if recipes else default_recipe)
+    if small and "small" in self.ours:
+      return self.ours["small"]
+    return self.ours.get(recipe, self.released if recipe == "released" else self.paper)
 
 
 def rows_for(rows: tuple[Row, ...], config_name: str, *, small: bool = False) -> tuple[Row, ...]:
@@ -80,7 +75,7 @@ def apply_recipe(config, rows: tuple[Row, ...], recipe: str, config_name: str, *
     node = config
     for part in path:
       node = node[part]
-    node[leaf] = row.value(recipe)
+    node[leaf] = row.value(recipe, small)
   config.recipe = recipe
   return config
 

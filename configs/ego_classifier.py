@@ -15,24 +15,28 @@ On the shipped clips (`data/views_manifest.csv`), for a laptop:
   python main.py --config=configs/ego_classifier.py:small --workdir=runs/ego_cls_small
 """
 
-from configs import common_recipe, egoexo, recipe_egoexo
+import ml_collections
+
+from configs import common, common_recipe, egoexo, recipe_egoexo
+
+ARG = egoexo.ARG
 
 
 def get_config(arg: str = ""):
   """`arg` as configs/egoexo.py's ('small', a recipe); the teacher's own rows (supplement S1: LR 0.01 per
   64 clips, cosine, 100 epochs) are the same under both recipes, as no teacher config was released."""
-  _, recipe = common_recipe.parse_options(arg, "configs/ego_classifier.py", ("small",), "released")
-  config = egoexo.get_config(arg)
+  parsed = common.parse_arg(arg, "configs/ego_classifier.py", ARG)
+  config = egoexo.build(parsed)
   config.data.manifest = "data/views_manifest.csv"
   config.data.ego_logits = config.data.object_logits = config.data.hand_object_dir = ""
-  config.model.num_classes = 2
+  config.model.num_classes = ml_collections.ConfigDict({"action": 2})  # 0 = first-person, 1 = third-person
   config.model.use_ego_heads = False
-  config.loss.weight_ego = config.loss.weight_object = config.loss.weight_interaction = 0.0
+  config.loss.weight_ego_score = config.loss.weight_object = config.loss.weight_interaction = 0.0
   config.init_from = ""  # workdir or checkpoint to take the backbone from (Kinetics pre-training)
-  small = "small" in arg.split(",")
-  if small:
+  if parsed.small:
     config.num_train_steps = 100
     config.optimizer.warmup_steps = 10
     config.checkpoint_every_steps = 50
   # Steps from 100 epochs over the records (counted at start; or set data.num_train_examples).
-  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, recipe, "ego_classifier", small=small)
+  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, parsed.recipe, "ego_classifier",
+                                    small=parsed.small)

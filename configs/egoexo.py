@@ -33,32 +33,23 @@ stand-in teachers (data/README.md): the numbers show that training works, not ac
 
 import ml_collections
 
-from configs import common_recipe, recipe_egoexo
+from configs import common, common_recipe, recipe_egoexo
 
-
-def mesh_config() -> ml_collections.ConfigDict:
-  """`config.mesh` of every objective's config: all devices, data parallel.
-
-  Devices: data x fsdp (sharding.py). The batch is split over both axes; parameters and optimiser
-  state are fully sharded over `fsdp` (each array of >= fsdp_min_size elements along its largest
-  dimension divisible by fsdp) and replicated over `data`. fsdp = 1: plain data parallelism.
-  """
-  mesh = ml_collections.ConfigDict()
-  mesh.num_devices = -1  # devices to use, from the first; -1: all
-  mesh.data = -1  # -1: the devices fsdp leaves
-  mesh.fsdp = 1
-  mesh.fsdp_min_size = 2**14  # elements; smaller arrays stay replicated
-  return mesh
+ARG = common.ArgSpec(default_recipe="released")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: comma-separated; 'small' for a CPU-sized run on the embedded data (else the paper's size), and
   a recipe, 'released' (default) or 'paper' (configs/recipe_egoexo.py)."""
-  options, recipe = common_recipe.parse_options(arg, "configs/egoexo.py", ("small",), "released")
-  small = "small" in options
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.objective = "egoexo"  # egoexo_jax/objectives/egoexo.py
+  return build(common.parse_arg(arg, "configs/egoexo.py", ARG))
+
+
+def build(arg: common.Arg) -> ml_collections.ConfigDict:
+  """The Ego-Exo pre-training config (also the base of configs/ego_classifier.py), recipe applied."""
+  small = arg.small
+  config = common.trainer_defaults(ml_collections.ConfigDict(), objective="egoexo",
+                                   log_every_steps=20 if small else 100,
+                                   checkpoint_every_steps=100 if small else 5_000)
 
   config.data = ml_collections.ConfigDict()
   # Glob of record shards (TFRecord or ArrayRecord). Empty: convert the embedded manifest below
@@ -82,19 +73,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # pathway's frames, floor(linspace)) or 'max' (the max over each group of frames).
   config.data.interaction_frames = "slow_frames"
   config.data.box_score_threshold = 0.5
-  config.data.num_workers = 1 if small else 12  # Grain worker processes per host
-  # Whole batches built at once per worker: Grain runs no more read threads than prefetch_batches.
-  config.data.read_threads = 2
-  config.data.prefetch_batches = 2
-  # Seconds to wait for a batch before stopping with an error naming the step and the workers' state
-  # (a hung Grain worker or unreachable storage); 0 waits forever. Covers worker start-up at step 1.
-  config.data.batch_timeout_s = 600.0
-  config.data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
-  config.data.check_records = 32  # records checked against the config when the data is opened
+  common.loader_defaults(config.data, num_workers=1 if small else 12, batch_timeout_s=600.0)
+  common.record_checks(config.data)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "egoexo"
-  config.model.num_classes = 5 if small else 400
+  config.model.num_classes = ml_collections.ConfigDict({"action": 5 if small else 400})  # head name -> classes
   config.model.num_object_classes = 1000
   config.model.backbone = "slow_r50"  # models/backbones.py: slow_r50, slow_r101, ...
   # Overrides of the backbone's preset arguments; `:small` thins and shortens Slow-only R50.
@@ -107,7 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.weight_action = 1.0
-  config.loss.weight_ego = 0.1
+  config.loss.weight_ego_score = 0.1
   config.loss.weight_object = 0.5
   config.loss.weight_interaction = 1.0
   config.loss.temperature_ego = 1.0
@@ -139,17 +122,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 1e-4
   config.optimizer.weight_decay_on = "all_but_batchnorm"  # or 'kernels' (conv and dense kernels only)
   config.optimizer.frozen = ()  # top-level parameter names to keep fixed
-
-  # A workdir or checkpoint whose `backbone` starts this run (heads stay new), or
-  # "subtree=path[:subtree there],..." (train.parse_init_from).
-  config.init_from = ""
-
-  config.mesh = mesh_config()
-
-  config.log_every_steps = 20 if small else 100
-  config.checkpoint_every_steps = 100 if small else 5_000
-  config.max_checkpoints_to_keep = 3
-  config.async_checkpointing = True
-  # (start, stop): a JAX profiler trace of steps start..stop into <workdir>/profile; () for none.
-  config.profile_steps = ()
-  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, recipe, "egoexo", small=small)
+  # init_from (common.trainer_defaults): a workdir or checkpoint whose `backbone` starts this run (heads new).
+  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, arg.recipe, "egoexo", small=small)

@@ -81,17 +81,17 @@ Stand-in features (data/evgap): this shows what each loss does to the machinery,
 
 import math
 
-from configs import evgap_pair
+from configs import common, evgap_pair
+
+ARG = common.ArgSpec(options=("siglip",))  # 'siglip': SigLIP's loss instead of Eq. 2
 
 
 def get_config(arg: str = ""):
   """`arg`: comma-separated 'small' (the CPU size) and 'siglip' (SigLIP's loss instead of Eq. 2)."""
-  options = {a.strip() for a in arg.split(",") if a.strip()}
-  if options - {"small", "siglip"}:
-    raise ValueError(f"unknown config argument '{arg}': use any of 'small', 'siglip' (comma-separated)")
-  small = "small" in options
+  parsed = common.parse_arg(arg, "configs/evgap_group.py", ARG)
+  small = parsed.small
   config = evgap_pair.get_config("small" if small else "")
-  config.loss.step = "group"
+  config.stage = "group"
   config.model.group_log_scale_init = math.log10(1 / 0.7)  # s; t = exp(s) = 1.17 (evgap_pair.py: the reading)
   config.model.group_bias_init = -10.0  # SigLIP's, used only with --config.loss.use_group_bias=True
   # G = data.windows_per_recording scenes per recording, as step 1 (10; 4 for :small): 60 = 6 x 10.
@@ -102,7 +102,7 @@ def get_config(arg: str = ""):
   config.optimizer.weight_decay = 0.01
   pair_workdir = "runs/evgap_pair_small" if small else "runs/evgap_pair"
   config.init_from = f"encoder={pair_workdir}:encoder,heads={pair_workdir}:heads"
-  if "siglip" in options:
+  if "siglip" in parsed.options:
     config.model.group_log_scale_init = math.log(10.0)
     config.loss.use_group_bias = True
     config.loss.group_normalization = "ego"

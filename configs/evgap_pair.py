@@ -33,17 +33,18 @@ machinery trains, nothing more. Then step 2: configs/evgap_group.py.
 
 import ml_collections
 
-from configs import egoexo
+from configs import common
+
+ARG = common.ArgSpec()
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: '' for the paper-size run, 'small' for a CPU run on data/evgap."""
-  if arg not in ("", "small"):
-    raise ValueError(f"unknown config argument '{arg}': use configs/evgap_pair.py or configs/evgap_pair.py:small")
-  small = arg == "small"
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.objective = "evgap"  # egoexo_jax/objectives/evgap.py
+  small = common.parse_arg(arg, "configs/evgap_pair.py", ARG).small
+  config = common.trainer_defaults(ml_collections.ConfigDict(), objective="evgap",
+                                   log_every_steps=20 if small else 100,
+                                   checkpoint_every_steps=100 if small else 2_000)
+  config.stage = "pair"  # 'group' is step 2, configs/evgap_group.py
 
   config.data = ml_collections.ConfigDict()
   # Prefix of converted feature records (<prefix>.json + shards). Empty: convert `view_manifest` into
@@ -66,13 +67,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.ego_views_per_group = 4  # step 2: M
   config.data.exo_views_per_group = 8  # step 2: N
   config.data.batch_dtype = "float32" if small else "float16"  # host -> device transfer
-  config.data.num_workers = 0 if small else 8
-  config.data.read_threads = 2
-  config.data.prefetch_batches = 2
-  config.data.batch_timeout_s = 600  # seconds to wait for a batch before stopping with an error
+  common.loader_defaults(config.data, num_workers=0 if small else 8)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "evgap"
   config.model.width = 64 if small else 512
   config.model.num_layers = 3 if small else 6
   config.model.num_heads = 4 if small else 8
@@ -90,7 +87,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.dtype = "float32" if small else "bfloat16"
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.step = "pair"
   config.loss.auxiliary_weight = 0.2
   # Step 2 (configs/evgap_group.py): EVGAP's Eq. 2 by default: per device ('local'), no bias, the mean over the
   # B^2 M N ego-exo pairs ('pairs'). SigLIP: use_group_bias True, normalization 'ego' (/ B M), scope 'global'.
@@ -110,15 +106,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optimizer.warmup_start_fraction = 0.01
   config.optimizer.weight_decay = 0.0
   config.optimizer.frozen = ()
-
-  config.init_from = ""
-
-  # Devices: data x fsdp (sharding.py); the SigLIP ring runs over both axes. fsdp = 1: data parallelism.
-  config.mesh = egoexo.mesh_config()
-  config.profile_steps = ()
-
-  config.log_every_steps = 20 if small else 100
-  config.checkpoint_every_steps = 100 if small else 2_000
-  config.max_checkpoints_to_keep = 3
-  config.async_checkpointing = True
+  # config.mesh (common.trainer_defaults): the SigLIP ring of step 2 runs over both of its axes.
   return config

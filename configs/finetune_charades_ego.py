@@ -32,19 +32,22 @@ training: a check of the pipeline, not a benchmark.
 
 from configs import finetune_common
 
+ARG = finetune_common.ARG  # small, star (Ego-Exo*), a recipe
+
 NUM_TRAIN_VIDEOS = 3_085  # CharadesEgo_v1_train_only1st.csv; set data.num_train_examples for another split
 
 
 def get_config(arg: str = ""):
-  small, star = finetune_common.parse_arg(arg, "configs/finetune_charades_ego.py")
+  parsed = finetune_common.parse_arg(arg, "configs/finetune_charades_ego.py")
+  small, star = parsed.small, "star" in parsed.options
   config = finetune_common.base_config(small=small, star=star)
   config.data.manifest = "data/finetune/charades_ego_train_manifest.csv"
   config.data.label_intervals = "data/finetune/charades_ego_train_manifest_intervals.json" if small else ""
-  config.data.multi_label = True
+  config.data.label_kind = "multi_label"
   config.data.label_layout = ("action",)
   config.model.num_classes.action = 157
-  config.evaluate.manifest = "data/finetune/charades_ego_test_manifest.csv"
-  config.evaluate.ensemble = "max"
+  config.eval.manifest = "data/finetune/charades_ego_test_manifest.csv"
+  config.eval.ensemble = "max"
   config.optimizer.schedule = "cosine"
   config.optimizer.base_learning_rate = 0.25
   config.epochs = 60.0
@@ -59,4 +62,4 @@ def get_config(arg: str = ""):
     # The shipped manifest's paths are '../clips/<file>' (relative to data/finetune/); from this folder
     # they lead to the stand-in detector files data/pseudo_labels/hand_object/clips/<file>.npy.
     config.data.hand_object_dir = "data/pseudo_labels/hand_object/clips"
-  return finetune_common.apply_recipe(config, arg, "finetune_charades_ego")
+  return finetune_common.apply_recipe(config, parsed, "finetune_charades_ego")

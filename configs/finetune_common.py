@@ -8,25 +8,21 @@ The full size follows the Ego-Exo release's Slow-only R50 8x8 fine-tuning recipe
 
 import ml_collections
 
-from configs import common_recipe, egoexo, recipe_egoexo
+from configs import common, common_recipe, recipe_egoexo
 from egoexo_jax import lr_policy
 
-
-def parse_arg(arg: str, config_file: str) -> tuple[bool, bool]:
-  """`arg` of `--config=<file>:<arg>`: comma-separated options among 'small' and 'star' -> (small, star);
-  a recipe ('released' or 'paper', configs/recipe_egoexo.py) may be named too (recipe_of)."""
-  options = [a for a in arg.split(",") if a and a not in common_recipe.RECIPES]
-  unknown = sorted(set(options) - {"small", "star"})
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}: use {config_file}[:small][,star] "
-                     "('small': a CPU-sized run on the shipped clips; 'star': Ego-Exo* with the interaction loss)")
-  return "small" in options, "star" in options
+ARG = common.ArgSpec(options=("star",), default_recipe="released")  # 'star': Ego-Exo* (the interaction loss)
 
 
-def apply_recipe(config, arg: str, config_name: str):
+def parse_arg(arg: str, config_file: str) -> common.Arg:
+  """`arg` of `--config=<file>:<arg>`: 'small', 'star' and a recipe ('released' or 'paper',
+  configs/recipe_egoexo.py), comma-separated."""
+  return common.parse_arg(arg, config_file, ARG)
+
+
+def apply_recipe(config, arg: common.Arg, config_name: str):
   """Sets the recipe rows of `config_name` (configs/recipe_egoexo.py) for the recipe named in `arg`."""
-  _, recipe = common_recipe.parse_options(arg, f"configs/{config_name}.py", ("small", "star"), "released")
-  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, recipe, config_name, small="small" in arg.split(","))
+  return common_recipe.apply_recipe(config, recipe_egoexo.ROWS, arg.recipe, config_name, small=arg.small)
 
 
 def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -35,16 +31,16 @@ def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
 
 
 def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.objective = "finetune"  # egoexo_jax/objectives/finetune.py
+  config = common.trainer_defaults(ml_collections.ConfigDict(), objective="finetune",
+                                   log_every_steps=10 if small else 100,
+                                   checkpoint_every_steps=50 if small else 2_000)
 
   config.data = ml_collections.ConfigDict()
   # Glob of record shards; empty: convert `manifest` into <workdir>/records on first use.
   config.data.train_records = ""
   config.data.manifest = ""
   config.data.eval_records = ""  # glob of validation record shards for periodic evaluation (train_eval below)
-  config.data.multi_label = False
+  config.data.label_kind = "single"  # 'single': one class per head; 'multi_label': class sets
   # What a record's `labels` hold: per head, labels[i] is the class of head label_layout[i]; multi-label,
   # the class ids of the single head named here. The heads' sizes are model.num_classes.
   config.data.label_layout = ()
@@ -63,15 +59,10 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.data.target_fps = 0.0  # stride over stored frames (transforms.sample_frame_indices), as the release
   config.data.interaction_frames = "slow_frames"  # as configs/egoexo.py
   config.data.box_score_threshold = 0.5
-  config.data.num_workers = 1 if small else 12
-  config.data.read_threads = 2
-  config.data.prefetch_batches = 2
-  config.data.batch_timeout_s = 600  # seconds to wait for a batch before stopping with an error
-  config.data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
-  config.data.check_records = 32  # records checked against the config when the data is opened
+  common.loader_defaults(config.data, num_workers=1 if small else 12)
+  common.record_checks(config.data)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "finetune"  # egoexo_jax/models/finetune.py
   config.model.num_classes = ml_collections.ConfigDict()  # head name -> classes
   config.model.backbone = "slow_r50"
   config.model.backbone_args = ml_collections.ConfigDict(
@@ -85,19 +76,19 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.loss.weight_interaction = 0.0  # per map (hand, object), as the released HANDOBJ weights
   config.loss.interaction_reduction = "sum"  # L_int = BCE mean of the hand map + that of the object map
 
-  config.evaluate = ml_collections.ConfigDict()
-  config.evaluate.manifest = ""  # converted into <workdir>/records/eval when --records is not given
-  config.evaluate.num_clips = 10
-  config.evaluate.num_crops = 3
-  config.evaluate.short_side = 128 if small else 256
-  config.evaluate.crop_size = 128 if small else 256
-  config.evaluate.placement = "spread"  # the Ego-Exo Charades/EPIC loaders' clip placement
-  config.evaluate.ensemble = "mean"  # how views combine: 'mean' or 'max' (of probabilities)
-  config.evaluate.batch_size = 30 if small else 120  # views per forward pass (a multiple of the devices)
+  config.eval = ml_collections.ConfigDict()
+  config.eval.manifest = ""  # converted into <workdir>/records/eval when --records is not given
+  config.eval.num_clips = 10
+  config.eval.num_crops = 3
+  config.eval.short_side = 128 if small else 256
+  config.eval.crop_size = 128 if small else 256
+  config.eval.placement = "spread"  # the Ego-Exo Charades/EPIC loaders' clip placement
+  config.eval.ensemble = "mean"  # how views combine: 'mean' or 'max' (of probabilities)
+  config.eval.batch_size = 30 if small else 120  # views per forward pass (a multiple of the devices)
   # PySlowFast tests fully convolutionally (head_helper.ResNetBasicHead / Ego-Exo's MultiTaskHead in eval
   # mode): the head at every position of a training-crop-sized window (data.crop_size) over the test
   # crop's res5 grid, softmax / sigmoid there, then the mean over positions. False: global pooling first.
-  config.evaluate.fully_convolutional = True
+  config.eval.fully_convolutional = True
 
   # Precise BatchNorm statistics (egoexo_jax/precise_bn.py; PySlowFast BN.USE_PRECISE_STATS with
   # NUM_BATCHES_PRECISE): batches averaged before each periodic evaluation and at the last step; 0 = off.
@@ -131,15 +122,7 @@ def base_config(*, small: bool, star: bool) -> ml_collections.ConfigDict:
   config.optimizer.decay_factor = 0.1
   config.optimizer.frozen = ()
 
-  # The pre-training run whose backbone starts this one (heads stay new): a workdir or checkpoint, or
-  # "backbone=<run>,interaction_head=<run>:interaction_head" to carry Ego-Exo's map head over too.
-  config.init_from = ""
-
-  config.mesh = egoexo.mesh_config()
-
-  config.log_every_steps = 10 if small else 100
-  config.checkpoint_every_steps = 50 if small else 2_000
-  config.max_checkpoints_to_keep = 3
-  config.async_checkpointing = True
-  config.profile_steps = ()
+  # init_from (common.trainer_defaults): the pre-training run whose backbone starts this one (heads stay new),
+  # a workdir or checkpoint, or "backbone=<run>,interaction_head=<run>:interaction_head" to carry Ego-Exo's
+  # map head over too.
   return config

@@ -29,20 +29,23 @@ the summed loss (ln 97 + ln 300 = 10.3 at the start) averages 7.27 over steps 1-
 
 from configs import finetune_common
 
+ARG = finetune_common.ARG  # small, star (Ego-Exo*), a recipe
+
 NUM_TRAIN_SEGMENTS = 67_217  # EPIC_100_train.csv
 
 
 def epic_config(arg: str, config_file: str, *, verbs: int, nouns: int, num_segments: int, learning_rate: float,
                 manifests: tuple[str, str]):
   """Shared by EPIC-Kitchens-100 and -55: `manifests` = (train, validation) manifests of the shipped clips."""
-  small, star = finetune_common.parse_arg(arg, config_file)
+  parsed = finetune_common.parse_arg(arg, config_file)
+  small, star = parsed.small, "star" in parsed.options
   config = finetune_common.base_config(small=small, star=star)
-  config.data.manifest, config.evaluate.manifest = manifests
-  config.data.multi_label = False
+  config.data.manifest, config.eval.manifest = manifests
+  config.data.label_kind = "single"
   config.data.label_layout = ("verb", "noun")  # labels = [verb_class, noun_class]
   config.model.num_classes.verb = verbs
   config.model.num_classes.noun = nouns
-  config.evaluate.ensemble = "mean"
+  config.eval.ensemble = "mean"
   config.optimizer.schedule = "steps"
   config.optimizer.base_learning_rate = learning_rate
   config.optimizer.decay_factor = 0.1
@@ -61,7 +64,7 @@ def epic_config(arg: str, config_file: str, *, verbs: int, nouns: int, num_segme
     # See configs/finetune_charades_ego.py: the shipped clips' stand-in detector files.
     config.data.hand_object_dir = "data/pseudo_labels/hand_object/clips"
   # Precise BN (200 batches), periodic evaluation, test views: rows of configs/recipe_egoexo.py.
-  config = finetune_common.apply_recipe(config, arg, config_file.rsplit("/", 1)[-1].removesuffix(".py"))
+  config = finetune_common.apply_recipe(config, parsed, config_file.rsplit("/", 1)[-1].removesuffix(".py"))
   if star:  # the Ego_Exo_star yamls: BN.USE_PRECISE_STATS False (the table's precise-BN row says so)
     config.precise_bn.num_batches = 0
   return config

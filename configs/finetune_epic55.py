@@ -19,6 +19,8 @@ On the shipped clips (the EPIC-100 segments of data/finetune/ with EPIC-55 class
 
 from configs import finetune_epic100
 
+ARG = finetune_epic100.ARG  # small, star (Ego-Exo*), a recipe
+
 NUM_TRAIN_SEGMENTS = 28_472  # all of EPIC_train_action_labels.csv; the TBN training part is smaller
 
 

@@ -28,7 +28,7 @@ ROWS = (
     Row("Action cross-entropy weight", PRETRAIN, "loss.weight_action",
         0.5, f"{K400} LOSS.CE_LOSS_WEIGHT (tools/handobj/train_net.py multiplies the CE by it)",
         1.0, "Eq. 7: L_act carries no weight"),
-    Row("Ego-Score KD weight", PRETRAIN, "loss.weight_ego",
+    Row("Ego-Score KD weight", PRETRAIN, "loss.weight_ego_score",
         0.1, f"{K400} KD.ALPHA_LIST[0]", 0.1, "Eq. 7"),
     Row("Object-Score KD weight", PRETRAIN, "loss.weight_object",
         0.5, f"{K400} KD.ALPHA_LIST[1]", 0.5, "Eq. 7"),
@@ -160,22 +160,22 @@ ROWS = (
         "tools/epic/train_net.py eval_epoch: ValMeter.log_epoch_stats's is_best_epoch on the action top-1 error",
         "action_top1", SILENT),
     # ------------------------------------------------------------------ fine-tuning: testing
-    Row("Test views per video: clips", FINETUNE, "evaluate.num_clips", 10,
+    Row("Test views per video: clips", FINETUNE, "eval.num_clips", 10,
         "slowfast/config/defaults.py TEST.NUM_ENSEMBLE_VIEWS (the yamls keep it)", 10, SILENT),
-    Row("Test views per video: spatial crops", FINETUNE, "evaluate.num_crops", 3,
+    Row("Test views per video: spatial crops", FINETUNE, "eval.num_crops", 3,
         "slowfast/config/defaults.py TEST.NUM_SPATIAL_CROPS (the yamls keep it)", 3, SILENT),
-    Row("Test crop", FINETUNE, "evaluate.crop_size", 256, f"{CHARADES_YAMLS}, {EPIC_YAMLS} DATA.TEST_CROP_SIZE",
+    Row("Test crop", FINETUNE, "eval.crop_size", 256, f"{CHARADES_YAMLS}, {EPIC_YAMLS} DATA.TEST_CROP_SIZE",
         256, SILENT, full_size_only=True),
     Row("Test short side (the test crop's: PySlowFast's min_scale = max_scale = TEST_CROP_SIZE)", FINETUNE,
-        "evaluate.short_side", 256, f"{CHARADES_YAMLS}, {EPIC_YAMLS} DATA.TEST_CROP_SIZE; slowfast/datasets/"
+        "eval.short_side", 256, f"{CHARADES_YAMLS}, {EPIC_YAMLS} DATA.TEST_CROP_SIZE; slowfast/datasets/"
                                     "charades.py, epic.py 'test' mode", 256, SILENT, full_size_only=True),
     Row("Fully convolutional testing (head at each res5 position of a train-crop window, then the mean)", FINETUNE,
-        "evaluate.fully_convolutional", True,
+        "eval.fully_convolutional", True,
         "slowfast/models/head_helper.py ResNetBasicHead (eval: fully convolutional projection, act, mean over "
         "positions); Ego-Exo's MultiTaskHead likewise", True, SILENT),
-    Row("Charades-Ego: view aggregation", ("finetune_charades_ego",), "evaluate.ensemble", "max",
+    Row("Charades-Ego: view aggregation", ("finetune_charades_ego",), "eval.ensemble", "max",
         "charades-ego/Ego_Exo_SLOW_8x8_R50.yaml DATA.ENSEMBLE_METHOD", "max", SILENT),
-    Row("EPIC: view aggregation", ("finetune_epic100", "finetune_epic55"), "evaluate.ensemble", "mean",
+    Row("EPIC: view aggregation", ("finetune_epic100", "finetune_epic55"), "eval.ensemble", "mean",
         "slowfast/config/defaults.py DATA.ENSEMBLE_METHOD 'sum' (the EPIC yamls keep it)", "mean", SILENT,
         "'mean' = 'sum' / 30 views: the same ranking, top-k and action scores' order."),
 )

@@ -10,20 +10,23 @@ Two recipes, a config argument (`configs/suml.py:paper`, the default, or `:relea
             triplet loss and then sets the alignment loss to None: no alignment term reaches its total, so
             this recipe has none (loss.alignment 'none'); the total is L_f + 0.1 L_t + 0.1 L_m.
 
-ROWS is the table: one Row per setting, read by `apply` (which sets the config) and by
-tests/suml_test.py (which checks each config value against it) and printed into README.md by
-`markdown_table()`. A row's `key` is a config field, or `narration_pairs --flag` for a choice made when
-the pair file is mined (python -m egoexo_jax.pseudo_labels.narration_pairs). `ours` lists the values
-that deliberately differ from the row's column, by recipe ('small' for the CPU size), with the reason
-in `divergence`.
+ROWS is the table, common_recipe.Row as configs/recipe_egoexo.py's: applied by
+common_recipe.apply_recipe (configs/suml.py), read by tests/suml_test.py (which checks each config value
+against it) and printed into README.md by `markdown_table()`. A row's `key` is a config field, or
+`narration_pairs --flag` for a choice made when the pair file is mined (python -m
+egoexo_jax.pseudo_labels.narration_pairs; such rows name no config). One source cites both columns. `ours`
+lists the values that deliberately differ from the row's column, by recipe ('small' for the CPU size),
+with the reason in `divergence`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-RECIPES = ("paper", "released")
+from configs import common_recipe
+
+RECIPES = ("paper", "released")  # the first is SUM-L's default (configs/suml.py)
+CONFIGS = ("suml",)  # configs/suml_exo.py and suml_eval.py start from configs/suml.py
 TPV_YAML = "Ego_Exo_SLOWFAST_8x8_R101_TPV.yaml"  # configs/epic-kitchen-100/ of the release
 HEAD = "slowfast/models/my_head.py SlowFastPhraseGlobalConHead_DCL"
 MODEL = "slowfast/models/multi_models_builder_ep_lemma_hoi_2s.py"
@@ -33,21 +36,11 @@ DATASET = "slowfast/datasets/epic100_unpair_tpv_txt.py"
 RELEASED_STEPS = (67_217 + 1) // 2 // 32
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-  setting: str
-  key: str
-  paper: Any
-  released: Any
-  source: str
-  divergence: str = ""
-  ours: dict = dataclasses.field(default_factory=dict)  # {'paper' | 'released' | 'small': value we use instead}
-
-  def value(self, recipe: str, small: bool = False) -> Any:
-    """The value the config takes under `recipe` (and at the CPU size when `small`)."""
-    if small and "small" in self.ours:
-      return self.ours["small"]
-    return self.ours.get(recipe, getattr(self, recipe))
+def Row(setting: str, key: str, paper: Any, released: Any, source: str, divergence: str = "",
+        ours: dict | None = None) -> common_recipe.Row:  # pylint: disable=invalid-name
+  """A SUM-L row in this table's column order; `source` cites both columns."""
+  return common_recipe.Row(setting, () if key.startswith("narration_pairs ") else CONFIGS, key, released, source,
+                           paper, source, divergence, ours=ours or {})
 
 
 ROWS = (
@@ -110,21 +103,9 @@ ROWS = (
 )
 
 
-def config_rows() -> tuple[Row, ...]:
+def config_rows() -> tuple[common_recipe.Row, ...]:
   """The rows whose key is a config field (the others are choices of the pair miner)."""
-  return tuple(r for r in ROWS if not r.key.startswith("narration_pairs "))
-
-
-def apply(config, recipe: str, small: bool) -> None:
-  """Sets every config field of ROWS to its value under `recipe`."""
-  if recipe not in RECIPES:
-    raise ValueError(f"unknown SUM-L recipe '{recipe}': use one of {RECIPES}")
-  for row in config_rows():
-    *path, field = row.key.split(".")
-    target = config
-    for name in path:
-      target = target[name]
-    target[field] = row.value(recipe, small)
+  return common_recipe.rows_for(ROWS, "suml")
 
 
 def _cell(value) -> str:
@@ -139,5 +120,5 @@ def markdown_table() -> str:
   for r in ROWS:
     ours = ", ".join(f"{k}: {_cell(v)}" for k, v in r.ours.items())
     divergence = r.divergence + (f" (ours: {ours})" if ours else "")
-    lines.append(f"| {r.setting} | `{r.key}` | {_cell(r.paper)} | {_cell(r.released)} | {r.source} | {divergence} |")
+    lines.append(f"| {r.setting} | `{r.key}` | {_cell(r.paper)} | {_cell(r.released)} | {r.released_source} | {divergence} |")
   return "\n".join(lines)

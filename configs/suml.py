@@ -58,31 +58,29 @@ count).
 
 import ml_collections
 
-from configs import egoexo
-from configs import recipe_suml
+from configs import common, common_recipe, recipe_suml
 
 BASELINES = ("suml", "fpv_only", "typical_cl", "triplet", "domain_adapt", "joint_embed")
+ARG = common.ArgSpec(variants=BASELINES, default_recipe=recipe_suml.RECIPES[0])
 
 
-def parse_arg(arg: str) -> tuple[bool, str, str]:
-  """'small,released,triplet' -> (small, baseline, recipe); any part may be left out (recipe: 'paper')."""
-  parts = [p.strip() for p in arg.split(",") if p.strip()]
-  small = "small" in parts
-  recipes = [p for p in parts if p in recipe_suml.RECIPES]
-  rest = [p for p in parts if p != "small" and p not in recipe_suml.RECIPES]
-  if len(rest) > 1 or len(recipes) > 1 or (rest and rest[0] not in BASELINES):
-    raise ValueError(f"unknown config argument '{arg}': use [small][,recipe][,baseline] with recipe one of "
-                     f"{recipe_suml.RECIPES} and baseline one of {BASELINES}")
-  return small, rest[0] if rest else "suml", recipes[0] if recipes else "paper"
+def parse_arg(arg: str, config_file: str = "configs/suml.py") -> common.Arg:
+  """'small,released,triplet' -> Arg (small, variant: the baseline, recipe: 'paper' unless named)."""
+  return common.parse_arg(arg, config_file, ARG)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """`arg`: '' (full size) or 'small' (CPU size on the shipped clips), optionally ',paper' (the default) or
   ',released' (configs/recipe_suml.py), and ',<baseline>'."""
-  small, baseline, recipe = parse_arg(arg)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.objective = "suml"  # egoexo_jax/objectives/suml.py
+  return build(parse_arg(arg))
+
+
+def build(arg: common.Arg) -> ml_collections.ConfigDict:
+  """The SUM-L stage (b) config for a parsed argument (also the base of suml_exo.py and suml_eval.py)."""
+  small, baseline, recipe = arg.small, arg.variant, arg.recipe
+  config = common.trainer_defaults(ml_collections.ConfigDict(), objective="suml",
+                                   log_every_steps=10 if small else 100,
+                                   checkpoint_every_steps=50 if small else 500)
   config.stage = "joint"  # 'exo' is stage (a), configs/suml_exo.py
 
   config.data = ml_collections.ConfigDict()
@@ -94,26 +92,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Narration pair file (.npz, egoexo_jax.pseudo_labels.narration_pairs) or a true-pair CSV (ego_id,exo_id).
   config.data.pairs = "data/suml/pairs.npz"
   # data.pair_top_k: draw each ego clip's partner among its first k candidates (the recipe sets it).
-  config.data.ego_labels = "single"  # 'single': one class per head; 'multi_label': class sets
-  config.data.exo_labels = "single" if small else "multi_label"
+  config.data.ego_label_kind = "single"  # 'single': one class per head; 'multi_label': class sets
+  config.data.exo_label_kind = "single" if small else "multi_label"
   config.data.convert_short_side = 160 if small else 320
   config.data.clip_length = 8
   config.data.frame_stride = 8
   config.data.crop_size = 112 if small else 224
   config.data.min_short_side = 128 if small else 256
   config.data.max_short_side = 160 if small else 320
-  config.data.num_workers = 1 if small else 12
-  config.data.read_threads = 2
-  config.data.prefetch_batches = 2
-  config.data.batch_timeout_s = 600  # stop with an error when no batch comes for this long; 0: wait forever
-  config.data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
-  config.data.check_records = 32  # records checked against the config when the data is opened
+  common.loader_defaults(config.data, num_workers=1 if small else 12)
+  common.record_checks(config.data)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "suml"  # egoexo_jax/models/suml.py
-  # Heads per view: EPIC-100 verbs and nouns; LEMMA verbs and nouns (multi-label). data/suml: 2 and 3 classes.
-  config.model.ego_num_classes = (2,) if small else (97, 300)
-  config.model.exo_num_classes = (3,) if small else (25, 64)
+  # Heads per view, head name -> classes: EPIC-100 verbs and nouns; LEMMA verbs and nouns (multi-label).
+  # data/suml: one head of 2 (ego) and 3 (exo) classes. Parameters: <view>_head_<i> in this order.
+  config.model.ego_num_classes = ml_collections.ConfigDict({"action": 2} if small else {"verb": 97, "noun": 300})
+  config.model.exo_num_classes = ml_collections.ConfigDict({"action": 3} if small else {"verb": 25, "noun": 64})
   config.model.backbone = "slow_r50"
   config.model.backbone_args = ml_collections.ConfigDict(dict(stage_blocks=(1, 1, 1, 1), width=16) if small else {})
   config.model.share_backbone = False
@@ -135,20 +129,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optimizer.decay_factor = 0.1
   config.optimizer.frozen = ()
 
-  # "ego_backbone=<Kinetics or Ego-Exo run>,exo_backbone=<stage (a) run>:exo_backbone,exo_head_<i>=...".
-  config.init_from = ""
-
-  # Devices: data x fsdp (egoexo_jax/sharding.py); per_device negatives mean per device of this mesh.
-  config.mesh = egoexo.mesh_config()
-
-  config.log_every_steps = 10 if small else 100
-  config.checkpoint_every_steps = 50 if small else 500
-  config.max_checkpoints_to_keep = 3
-  config.async_checkpointing = True
-  config.profile_steps = ()  # (start, stop): a JAX profiler trace of those steps into <workdir>/profile
+  # init_from (common.trainer_defaults): "ego_backbone=<Kinetics or Ego-Exo run>,exo_backbone=<stage (a)
+  # run>:exo_backbone,exo_head_<i>=...". config.mesh: per_device negatives mean per device of this mesh.
 
   # Every value that comes from the paper or the release, with its source: configs/recipe_suml.py.
-  recipe_suml.apply(config, recipe, small)
+  common_recipe.apply_recipe(config, recipe_suml.ROWS, recipe, "suml", small=small)
 
   if baseline == "fpv_only":
     config.loss.alignment = "none"

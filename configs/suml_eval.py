@@ -17,11 +17,15 @@ import ml_collections
 
 from configs import suml
 
+ARG = suml.ARG  # the trained run's argument
+
 
 def get_config(arg: str = ""):
-  config = suml.get_config(arg)
+  """`arg`: the argument of the trained run's configs/suml.py (its model fields must match)."""
+  parsed = suml.parse_arg(arg, "configs/suml_eval.py")
+  config = suml.build(parsed)
   config.eval = ml_collections.ConfigDict()
   config.eval.records = ""  # ego records to score; empty: the ego manifest converted into the workdir
   config.eval.checkpoint = ""  # workdir, checkpoints/ or step folder; empty: --workdir
-  config.eval.batch_size = 8 if suml.parse_arg(arg)[0] else 32
+  config.eval.batch_size = 8 if parsed.small else 32
   return config

@@ -19,15 +19,16 @@ compilation): the 3-class loss averages 1.00 over steps 1-10 and 0.045 over step
 The clips are not a real exo dataset (data/suml/README.md).
 """
 
-from configs import suml
+from configs import common, suml
+
+ARG = common.ArgSpec(default_recipe=suml.ARG.default_recipe)  # no baselines: stage (a) has no alignment
 
 
 def get_config(arg: str = ""):
   """`arg`: '' or 'small', optionally ',paper' or ',released' (configs/recipe_suml.py: L_t's reduction)."""
-  small, baseline, _ = suml.parse_arg(arg)
-  if baseline != "suml":
-    raise ValueError(f"unknown config argument '{arg}': use configs/suml_exo.py[:small][,paper|,released]")
-  config = suml.get_config(arg)
+  parsed = common.parse_arg(arg, "configs/suml_exo.py", ARG)
+  small = parsed.small
+  config = suml.build(parsed)
   config.stage = "exo"
   config.loss.weight_exo_task = 1.0  # stage (a) trains on L_t alone; the joint weights do not apply
   config.loss.weight_align = config.loss.weight_video_text = 0.0

@@ -182,7 +182,7 @@ def read_metrics(workdir: str, up_to_step: int | None = None) -> dict[str, Any]:
 def input_spec(config: ml_collections.ConfigDict, part: str, batch: int) -> dict[str, Any]:
   """What the part eats: shape, dtype and, for video, frames, stride, crop and normalisation."""
   data = config.data
-  if config.model.name == "evgap":
+  if config.get("objective") == "evgap":
     frames = int(data.window_frames)
     return {"kind": "feature windows", "shape": [batch, frames, int(data.feature_dim)], "dtype": "float32",
             "window_frames": frames, "window_stride": int(data.get("window_stride", 0)),
@@ -198,8 +198,8 @@ def input_spec(config: ml_collections.ConfigDict, part: str, batch: int) -> dict
           "compute_dtype": str(config.model.get("dtype", "float32"))}
   if str(config.model.get("backbone", "")).startswith("slowfast"):
     spec["pathways"] = "the clip feeds the Fast pathway; the Slow pathway takes T / alpha of its frames inside"
-  if "evaluate" in config:
-    spec["test_views"] = {k: v for k, v in config.evaluate.to_dict().items()
+  if "eval" in config:
+    spec["test_views"] = {k: v for k, v in config.eval.to_dict().items()
                           if k in ("num_clips", "num_crops", "short_side", "crop_size")}
   return spec
 
@@ -251,8 +251,8 @@ def _version(package: str) -> str:
 def card_markdown(card: Mapping[str, Any]) -> str:
   """A short human-readable rendering of the card."""
   spec, training, metrics = card["input"], card["training"], card["metrics"]
-  lines = [f"# {card['objective']} / {card['model'].get('name')}: {card['part']}", "",
-           f"- Part: `{card['part']}` of model `{card['model'].get('name')}` ({card['part_description']})"
+  lines = [f"# {card['objective']}: {card['part']}", "",
+           f"- Part: `{card['part']}` of the `{card['objective']}` model ({card['part_description']})"
            + (f", backbone `{card['backbone']}` {card['backbone_args'] or ''}" if card.get("backbone") else ""),
            f"- Parameters: {card['num_parameters']:,} ({card['dtype']})",
            f"- Trained: step {training['step']} of {training['num_train_steps']}, global batch "

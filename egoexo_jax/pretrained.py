@@ -104,18 +104,30 @@ def check_config(card: Mapping[str, Any], config: ml_collections.ConfigDict, *, 
   part = part or card["part"]
   saved, given = dict(card["model"]), config.model.to_dict()
   if part == "model":
-    if saved.get("name") != given.get("name"):
-      raise ExportMismatchError(f"{where} holds a '{saved.get('name')}' model, the config's model.name is "
-                                f"'{given.get('name')}'")
+    made_by = card.get("objective") or saved.get("name")  # cards before config.objective named model.name
+    if made_by != config.get("objective"):
+      raise ExportMismatchError(f"{where} holds a '{made_by}' model, the config's objective is "
+                                f"'{config.get('objective')}'")
     # Fields of both: a field only one side has is a default added or dropped since (same network).
     fields = sorted((set(saved) & set(given)) - set(_NOT_COMPARED))
   else:
     fields = _PART_FIELDS[part]
   for field in fields:
-    for name, (was, now) in _differences(f"model.{field}", _normalised(saved.get(field)),
-                                          _normalised(given.get(field))):
+    was, now = _normalised(saved.get(field)), _normalised(given.get(field))
+    for name, (was, now) in _differences(f"model.{field}", was, _class_counts_as_saved(was, now)):
       raise ExportMismatchError(f"{where} was made with {name}={json.dumps(was)}, the config has "
                                 f"{name}={json.dumps(now)}")
+
+
+def _class_counts_as_saved(was: Any, now: Any) -> Any:
+  """Class counts of cards written before they became {head: count}: an int (one head) or a list (heads in
+  order) on the card compares with the config's dict's values."""
+  if isinstance(now, dict) and all(isinstance(v, int) for v in now.values()):
+    if isinstance(was, int) and len(now) == 1:
+      return next(iter(now.values()))
+    if isinstance(was, list):
+      return list(now.values())
+  return now
 
 
 def _differences(name: str, was: Any, now: Any):

@@ -38,7 +38,7 @@ def fresh_state(config):
 
 def test_load_backbone_replaces_the_backbone_and_keeps_new_heads(tmp_path):
   source = saved_state(tiny_config(**{"seed": 1}), tmp_path)
-  target_config = tiny_config(**{"model.num_classes": 2, "model.use_ego_heads": False, "seed": 2})
+  target_config = tiny_config(**{"model.num_classes": {"action": 2}, "model.use_ego_heads": False, "seed": 2})
   target = fresh_state(target_config)
   params, batch_stats = checkpointing.load_backbone(str(tmp_path), target.params, target.batch_stats)
   for got, want in zip(jax.tree.leaves(params["backbone"]), jax.tree.leaves(source.params["backbone"])):

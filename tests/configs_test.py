@@ -35,11 +35,11 @@ def test_interaction_targets_match_the_model_grid(arg, grid):
 
 def test_paper_defaults_and_small_switch():
   full, small = load(""), load("small")
-  assert (full.loss.weight_ego, full.loss.weight_object, full.loss.weight_interaction) == (0.1, 0.5, 1.0)
+  assert (full.loss.weight_ego_score, full.loss.weight_object, full.loss.weight_interaction) == (0.1, 0.5, 1.0)
   assert (full.data.clip_length, full.data.frame_stride, full.data.crop_size) == (8, 8, 224)
   assert (full.data.min_short_side, full.data.max_short_side) == (256, 320)
   assert full.model.backbone == "slow_r50" and not full.model.backbone_args and full.model.dtype == "bfloat16"
   assert full.optimizer.momentum == 0.9 and full.optimizer.weight_decay == 1e-4
-  assert small.num_train_steps < 1000 and small.model.num_classes == 5  # data/classes.txt
+  assert small.num_train_steps < 1000 and small.model.num_classes.to_dict() == {"action": 5}  # data/classes.txt
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
     load("tiny")

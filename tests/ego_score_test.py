@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_batched_scores_equal_the_mean_of_per_clip_logits(real_record_pattern):
-  config = tiny_config(real_record_pattern, **{"model.num_classes": 2, "model.use_ego_heads": False})
+  config = tiny_config(real_record_pattern, **{"model.num_classes": {"action": 2}, "model.use_ego_heads": False})
   model = build_model(config.model)
   clips = np.zeros((1, 4, 64, 64, 3), np.float32)
   variables = model.init(jax.random.key(3), clips, train=False)

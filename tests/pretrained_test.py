@@ -51,7 +51,7 @@ def egoexo_export(tmp_path_factory):
 def test_init_from_starts_a_new_task_from_an_export(egoexo_export):
   config, variables, output = egoexo_export
   assert train.parse_init_from(output) == {"backbone": (output, "backbone")}
-  new_task = build_model(tiny_config(**{"model.num_classes": 7, "model.use_ego_heads": False}).model)
+  new_task = build_model(tiny_config(**{"model.num_classes": {"action": 7}, "model.use_ego_heads": False}).model)
   fresh = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), jax.eval_shape(
       lambda x: new_task.init(jax.random.key(0), x, train=False), jax.ShapeDtypeStruct((1, 4, 64, 64, 3), jnp.float32)))
   params, batch_stats = checkpointing.load_backbone(output, fresh["params"], fresh["batch_stats"])
@@ -68,9 +68,9 @@ def test_evaluate_reads_an_export_and_names_a_mismatched_field(egoexo_export):
   assert_same(restored, variables)
   assert restored["params"]["backbone"]["stem"]["conv"]["kernel"].sharding.is_fully_replicated
 
-  with pytest.raises(pretrained.ExportMismatchError, match=rf"^{output} was made with model.num_classes=3, the "
-                                                           r"config has model.num_classes=5$"):
-    evaluate.restore_variables(tiny_config(**{"model.num_classes": 5}), output, mesh)
+  with pytest.raises(pretrained.ExportMismatchError, match=rf"^{output} was made with model.num_classes.action=3, the "
+                                                           r"config has model.num_classes.action=5$"):
+    evaluate.restore_variables(tiny_config(**{"model.num_classes": {"action": 5}}), output, mesh)
   with pytest.raises(pretrained.ExportMismatchError, match=r"model.backbone=\"slow_r50\", the config has "
                                                            r"model.backbone=\"i3d_r50\""):
     evaluate.restore_variables(tiny_config(**{"model.backbone": "i3d_r50"}), output, mesh)
@@ -93,7 +93,7 @@ def test_variables_that_do_not_fit_the_config_are_named(egoexo_export, tmp_path)
 
 
 def test_ego_score_teacher_reads_an_export(tmp_path):
-  config = tiny_config(**{"model.num_classes": 2, "model.use_ego_heads": False})
+  config = tiny_config(**{"model.num_classes": {"action": 2}, "model.use_ego_heads": False})
   workdir, variables = synthetic_run(config, tmp_path / "classifier", seed=1)
   export.export(workdir, str(tmp_path / "export"), config=config, forward=False)
   model, restored = ego_score.load_classifier(config, str(tmp_path / "export"))

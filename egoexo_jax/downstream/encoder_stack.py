@@ -27,10 +27,11 @@ from egoexo_jax.models.transformer import SequenceEncoder
 PROTOCOLS = ("frozen", "finetune")
 
 
-def encoder_from_config(model_config: ml_collections.ConfigDict) -> SequenceEncoder:
-  """The SequenceEncoder of an EVGAP pre-training config's `model` (models/evgap.py's fields)."""
-  if model_config.get("name") != "evgap":
-    raise ValueError(f"the encoder config's model.name is '{model_config.get('name')}', not 'evgap'")
+def encoder_from_config(config: ml_collections.ConfigDict) -> SequenceEncoder:
+  """The SequenceEncoder of an EVGAP pre-training config (its `model`: models/evgap.py's fields)."""
+  if config.get("objective") != "evgap":
+    raise ValueError(f"the encoder config's objective is '{config.get('objective')}', not 'evgap'")
+  model_config = config.model
   return SequenceEncoder(width=model_config.width, num_layers=model_config.num_layers,
                          num_heads=model_config.num_heads, mlp_dim=model_config.mlp_dim,
                          max_length=model_config.max_length, dropout_rate=model_config.dropout_rate,

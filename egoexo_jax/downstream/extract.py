@@ -39,7 +39,7 @@ def load_encoder(config, checkpoint: str, subtree: str = "encoder"):
   """(model, params) with the 'encoder' parameters from `checkpoint`'s `subtree` (shapes checked)."""
   model = build_model(config.model)
   if not isinstance(model, evgap_model.Model):
-    raise ValueError(f"config model.name is '{config.model.name}'; feature extraction needs the EVGAP model")
+    raise ValueError(f"config objective is '{config.objective}'; feature extraction needs the EVGAP model")
   if pretrained.is_export(checkpoint):  # an export folder: its card must fit the config's encoder
     pretrained.check_config(pretrained.read_card(checkpoint), config, part="encoder", where=checkpoint)
   # Jitted: initialising the transformer op by op takes several times longer than compiling it.

@@ -79,7 +79,7 @@ def stack(head: nn.Module, protocol: ProtocolSettings, num_views: int) -> tuple[
     return head, {"protocol": "frozen"}
   config = encoder_stack.load_config(protocol.encoder_config)
   window = protocol.window_frames or config.data.window_frames
-  model = encoder_stack.EncoderStack(encoder_stack.encoder_from_config(config.model), head, window, num_views)
+  model = encoder_stack.EncoderStack(encoder_stack.encoder_from_config(config), head, window, num_views)
   return model, {"protocol": "finetune", "encoder_config": protocol.encoder_config, "window_frames": window,
                  "encoder_checkpoint": os.path.abspath(protocol.encoder_checkpoint)}
 

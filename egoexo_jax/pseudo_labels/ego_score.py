@@ -102,8 +102,8 @@ def load_classifier(config, workdir: str):
   from egoexo_jax import checkpointing, pretrained, sharding, train  # pylint: disable=g-import-not-at-top
   from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
-  if config.model.num_classes != 2:
-    raise ValueError(f"an ego/exo classifier has 2 classes; the config says {config.model.num_classes}")
+  if list(config.model.num_classes.values()) != [2]:
+    raise ValueError(f"an ego/exo classifier has one head of 2 classes; the config says {config.model.num_classes}")
   if pretrained.is_export(workdir):
     model, variables, step = pretrained.load_for_config(workdir, config)
     logging.info("Ego/exo classifier from the export %s (step %d).", workdir, step)
