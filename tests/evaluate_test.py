@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score
 from egoexo_jax import checkpointing, evaluate, sharding, train
 from egoexo_jax.input import convert
 from egoexo_jax.models import build_model
-from finetune_test import TINY_FLAGS, tiny_finetune_config
+from testlib import TINY_FLAGS, tiny_finetune_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

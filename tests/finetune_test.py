@@ -1,7 +1,6 @@
 """Fine-tuning: model heads, clip labels and test views against hand-worked cases, the loss against NumPy,
 and a pre-train -> fine-tune run on the shipped clips that carries the backbone over and not the heads."""
 
-import importlib.util
 import io
 import pathlib
 
@@ -13,20 +12,13 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from testlib import load_config, tiny_finetune_config
 from egoexo_jax import checkpointing, train
 from egoexo_jax.input import convert, finetune_pipeline, pipelines, records
 from egoexo_jax.models import build_model
 from egoexo_jax.objectives import finetune as finetune_objective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-# Command-line form of tiny_finetune_config's sizes, for the CLI tests.
-TINY_FLAGS = ["--config.data.clip_length=4", "--config.data.frame_stride=2", "--config.data.crop_size=64",
-              "--config.data.min_short_side=64", "--config.data.max_short_side=72", "--config.data.num_workers=0",
-              "--config.data.read_threads=1", "--config.data.convert_short_side=72",
-              "--config.model.backbone_args.width=8", "--config.model.interaction_channels=16",
-              "--config.evaluate.short_side=64", "--config.evaluate.crop_size=64", "--config.evaluate.batch_size=24"]
-
 
 @pytest.fixture(autouse=True, scope="module")
 def rbg_keys():
@@ -36,29 +28,6 @@ def rbg_keys():
   jax.config.update("jax_default_prng_impl", "rbg")
   yield
   jax.config.update("jax_default_prng_impl", previous)
-
-
-def tiny_finetune_config(name: str = "finetune_epic100", arg: str = "small", **overrides):
-  """configs/<name>.py:<arg> at the sizes of conftest.tiny_config (the same backbone, so it can start from it)."""
-  config = load_config(name, arg)
-  for flag in TINY_FLAGS:
-    key, value = flag[len("--config."):].split("=")
-    node, *path = config, *key.split(".")
-    for part in path[:-1]:
-      node = node[part]
-    node[path[-1]] = type(node[path[-1]])(value)
-  config.num_train_steps = 3
-  if config.optimizer.schedule == "steps":
-    config.optimizer.decay_steps = (1, 2)
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 3
-  config.async_checkpointing = False
-  for key, value in overrides.items():
-    node, *path = config, *key.split(".")
-    for part in path[:-1]:
-      node = node[part]
-    node[path[-1]] = value
-  return config
 
 
 def png(array: np.ndarray) -> bytes:
@@ -79,13 +48,6 @@ def coded_record(num_frames=20, height=24, width=40, labels=(3,), fps=10.0, vide
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_configs_carry_the_released_recipes():

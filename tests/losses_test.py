@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from egoexo_jax import losses
+from testlib import (np_decoupled, np_decoupled_cross_view, np_info_nce, np_normalize, np_semantic_alignment,
+                     np_semantic_weights)
 
 B, K = 6, 11
 MASK = np.array([1, 0, 1, 1, 0, 1], np.float32)
@@ -196,49 +198,6 @@ def test_egoexo_loss_gradients_are_finite_under_jit():
 # --------------------------------------------------------------------------- SUM-L
 
 
-def np_normalize(x):
-  return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def np_logsumexp(values):
-  values = np.asarray(values, np.float64)
-  return values.max() + np.log(np.exp(values - values.max()).sum())
-
-
-def np_info_nce(a, p, tau, mask=None):
-  """Eq. 2-3 written out row by row."""
-  a, p = a.astype(np.float64), p.astype(np.float64)
-  rows = range(len(a)) if mask is None else np.flatnonzero(mask)
-  per_anchor = [np_logsumexp([a[i] @ p[j] / tau for j in rows]) - a[i] @ p[i] / tau for i in rows]
-  return np.mean(per_anchor) if per_anchor else 0.0
-
-
-def np_decoupled(a, p, tau, mask=None, w=None):
-  """Eq. 6 (DCL) written out row by row: negatives are the other rows of both views."""
-  a, p = a.astype(np.float64), p.astype(np.float64)
-  rows = list(range(len(a)) if mask is None else np.flatnonzero(mask))
-  per_anchor = []
-  for i in rows:
-    negatives = [a[i] @ a[j] / tau for j in rows if j != i] + [a[i] @ p[j] / tau for j in rows if j != i]
-    if negatives:
-      per_anchor.append(-(1.0 if w is None else w[i]) * a[i] @ p[i] / tau + np_logsumexp(negatives))
-  return np.mean(per_anchor) if per_anchor else 0.0
-
-
-def np_semantic_weights(d_f, d_t, sigma, mask):
-  e = np.exp((d_f.astype(np.float64) * d_t).sum(1) / sigma)
-  return np.where(mask > 0, e / e[mask > 0].mean(), 0.0)
-
-
-def np_semantic_alignment(z_f, z_t, d_f, d_t, tau, sigma, threshold, min_pairs=2):
-  """Eq. 8-10: select pairs by narration similarity, weight, decoupled InfoNCE both ways."""
-  selected = ((d_f.astype(np.float64) * d_t).sum(1) > threshold).astype(np.float64)
-  if selected.sum() < min_pairs:
-    return 0.0, selected.sum()
-  w = np_semantic_weights(d_f, d_t, sigma, selected)
-  return np_decoupled(z_f, z_t, tau, selected, w) + np_decoupled(z_t, z_f, tau, selected, w), selected.sum()
-
-
 def suml_inputs(seed=0, size=8, dim=16, text_noise=1.0):
   """Projections and narration embeddings; pairs share part of their text, so similarities spread over [-1, 1]."""
   rng = np.random.default_rng(seed)
@@ -343,15 +302,6 @@ def test_decoupled_info_nce_gradient_matches_finite_differences():
                                                           sigma=0.1, threshold=-1.0)[0]
     check_grads(aligned, (jnp.asarray(z_f), jnp.asarray(z_t)), order=1, modes=("rev",), eps=1e-6, atol=1e-7,
                 rtol=1e-6)
-
-
-def np_decoupled_cross_view(a, p, tau, mask=None, w=None):
-  """Eq. 4/6 as written: the denominator sums the other view's non-positive rows only."""
-  a, p = a.astype(np.float64), p.astype(np.float64)
-  rows = list(range(len(a)) if mask is None else np.flatnonzero(mask))
-  per_anchor = [-(1.0 if w is None else w[i]) * a[i] @ p[i] / tau
-                + np.log(sum(np.exp(a[i] @ p[j] / tau) for j in rows if j != i)) for i in rows if len(rows) > 1]
-  return np.mean(per_anchor) if per_anchor else 0.0
 
 
 @pytest.mark.parametrize("mask", [None, SUML_MASK])

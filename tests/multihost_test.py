@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from conftest import assert_trees_close, tiny_config
+from testlib import override_flags
 from egoexo_jax import sharding, train
 from egoexo_jax.models import build_model
 
@@ -26,27 +27,6 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
-
-
-def flatten(tree, prefix=""):
-  """{'a.b': value} for the scalar leaves of a nested dict (tuples are left out)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    elif not isinstance(v, (tuple, list)):
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def override_flags(config) -> list[str]:
-  """--config.x=y flags that turn configs/egoexo.py:small into `config`."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("egoexo_config", ROOT / "configs" / "egoexo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  small = flatten(module.get_config("small").to_dict())
-  return [f"--config.{k}={v}" for k, v in flatten(config.to_dict()).items() if small.get(k) != v]
 
 
 def run_two_processes(config, workdir) -> None:

@@ -5,6 +5,7 @@ import pytest
 from absl import flags
 
 from conftest import tiny_config
+from testlib import expected_positions, write_records_with_bad_content, write_records_with_corrupt_ones
 from egoexo_jax.input import pipelines, records, sources
 
 
@@ -124,38 +125,6 @@ def test_records_that_do_not_fit_the_config_are_named(real_record_pattern):
 # --------------------------------------------------------------------------- record ids and unreadable records
 
 
-def write_records_with_corrupt_ones(real_pattern: str, path, with_real: bool = True) -> dict[int, str]:
-  """The six real records, then record 6 (a copy of real_1 whose JPEG frames are garbage) and record 7
-  (a copy of real_2 whose payload has a flipped byte: CRC mismatch). Returns {index: why unreadable}.
-  with_real False: only the two unreadable records."""
-  import dataclasses
-  real = [sources.open_records(real_pattern)[i] for i in range(6)]
-  broken_jpeg = dataclasses.replace(real[1], video_id="broken_jpeg", frames=[b"\xff\xd8 not a jpeg"] * real[1].num_frames)
-  with open(path, "wb") as f:
-    for record in (real if with_real else []) + [broken_jpeg]:
-      records.write_tfrecord(f, records.encode_example(record))
-    start = f.tell()
-    records.write_tfrecord(f, records.encode_example(dataclasses.replace(real[2], video_id="bad_crc")))
-  data = bytearray(open(path, "rb").read())
-  data[start + 12 + 40] ^= 0xFF  # a byte inside record 7's payload (after its 12-byte header)
-  open(path, "wb").write(bytes(data))
-  return {6: "cannot decode", 7: "data CRC mismatch"} if with_real else {0: "cannot decode", 1: "data CRC mismatch"}
-
-
-def expected_positions(num_records: int, unreadable, seed: int, count: int) -> list[tuple[int, int]]:
-  """(record index, records skipped) of the first `count` examples of the global stream, by the rule:
-  position p takes the first readable record at positions p, p + 1, ... of the shuffled order."""
-  import grain
-  order = grain.MapDataset.source(range(num_records)).seed(seed).shuffle().repeat()
-  out = []
-  for p in range(count):
-    q = p
-    while order[q] in unreadable:
-      q += 1
-    out.append((order[q], q - p))
-  return out
-
-
 def test_unreadable_records_are_skipped_counted_and_named(real_record_pattern, tmp_path, caplog):
   import logging
   pattern = str(tmp_path / "mixed.tfrecord-00000-of-00001")
@@ -185,28 +154,6 @@ def test_a_dataset_of_unreadable_records_is_an_error(real_record_pattern, tmp_pa
 
 
 # --------------------------------------------------------------------------- records whose content does not fit
-
-
-def write_records_with_bad_content(real_pattern: str, path) -> dict[int, str]:
-  """The six real records, then four readable records whose content fails the transform's check:
-  6 a label outside [0, 3), 7 a NaN hand-box coordinate, 8 object logits of length 7 (not 10), 9 an inverted
-  object box. Returns {index: what the skip message says}."""
-  import dataclasses
-  real = [sources.open_records(real_pattern)[i] for i in range(6)]
-  nan_box = real[1].hand_boxes.copy()
-  nan_box[1, 3] = np.nan
-  inverted = real[3].object_boxes.copy()
-  inverted[2, [1, 3]] = inverted[2, [3, 1]]
-  bad = [dataclasses.replace(real[0], video_id="bad_label", labels=np.array([99])),
-         dataclasses.replace(real[1], video_id="nan_box", hand_boxes=nan_box),
-         dataclasses.replace(real[2], video_id="short_logits", object_logits=np.zeros(7, np.float32)),
-         dataclasses.replace(real[3], video_id="inverted_box", object_boxes=inverted)]
-  with open(path, "wb") as f:
-    for record in real + bad:
-      records.write_tfrecord(f, records.encode_example(record))
-  return {6: "label 99 is outside [0, 3)", 7: "field 'hand_boxes': box row 1 (frame 2) has a non-finite value",
-          8: "field 'object_logits' has 7 values but the config expects 10",
-          9: "field 'object_boxes': box row 2 (frame 2) is inverted"}
 
 
 def test_records_whose_content_does_not_fit_are_skipped_counted_and_named(real_record_pattern, tmp_path, caplog):

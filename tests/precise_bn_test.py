@@ -14,7 +14,7 @@ from conftest import assert_trees_close
 from egoexo_jax import checkpointing, evaluate, precise_bn, sharding, train, train_eval
 from egoexo_jax.input import convert
 from egoexo_jax.models import build_model
-from finetune_test import tiny_finetune_config
+from testlib import tiny_finetune_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

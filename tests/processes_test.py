@@ -7,7 +7,7 @@ import psutil
 
 from conftest import tiny_config
 from egoexo_jax import processes
-from train_test import session_processes, start_main, wait_until_gone
+from testlib import session_processes, start_main, wait_until_gone
 
 
 def test_workers_and_the_resource_tracker_end_after_the_trainer_is_sigkilled(real_record_pattern, tmp_path):

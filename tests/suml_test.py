@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, apply_overrides
-from losses_test import np_decoupled, np_decoupled_cross_view, np_info_nce, np_normalize, np_semantic_alignment
+from testlib import np_decoupled, np_decoupled_cross_view, np_info_nce, np_normalize, np_semantic_alignment
 from configs import recipe_suml
 from configs import suml as suml_config
 from configs import suml_eval as suml_eval_config

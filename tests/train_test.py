@@ -164,7 +164,7 @@ def test_corrupt_records_are_counted_the_step_profiled_and_a_nan_batch_named(rea
   """One run over real records plus a garbage-JPEG and a bad-CRC record: step 1 logs how many records
   were skipped (train/skipped_records), the host memory and a profiler trace; step 2's loss is NaN
   (learning rate 1e30) and the error names the records of step 2's batch."""
-  from pipelines_test import expected_positions, write_records_with_corrupt_ones
+  from testlib import expected_positions, write_records_with_corrupt_ones
   pattern = str(tmp_path / "mixed.tfrecord-00000-of-00001")
   unreadable = write_records_with_corrupt_ones(real_record_pattern, pattern)
   # A seed whose first batch meets an unreadable record, by the skipping rule (pipelines_test).
@@ -221,7 +221,7 @@ def test_a_resumed_run_skips_records_that_do_not_fit_instead_of_dying(real_recor
   """Records with a label out of range, a NaN box, short object logits and an inverted box: a run
   preempted at step 2 and resumed passes over those it meets after the resume (steps 3-4), counts them
   in train/skipped_records and finishes."""
-  from pipelines_test import expected_positions, write_records_with_bad_content
+  from testlib import expected_positions, write_records_with_bad_content
   pattern = str(tmp_path / "content.tfrecord-00000-of-00001")
   bad = write_records_with_bad_content(real_record_pattern, pattern)
   seed = next(s for s in range(100) if sum(k for _, k in expected_positions(10, bad, s, 32)[16:]) > 0)
@@ -241,12 +241,10 @@ def test_a_resumed_run_skips_records_that_do_not_fit_instead_of_dying(real_recor
 
 import errno
 import signal
-import subprocess
-import sys
 
 import psutil
 
-from conftest import ROOT
+from testlib import start_main, wait_until_gone
 from egoexo_jax import monitoring, run_lock
 
 
@@ -259,35 +257,6 @@ def uninterrupted_6_steps(real_record_pattern, tmp_path_factory):
   """Params, BatchNorm statistics and optimiser state of an uninterrupted 6-step run."""
   config = tiny_config(real_record_pattern, num_train_steps=6)
   return trained_params(train.train_and_evaluate(config, str(tmp_path_factory.mktemp("uninterrupted"))))
-
-
-def start_main(config, workdir, **popen) -> subprocess.Popen:
-  """main.py with `config` (as --config.x flags over configs/egoexo.py:small), in its own session."""
-  from multihost_test import override_flags
-  return subprocess.Popen([sys.executable, "main.py", "--config=configs/egoexo.py:small", f"--workdir={workdir}",
-                           "--alsologtostderr", *override_flags(config)], cwd=ROOT, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True, start_new_session=True, **popen)
-
-
-def session_processes(session: int) -> list[psutil.Process]:
-  """The live processes of a session (a trainer started with start_new_session and all it started)."""
-  found = []
-  for p in psutil.process_iter():
-    try:
-      if os.getsid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
-        found.append(p)
-    except (OSError, psutil.Error):
-      pass
-  return found
-
-
-def wait_until_gone(session: int, timeout_s: float = 15.0) -> list[psutil.Process]:
-  """Waits for the session's processes to end; returns those still alive after `timeout_s`."""
-  import time
-  deadline = time.monotonic() + timeout_s
-  while (left := session_processes(session)) and time.monotonic() < deadline:
-    time.sleep(0.2)
-  return left
 
 
 def test_sigint_finishes_the_step_saves_it_and_the_resumed_run_is_bit_identical(real_record_pattern, tmp_path,
