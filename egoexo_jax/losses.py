@@ -273,14 +273,13 @@ def multi_label_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
 CLIP_MAX_LOG_SCALE = 4.605170185988092  # ln 100: CLIP clips its logit scale at 100
 
 
-def _float32_or_wider(x: jax.Array) -> jax.Array:
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def l2_normalize(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
-  """x / max(||x||, epsilon) along the last axis, in float32."""
-  x = _float32_or_wider(x)
+  """x / max(||x||, epsilon) along the last axis, in float32 (float64 stays float64).
+
+  EVGAP's losses use the default 1e-6; SUM-L's projection heads (models/suml.py) pass 1e-12, the default of
+  torch.nn.functional.normalize that the released SUM-L code calls. Both are far below the norm of any
+  embedding a network produces, so they differ only for (near-)zero rows; each keeps its own."""
+  x = _at_least_float32(x)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), epsilon)
 
 
@@ -292,7 +291,7 @@ def clip_pair_loss(ego: jax.Array, exo: jax.Array, log_scale: jax.Array) -> jax.
       L = 1/2 [ 1/B sum_i -log softmax_j(z_ij)[i]  +  1/B sum_j -log softmax_i(z_ij)[j] ].
   """
   ego, exo = l2_normalize(ego), l2_normalize(exo)
-  logits = jnp.exp(jnp.minimum(_float32_or_wider(log_scale), CLIP_MAX_LOG_SCALE)) * ego @ exo.T
+  logits = jnp.exp(jnp.minimum(_at_least_float32(log_scale), CLIP_MAX_LOG_SCALE)) * ego @ exo.T
   labels = jnp.arange(ego.shape[0])
   return 0.5 * (softmax_cross_entropy(logits, labels) + softmax_cross_entropy(logits.T, labels))
 
@@ -347,7 +346,7 @@ def siglip_group_loss(ego: jax.Array, exo: jax.Array, log_scale: jax.Array, bias
   ego-exo pair; see `evgap_group_loss`). SigLIP starts s = ln 10 (t = 10) and b = -10.
   """
   e, e_scene, x, x_scene = _flatten_group(ego, exo)
-  total = _sigmoid_block_sum(e, e_scene, x, x_scene, jnp.exp(_float32_or_wider(log_scale)), _float32_or_wider(bias))
+  total = _sigmoid_block_sum(e, e_scene, x, x_scene, jnp.exp(_at_least_float32(log_scale)), _at_least_float32(bias))
   return total / _group_divisor(e.shape[0], x.shape[0], normalization)
 
 
@@ -399,7 +398,7 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
 
   def per_device(ego, exo, log_scale, bias):
     e, e_scene, x, x_scene = _flatten_group(ego, exo)
-    scale, bias = jnp.exp(_float32_or_wider(log_scale)), _float32_or_wider(bias)
+    scale, bias = jnp.exp(_at_least_float32(log_scale)), _at_least_float32(bias)
     total = block_sum(e, e_scene, x, x_scene, scale, bias)
     if scope == "local":
       return jax.lax.pmean(total / _group_divisor(e.shape[0], x.shape[0], normalization), axis_name)
@@ -421,5 +420,5 @@ def siglip_group_loss_sharded(ego: jax.Array, exo: jax.Array, log_scale: jax.Arr
 
 def with_auxiliary_layers(per_layer: jax.Array, auxiliary_weight: float) -> jax.Array:
   """EVGAP's deep supervision: per_layer (L,) losses of layers 1..L -> L_L + w sum_{l<L} L_l (w = 0.2)."""
-  per_layer = _float32_or_wider(per_layer)
+  per_layer = _at_least_float32(per_layer)
   return per_layer[-1] + auxiliary_weight * jnp.sum(per_layer[:-1])

@@ -208,6 +208,18 @@ class PathwayModules(tnn.Module):
     return out
 
 
+def resnet_stages(net: tnn.Module, pathways):
+  """Stem, (SlowFast fusion,) res2-res5 of a net holding VideoResNet's modules -> res5 per pathway."""
+  x = net.s1(pathways)
+  for s in range(2, 6):
+    if net.slowfast:
+      x = getattr(net, f"s{s - 1}_fuse")(x)
+    x = getattr(net, f"s{s}")(x)
+    if s == 2 and hasattr(net, "pathway0_pool"):
+      x = [net.pathway0_pool(x[0])]
+  return x
+
+
 class VideoResNet(tnn.Module):
   """PySlowFast's `ResNet` (Slow-only: one pathway; I3D with i3d=True) or `SlowFast` (two), with ResNetBasicHead's
   'head.projection', or with Ego-Exo's heads: MultiTaskHead 'head.projections.{0,1,2}' (action, ego,
@@ -247,13 +259,7 @@ class VideoResNet(tnn.Module):
       self.head.projection = tnn.Linear(features, num_classes)
 
   def forward(self, pathways):
-    x = self.s1(pathways)
-    for s in range(2, 6):
-      if self.slowfast:
-        x = getattr(self, f"s{s - 1}_fuse")(x)
-      x = getattr(self, f"s{s}")(x)
-      if s == 2 and hasattr(self, "pathway0_pool"):
-        x = [self.pathway0_pool(x[0])]
+    x = resnet_stages(self, pathways)
     pooled = torch.cat([p.mean((2, 3, 4)) for p in x], 1)
     if hasattr(self.head, "projection"):
       return {"action": self.head.projection(pooled)}, x

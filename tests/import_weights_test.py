@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from conftest import VideoResNet, pack_pathways, randomise
+from conftest import VideoResNet, pack_pathways, randomise, resnet_stages
 from egoexo_jax import checkpointing
 from egoexo_jax.models import backbones, egoexo, import_weights, resnet2d
 from egoexo_jax.models.resnet2d import WeightImportError
@@ -379,11 +379,7 @@ class ReleasedFinetuneNet(tnn.Module):
       self.handobjhead.score_projection = tnn.Conv3d(interaction_channels, 2, 1)
 
   def forward(self, pathways):
-    x = self.s1(pathways)
-    for s in range(2, 6):
-      if self.slowfast:
-        x = getattr(self, f"s{s - 1}_fuse")(x)
-      x = getattr(self, f"s{s}")(x)
+    x = resnet_stages(self, pathways)
     head = getattr(self, self.head_name)
     feat = torch.cat([pool(p) for pool, p in zip(self.pools, x)], 1).permute(0, 2, 3, 4, 1)
     projections = [head.projection] if hasattr(head, "projection") else list(head.projections)

@@ -34,8 +34,10 @@ class AnnotationError(ValueError):
   """Bad annotation or feature input; the message names the file and line or recording."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)
 class Segment:
+  """One action segment of a recording, in frames; also what input/assembly101.py writes (write_segments)."""
+
   start: int
   end: int  # exclusive
   action: int

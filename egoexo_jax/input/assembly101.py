@@ -36,7 +36,6 @@ Output: `recording,start_frame,end_frame,action,verb,object` and `recording,spli
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 import re
 from typing import Iterator, Sequence
@@ -46,6 +45,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from egoexo_jax import atomic_files
+from egoexo_jax.downstream.annotations import Segment  # the segment file this converter writes, downstream reads
 from egoexo_jax.input import csv_rows, feature_records
 
 TSM_FEATURE_DIM = 2048
@@ -213,15 +213,6 @@ def convert_lmdb_features(lmdb_root: str, output_prefix: str, *, views: Sequence
 
 
 # --------------------------------------------------------------------------- annotations
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Segment:
-  start: int
-  end: int  # exclusive
-  action: int
-  verb: int
-  object: int
 
 
 def _int(text: str, column: str, where: str) -> int:

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from egoexo_jax import losses
 from egoexo_jax.models.backbones import build_backbone
 from egoexo_jax.models.egoexo import pool_pathways
 from egoexo_jax.models.heads import ClassificationHead
@@ -49,10 +50,7 @@ def _reverse_gradient_backward(scale, _, gradient):
 reverse_gradient.defvjp(_reverse_gradient_forward, _reverse_gradient_backward)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows of x divided by their L2 norm (float32), as torch.nn.functional.normalize."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+TORCH_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, which the released SUM-L code calls
 
 
 class ProjectionHead(nn.Module):
@@ -65,8 +63,9 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
-    x = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(l2_normalize(features))
-    return l2_normalize(x)
+    x = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(
+        losses.l2_normalize(features, TORCH_NORMALIZE_EPS))
+    return losses.l2_normalize(x, TORCH_NORMALIZE_EPS)
 
 
 class DomainDiscriminator(nn.Module):
