@@ -43,3 +43,39 @@ def test_paper_defaults_and_small_switch():
   assert small.num_train_steps < 1000 and small.model.num_classes.to_dict() == {"action": 5}  # data/classes.txt
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
     load("tiny")
+
+
+# --------------------------------------------------------------------------- configs/common.py, python -m configs
+
+
+def test_config_argument_is_parsed_in_any_order_and_errors_list_the_valid_ones():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  spec = common.ArgSpec(options=("star",), variants=("base", "other"), default_recipe="released")
+  assert common.parse_arg("paper, star,small", "configs/x.py", spec) == common.Arg(
+      small=True, options=frozenset({"star"}), variant="base", recipe="paper")
+  assert common.parse_arg("", "configs/x.py", spec) == common.Arg(False, frozenset(), "base", "released")
+  assert common.parse_arg("other", "configs/x.py", spec).variant == "other"
+  for arg, problem in [("small,tiny", "'tiny' not taken"), ("base,other", "at most one variant"),
+                       ("paper,released", "at most one recipe"), ("released", "'released' not taken")]:
+    with pytest.raises(ValueError) as error:
+      common.parse_arg(arg, "configs/x.py", spec if problem != "'released' not taken" else common.ArgSpec())
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"unknown config argument '{arg}' for configs/x.py: ")
+    assert problem in message and "valid (comma-separated): small" in message
+
+
+def test_python_m_configs_lists_every_config_with_its_arguments():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = CONFIG_FILE.parent.parent
+  listing = subprocess.run([sys.executable, "-m", "configs"], cwd=root, capture_output=True, text=True,
+                           check=True).stdout
+  stems = sorted(p.stem for p in (root / "configs").glob("[a-z]*.py") if "def get_config(" in p.read_text())
+  assert stems and all(f"configs/{stem}.py" in listing for stem in stems)
+  assert "configs/common_recipe.py" not in listing and "configs/recipe_suml.py" not in listing
+  for stem in stems:  # each docstring's first line
+    text = (root / "configs" / f"{stem}.py").read_text()
+    doc = text.split('"""', 2)[1].lstrip("\n").splitlines()[0]
+    assert doc in listing, stem
+  assert "arguments: small, star; at most one recipe of released, paper (default released)" in listing
+  assert "at most one variant of suml, fpv_only" in listing

@@ -29,7 +29,7 @@ def tiny(name, prefix, **overrides):
   config.data.feature_records = prefix
   # No dropout: its random bits double the step's compile time on CPU; the :small runs keep it.
   config.model.update(width=8, num_layers=2, num_heads=2, mlp_dim=16, embed_dim=8, max_length=16, dropout_rate=0.0)
-  config.update(global_batch_size=16 if config.loss.step == "pair" else 8, num_train_steps=4, log_every_steps=2,
+  config.update(global_batch_size=16 if config.stage == "pair" else 8, num_train_steps=4, log_every_steps=2,
                 checkpoint_every_steps=4, async_checkpointing=False)
   config.optimizer.warmup_steps = 1
   config.init_from = ""
@@ -306,7 +306,7 @@ def test_paper_settings_of_both_steps():
   assert (group.data.ego_views_per_group, group.data.exo_views_per_group) == (4, 8)
   assert (pair.model.width, pair.model.num_layers, pair.model.num_heads, pair.model.mlp_dim) == (512, 6, 8, 2048)
   assert pair.data.feature_dim == 2048 and pair.loss.auxiliary_weight == group.loss.auxiliary_weight == 0.2
-  assert (pair.loss.step, group.loss.step, group.loss.group_scope) == ("pair", "group", "local")
+  assert (pair.stage, group.stage, group.loss.group_scope) == ("pair", "group", "local")
   # Eq. 2 by default: per device, no bias, the mean over pairs; both stated scale inits read as s (t = exp(s)).
   assert group.model.group_log_scale_init == pytest.approx(np.log10(1 / 0.7)) and not group.loss.use_group_bias
   assert group.loss.group_normalization == "pairs"

@@ -485,8 +485,8 @@ def test_released_epic_checkpoint_is_evaluated_by_the_cli_without_training(tmp_p
   config_flags = ["--config=configs/finetune_epic100.py:small", "--config.data.clip_length=4",
                   "--config.data.frame_stride=2", "--config.data.crop_size=64", "--config.data.num_workers=0",
                   "--config.data.read_threads=1", "--config.data.convert_short_side=72",
-                  "--config.model.backbone_args.width=8", "--config.evaluate.short_side=96",
-                  "--config.evaluate.crop_size=96", "--config.evaluate.num_clips=2", "--config.evaluate.batch_size=12"]
+                  "--config.model.backbone_args.width=8", "--config.eval.short_side=96",
+                  "--config.eval.crop_size=96", "--config.eval.num_clips=2", "--config.eval.batch_size=12"]
   environment = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                      XLA_FLAGS="--xla_force_host_platform_device_count=2")
   imported = tmp_path / "imported"

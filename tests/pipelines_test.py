@@ -114,7 +114,7 @@ def test_records_that_do_not_fit_the_config_are_named(real_record_pattern):
   transform = pipelines.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_object_classes": 1000}))
   with pytest.raises(pipelines.ConfigMismatchError, match="'real_0': field 'object_logits' has 10 values"):
     transform.apply(record, None)
-  transform = pipelines.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_classes": 0}))
+  transform = pipelines.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_classes": {"action": 0}}))
   with pytest.raises(pipelines.ConfigMismatchError, match="'real_0': label 0 is outside"):
     transform.apply(record, None)
   multi = records.VideoRecord(**{**record.__dict__, "labels": np.array([1, 2])})

@@ -99,7 +99,7 @@ def test_num_batches_and_schedule_follow_the_config():
   assert released["finetune_epic55"].precise_bn.num_batches == 200
   assert released["finetune_charades_ego"].precise_bn.num_batches == 0  # USE_PRECISE_STATS False
   assert all(c.train_eval.every_epochs == 2.0 for c in released.values())  # TRAIN.EVAL_PERIOD 2
-  assert all(c.evaluate.fully_convolutional for c in released.values())
+  assert all(c.eval.fully_convolutional for c in released.values())
 
 
 @pytest.fixture(scope="module")

@@ -447,7 +447,7 @@ def test_configs_defaults_baselines_and_checks():
   assert (full.loss.weight_exo_task, full.loss.weight_align, full.loss.weight_video_text) == (0.1, 0.02, 0.1)
   assert (full.loss.temperature, full.loss.sigma, full.loss.threshold) == (0.06, 0.1, 0.5)
   assert full.model.projection_dim == 384
-  assert full.model.ego_num_classes == (97, 300) and full.data.exo_labels == "multi_label"
+  assert full.model.ego_num_classes.to_dict() == {"verb": 97, "noun": 300} and full.data.exo_label_kind == "multi_label"
   for baseline in suml_config.BASELINES:
     for arg in (baseline, f"small,{baseline}"):
       objective.check_config(suml_config.get_config(arg))
