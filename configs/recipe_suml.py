@@ -120,5 +120,5 @@ def markdown_table() -> str:
   for r in ROWS:
     ours = ", ".join(f"{k}: {_cell(v)}" for k, v in r.ours.items())
     divergence = r.divergence + (f" (ours: {ours})" if ours else "")
-    lines.append(f"| {r.setting} | `{r.key}` | {_cell(r.paper)} | {_cell(r.released)} | {r.released_source} | {divergence} |")
+    lines.append(f"| {r.setting} | `{r.key}` | {_cell(r.paper)} | {_cell(r.released)} | {r.source} | {divergence} |")
   return "\n".join(lines)
