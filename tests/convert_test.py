@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from egoexo_jax.input import convert
+from egoexo_jax.input import convert_video
 from egoexo_jax.input import records
 from egoexo_jax.input import sources
 
@@ -447,14 +448,14 @@ def test_video_with_non_utf8_metadata_converts(tmp_path):
 
 
 def test_unexpected_error_in_one_video_is_reported_and_skipped_or_fatal(tmp_path, monkeypatch):
-  real_decode = convert.decode_segment
+  real_decode = convert_video.decode_segment
 
   def decode(file, *args, **kwargs):
     if file.endswith("tree.avi"):
       raise KeyError("a bug in one code path")
     return real_decode(file, *args, **kwargs)
 
-  monkeypatch.setattr(convert, "decode_segment", decode)  # workers=1: the conversion runs in this process
+  monkeypatch.setattr(convert_video, "decode_segment", decode)  # workers=1: the conversion runs in this process
   manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "", "0", "1"),
                                        ("clips/tree.avi", "2", "", "0", "2")])
   report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32)
