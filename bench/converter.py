@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import os
 import pathlib
 import resource
@@ -31,7 +32,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import av
 from PIL import Image
 
@@ -77,6 +78,7 @@ def read_back(pattern: str) -> tuple[int, float]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.ERROR)  # the converter's per-video warnings would hide the table
   files = sorted(p for p in glob.glob(os.path.join(FLAGS.clips, "*")) if p.endswith((".mp4", ".avi", ".mkv", ".webm")))
   if not files:
     raise SystemExit(f"error: no videos in {FLAGS.clips}")
@@ -98,8 +100,8 @@ def main(argv):
                                         formats=FLAGS.formats, workers=FLAGS.workers, fps=FLAGS.fps,
                                         progress=False, min_fraction_written=0.0)
       ours_cpu = cpu_seconds() - start
-      frames_written = sum(sources.open_records(f"{prefix}.{FLAGS.formats[0]}-*")[i].num_frames
-                           for i in range(report.written))
+      with open(report.summary_file) as f:
+        frames_written = json.load(f)["num_frames"]["total"]
       start = cpu_seconds()
       peer_frames = peer_convert(files, short_side, quality)
       peer_cpu = cpu_seconds() - start

@@ -83,7 +83,6 @@ from typing import Iterator, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 from egoexo_jax.input import conversion_progress, records, shards
 # Re-exported: pipelines, evaluate, pseudo_labels, feature_records and tests import these from here.
@@ -97,8 +96,8 @@ from egoexo_jax.input.teacher_files import (  # pylint: disable=unused-import
     load_logit_files, load_logits)
 from egoexo_jax.input import teacher_files
 
-DEFAULT_JPEG_QUALITY = 90
-DEFAULT_SHORT_SIDE = 320
+DEFAULT_JPEG_QUALITY = 75  # README "Storage": 2.5x the source bytes at short side 256 on 30 fps clips
+DEFAULT_SHORT_SIDE = 256
 
 
 class ConversionError(RuntimeError):
@@ -184,6 +183,87 @@ def _results(tasks: list[RowTask], workers: int, pool_holder: list) -> Iterator[
   return map(convert_row, tasks)
 
 
+@dataclasses.dataclass
+class Run:
+  """A conversion about to write: the plan, each shard's tasks and fingerprint, shards already complete."""
+
+  manifest_path: str
+  output_prefix: str
+  num_shards: int
+  formats: tuple[str, ...]
+  settings: dict  # for the summary JSON
+  plan: Plan
+  shard_tasks: list[list[RowTask]]
+  fingerprints: list[str]
+  done: dict[int, dict]  # shard -> done marker of an earlier run
+
+  @property
+  def pending(self) -> list[RowTask]:
+    return [task for s in range(self.num_shards) if s not in self.done for task in self.shard_tasks[s]]
+
+
+def prepare(manifest_path: str, output_prefix: str, *, short_side: int = DEFAULT_SHORT_SIDE,
+            jpeg_quality: int = DEFAULT_JPEG_QUALITY, fps: float = 0.0, num_shards: int = 1,
+            formats: Sequence[str] = ("tfrecord",), ego_logits: str | None = None,
+            object_logits: str | None = None, hand_object_dir: str | None = None,
+            allow_missing_pseudo_labels: bool = False, box_score_threshold: float = 0.5,
+            repair_boxes: bool = False, min_fraction_written: float = 0.5) -> Run:
+  """Checks the settings, reads manifest and teacher files, finds the shards an earlier run completed."""
+  if not 0.0 <= min_fraction_written <= 1.0:
+    raise ValueError(f"min_fraction_written is {min_fraction_written}; it must be in [0, 1]")
+  formats = tuple(formats)
+  if not formats or any(fmt not in FORMATS for fmt in formats) or len(set(formats)) != len(formats):
+    raise ValueError(f"formats must be distinct values among {FORMATS}, got {formats}")
+  if num_shards < 1:
+    raise ValueError(f"bad settings: num_shards={num_shards}")
+  plan = plan_conversion(
+      manifest_path, short_side=short_side, jpeg_quality=jpeg_quality, fps=fps, ego_logits=ego_logits,
+      object_logits=object_logits, hand_object_dir=hand_object_dir,
+      allow_missing_pseudo_labels=allow_missing_pseudo_labels, box_score_threshold=box_score_threshold,
+      repair_boxes=repair_boxes)
+  os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+  shards.check_no_stale_shards(output_prefix, formats, num_shards)
+  shards.remove_stale_partials(output_prefix)
+  shard_tasks = [plan.tasks[s::num_shards] for s in range(num_shards)]
+  prints = [shards.fingerprint(tasks, formats) for tasks in shard_tasks]
+  done = {s: shards.completed_shard(output_prefix, s, num_shards, formats, prints[s]) for s in range(num_shards)}
+  settings = dict(
+      manifest=os.path.abspath(manifest_path), formats=list(formats), num_shards=num_shards,
+      short_side=short_side, jpeg_quality=jpeg_quality, max_fps=fps, min_fraction_written=min_fraction_written,
+      teacher_files={"ego_logits": ego_logits, "object_logits": object_logits, "hand_object_dir": hand_object_dir})
+  return Run(manifest_path, output_prefix, num_shards, formats, settings, plan, shard_tasks, prints,
+             {s: marker for s, marker in done.items() if marker is not None})
+
+
+def finish(run: Run, markers: dict[int, dict]) -> ConversionReport:
+  """From every shard's done marker: checks enough was written (else discards all and raises
+  ConversionError), renames the shards into place, writes the summary JSON, removes the markers."""
+  stats, skipped = shards.Stats(), []
+  for s in range(run.num_shards):
+    stats.entries.extend(markers[s]["entries"])
+    skipped.extend(tuple(x) for x in markers[s]["skipped"])
+  try:
+    _check_written(run.manifest_path, stats.written, len(run.plan.rows), skipped,
+                   run.settings["min_fraction_written"])
+  except ConversionError:
+    shards.discard(run.output_prefix, run.num_shards, run.formats)
+    raise
+  output_files = shards.publish(run.output_prefix, run.num_shards, run.formats)
+  storage = stats.storage({fmt: sum(os.path.getsize(p) for p in shard_paths(run.output_prefix, fmt, run.num_shards))
+                           for fmt in run.formats})
+  summary_file = f"{run.output_prefix}.json"
+  settings = {k: v for k, v in run.settings.items() if k != "min_fraction_written"}
+  shards.write_json(summary_file, stats.to_json(
+      **settings, skipped=len(skipped), files=[os.path.basename(p) for p in output_files], storage=storage))
+  shards.remove_markers(run.output_prefix, run.num_shards)
+  report = ConversionReport(
+      written=stats.written, skipped=skipped, without_boxes=run.plan.without_boxes,
+      missing_pseudo_labels=run.plan.missing_pseudo_labels, output_files=output_files, summary_file=summary_file,
+      storage=storage, reused_shards=len(run.done))
+  logging.info("%s: %s; %s", run.manifest_path, report.summary_line(), report.storage_line())
+  return report
+
+
 def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int = DEFAULT_SHORT_SIDE,
                      jpeg_quality: int = DEFAULT_JPEG_QUALITY, fps: float = 0.0, num_shards: int = 1,
                      formats: Sequence[str] = ("tfrecord",), ego_logits: str | None = None,
@@ -196,44 +276,27 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
   Raises ConversionError, writing nothing, when fewer than `min_fraction_written` of the rows (or none)
   could be written (module docstring). Shards completed by an interrupted earlier run with the same
   inputs and settings are kept, not rewritten (shards.py). `progress` draws a progress line on stderr."""
-  if not 0.0 <= min_fraction_written <= 1.0:
-    raise ValueError(f"min_fraction_written is {min_fraction_written}; it must be in [0, 1]")
-  formats = tuple(formats)
-  if not formats or any(fmt not in FORMATS for fmt in formats) or len(set(formats)) != len(formats):
-    raise ValueError(f"formats must be distinct values among {FORMATS}, got {formats}")
   if num_shards < 1 or short_side < 1 or workers < 1 or not 1 <= jpeg_quality <= 100:
     raise ValueError(f"bad settings: num_shards={num_shards}, short_side={short_side}, workers={workers}, "
                      f"jpeg_quality={jpeg_quality} (1..100)")
-  plan = plan_conversion(
-      manifest_path, short_side=short_side, jpeg_quality=jpeg_quality, fps=fps, ego_logits=ego_logits,
-      object_logits=object_logits, hand_object_dir=hand_object_dir,
-      allow_missing_pseudo_labels=allow_missing_pseudo_labels, box_score_threshold=box_score_threshold,
-      repair_boxes=repair_boxes)
-
-  os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-  shards.check_no_stale_shards(output_prefix, formats, num_shards)
-  shards.remove_stale_partials(output_prefix)
-  shard_tasks = [plan.tasks[s::num_shards] for s in range(num_shards)]
-  prints = [shards.fingerprint(tasks, formats) for tasks in shard_tasks]
-  done = {s: shards.completed_shard(output_prefix, s, num_shards, formats, prints[s]) for s in range(num_shards)}
-  done = {s: marker for s, marker in done.items() if marker is not None}
-  pending = [task for s in range(num_shards) if s not in done for task in shard_tasks[s]]
-
-  skipped, stats, pool_holder, writer = [], shards.Stats(), [], None
-  bar = conversion_progress.Progress(len(plan.tasks), f"{os.path.basename(output_prefix)}") if progress else None
+  run = prepare(
+      manifest_path, output_prefix, short_side=short_side, jpeg_quality=jpeg_quality, fps=fps,
+      num_shards=num_shards, formats=formats, ego_logits=ego_logits, object_logits=object_logits,
+      hand_object_dir=hand_object_dir, allow_missing_pseudo_labels=allow_missing_pseudo_labels,
+      box_score_threshold=box_score_threshold, repair_boxes=repair_boxes, min_fraction_written=min_fraction_written)
+  markers, pool_holder, writer = dict(run.done), [], None
+  bar = conversion_progress.Progress(len(run.plan.tasks), os.path.basename(output_prefix)) if progress else None
   try:
-    results = _results(pending, workers, pool_holder)
+    results = _results(run.pending, workers, pool_holder)
     for s in range(num_shards):
-      if s in done:
-        stats.entries.extend(done[s]["entries"])
-        skipped.extend(tuple(x) for x in done[s]["skipped"])
+      if s in run.done:
         if bar:
-          bar.update(len(shard_tasks[s]), sum(e["num_frames"] for e in done[s]["entries"]),
-                     len(done[s]["skipped"]), reused=len(shard_tasks[s]))
+          bar.update(len(run.shard_tasks[s]), sum(e["num_frames"] for e in run.done[s]["entries"]),
+                     len(run.done[s]["skipped"]), reused=len(run.shard_tasks[s]))
         continue
-      writer = shards.ShardWriter(output_prefix, s, num_shards, formats)
+      writer = shards.ShardWriter(output_prefix, s, num_shards, run.formats)
       entries, shard_skipped = [], []
-      for _ in shard_tasks[s]:
+      for _ in run.shard_tasks[s]:
         result = next(results)
         failure = _report(manifest_path, result, strict)
         if failure is None:
@@ -243,15 +306,12 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
           shard_skipped.append(failure)
         if bar:
           bar.update(1, 0 if failure else result.record.num_frames, 1 if failure else 0)
-      writer.finish({"fingerprint": prints[s], "entries": entries, "skipped": shard_skipped})
+      markers[s] = writer.finish({"fingerprint": run.fingerprints[s], "entries": entries, "skipped": shard_skipped})
       writer = None
-      stats.entries.extend(entries)
-      skipped.extend(shard_skipped)
-    _check_written(manifest_path, stats.written, len(plan.rows), skipped, min_fraction_written)
   except Exception:
     if writer is not None:
       writer.abort()
-    shards.discard(output_prefix, num_shards, formats)  # a failed run writes nothing
+    shards.discard(output_prefix, num_shards, run.formats)  # a failed run writes nothing
     raise
   except BaseException:  # Ctrl-C: completed shards stay for a rerun to keep
     if writer is not None:
@@ -263,23 +323,7 @@ def convert_manifest(manifest_path: str, output_prefix: str, *, short_side: int 
       pool.join()
     if bar:
       bar.close()
-
-  output_files = shards.publish(output_prefix, num_shards, formats)
-  storage = stats.storage({fmt: sum(os.path.getsize(p) for p in shard_paths(output_prefix, fmt, num_shards))
-                           for fmt in formats})
-  summary_file = f"{output_prefix}.json"
-  shards.write_json(summary_file, stats.to_json(
-      manifest=os.path.abspath(manifest_path), skipped=len(skipped), formats=list(formats),
-      num_shards=num_shards, short_side=short_side, jpeg_quality=jpeg_quality, max_fps=fps,
-      teacher_files={"ego_logits": ego_logits, "object_logits": object_logits, "hand_object_dir": hand_object_dir},
-      files=[os.path.basename(p) for p in output_files], storage=storage))
-  shards.remove_markers(output_prefix, num_shards)
-  report = ConversionReport(
-      written=stats.written, skipped=skipped, without_boxes=plan.without_boxes,
-      missing_pseudo_labels=plan.missing_pseudo_labels, output_files=output_files, summary_file=summary_file,
-      storage=storage, reused_shards=len(done))
-  logging.info("%s: %s; %s", manifest_path, report.summary_line(), report.storage_line())
-  return report
+  return finish(run, markers)
 
 
 def _report(manifest_path: str, result: RowResult, strict: bool) -> tuple[str, str] | None:
