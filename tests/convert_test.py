@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from egoexo_jax.input import convert
+from egoexo_jax.input import convert_video
 from egoexo_jax.input import records
 from egoexo_jax.input import sources
 
@@ -28,6 +29,7 @@ SHORT_SIDE = 96
 # The neighbouring frame scores >= 4.0 on average, a red/blue swap >= 6.
 MAX_FRAME_ERROR = 4.0
 MAX_SEGMENT_ERROR = 3.0
+JPEG_QUALITY = 90  # the quality those errors were measured at (the converter's default is lower: README "Storage")
 
 ROUND_TRIP_ROWS = [  # path, labels, video_id, start, end
     ("clips/cup.mp4", "1 6", "cup_mid", "3", "4.5"),  # seeks to a keyframe before 3 s
@@ -81,7 +83,7 @@ def converted(tmp_path_factory):
   folder = tmp_path_factory.mktemp("round_trip")
   manifest = write_manifest(folder, ROUND_TRIP_ROWS)
   report = convert.convert_manifest(
-      manifest, str(folder / "out" / "train"), short_side=SHORT_SIDE, num_shards=2,
+      manifest, str(folder / "out" / "train"), short_side=SHORT_SIDE, num_shards=2, jpeg_quality=JPEG_QUALITY,
       formats=("tfrecord", "array_record"), ego_logits=str(DATA / "pseudo_labels" / "ego_logits.pkl"),
       object_logits=str(DATA / "pseudo_labels" / "object_logits.pkl"))
   return folder, report
@@ -172,7 +174,7 @@ def test_hand_object_boxes_from_shipped_npy_and_seek_consistency(tmp_path, conve
   folder, _ = converted
   manifest = write_manifest(tmp_path, [ROUND_TRIP_ROWS[0], ("clips/box.mp4", "0", "box_late", "10", "11.5")])
   report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=SHORT_SIDE,
-                                    hand_object_dir=str(DATA / "pseudo_labels" / "hand_object"))
+                                    jpeg_quality=JPEG_QUALITY, hand_object_dir=str(DATA / "pseudo_labels" / "hand_object"))
   source = sources.open_records(str(tmp_path / "out" / "t.tfrecord-*"))
   seeked = sources.open_records(str(folder / "out" / "train.tfrecord-*"))
   cup = next(seeked[i] for i in range(len(seeked)) if seeked[i].video_id == "cup_mid")
@@ -181,7 +183,7 @@ def test_hand_object_boxes_from_shipped_npy_and_seek_consistency(tmp_path, conve
   _, reference = reference_frames(str(DATA / "clips" / "box.mp4"), 10, 11.5, SHORT_SIDE)
   assert box.num_frames == len(reference) == 45
   seek_path = convert.decode_segment(str(DATA / "clips" / "box.mp4"), 10, 11.5, short_side=SHORT_SIDE,
-                                     jpeg_quality=90)
+                                     jpeg_quality=JPEG_QUALITY)
   assert seek_path.first_frame is None and seek_path.jpegs == box.frames  # disordered pts, same frames
   for record in source[0], source[1]:
     assert record.hand_boxes is not None and record.object_boxes is not None
@@ -447,14 +449,14 @@ def test_video_with_non_utf8_metadata_converts(tmp_path):
 
 
 def test_unexpected_error_in_one_video_is_reported_and_skipped_or_fatal(tmp_path, monkeypatch):
-  real_decode = convert.decode_segment
+  real_decode = convert_video.decode_segment
 
   def decode(file, *args, **kwargs):
     if file.endswith("tree.avi"):
       raise KeyError("a bug in one code path")
     return real_decode(file, *args, **kwargs)
 
-  monkeypatch.setattr(convert, "decode_segment", decode)  # workers=1: the conversion runs in this process
+  monkeypatch.setattr(convert_video, "decode_segment", decode)  # workers=1: the conversion runs in this process
   manifest = write_manifest(tmp_path, [("clips/carphone_pristine.mp4", "5", "", "0", "1"),
                                        ("clips/tree.avi", "2", "", "0", "2")])
   report = convert.convert_manifest(manifest, str(tmp_path / "out" / "t"), short_side=32)
