@@ -65,6 +65,7 @@ flags.DEFINE_enum("format", "tfrecord", convert.FORMATS, "Record format to conve
 flags.DEFINE_enum("size", "r50", ["r50", "small"], "Data settings of configs/egoexo.py ('' or 'small').")
 flags.DEFINE_list("workers", ["0", "1"], "Worker process counts to measure.")
 flags.DEFINE_list("decoders", list(transforms.DECODERS)[::-1], "data.decoder values to measure ('exact', 'fast').")
+flags.DEFINE_integer("breakdown_clips", 64, "Clips for the per-stage CPU cost breakdown (0: none).")
 flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline per worker count, taking turns.")
 flags.DEFINE_integer("batch_size", 8, "Clips per batch.")
 flags.DEFINE_integer("read_threads", None, "Grain read threads per process; default from the config.")
@@ -191,6 +192,44 @@ def measure(iterator, batch_size: int) -> dict:
           "others_busy": max(system - cpu, 0.0) / wall, "warmup_s": warmup_s}
 
 
+def cost_breakdown(config, pattern: str, clips: int) -> None:
+  """Single-threaded CPU milliseconds per training clip, by stage, over `clips` clips drawn as the train
+  transform draws them: where the time goes, and what moving the resize to the accelerator would leave."""
+  import simplejpeg  # pylint: disable=g-import-not-at-top
+
+  source, data, rng = pipelines.open_train_records(config, pattern), config.data, np.random.default_rng(0)
+  draws = []
+  for i in range(clips):
+    record = source[int(rng.integers(len(source)))]
+    draws.append((i, record, transforms.sample_frame_indices(record.num_frames, data.clip_length, data.frame_stride,
+                                                            rng, fps=record.fps,
+                                                            target_fps=float(data.get("target_fps", 0.0))),
+                   transforms.sample_crop_window(record.height, record.width, data.crop_size, data.min_short_side,
+                                                 data.max_short_side, rng)))
+
+  def decode_only(record, indices):
+    for index in indices:
+      simplejpeg.decode_jpeg(record.frames[int(index)])
+
+  stages = {
+      "read + parse the record": lambda i, record, indices, window: source[i % len(source)],
+      "exact decode_and_crop": lambda i, record, indices, window: transforms.decode_and_crop(
+          record.frames, indices, window, "exact"),
+      "fast decode_and_crop": lambda i, record, indices, window: transforms.decode_and_crop(
+          record.frames, indices, window, "fast"),
+      "  of which JPEG decode": lambda i, record, indices, window: decode_only(record, indices),
+  }
+  seconds = {name: [] for name in stages}
+  for _ in range(3):  # the stages take turns; the least of 3 passes each
+    for name, stage in stages.items():
+      tick = time.process_time()
+      for draw in draws:
+        stage(*draw)
+      seconds[name].append(time.process_time() - tick)
+  print(f"CPU ms per clip, one thread, {clips} clips, least of 3 passes: "
+        + "; ".join(f"{name} {min(s) / clips * 1e3:.2f}" for name, s in seconds.items()))
+
+
 def convert_records(folder: str) -> str:
   """Converts --manifest into TFRecords under `folder` (untimed); returns the record glob."""
   labels = pathlib.Path(FLAGS.pseudo_labels) if FLAGS.pseudo_labels else None
@@ -228,6 +267,8 @@ def main(argv):
   results = []  # (workers, pipeline name, [measurements])
   with tempfile.TemporaryDirectory() as folder:
     pattern = convert_records(folder)
+    if FLAGS.breakdown_clips:
+      cost_breakdown(config, pattern, FLAGS.breakdown_clips)
     for workers in map(int, FLAGS.workers):
       runs = {f"Grain, {decoder} decode": [] for decoder in FLAGS.decoders}
       if FLAGS.peer:
