@@ -1,6 +1,6 @@
 r"""Input-pipeline speed: egoexo_jax's Grain train pipeline against a PySlowFast-style PyAV loader, in one run.
 
-  python bench/input_pipeline.py                                     # 0, 1 workers x 3 repeats (~5 min on 2 cores)
+  python bench/input_pipeline.py                                     # 0, 1 workers x 3 repeats (~13 min on a busy 2-core box)
   python bench/input_pipeline.py --workers=0,4,8,16 --min_seconds=30   # a big box
   python bench/input_pipeline.py --format=array_record --size=small
   python bench/input_pipeline.py --workers=1 --peer=false --short_side=320 --jpeg_quality=75   # other records
