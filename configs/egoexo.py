@@ -86,6 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Whole batches built at once per worker: Grain runs no more read threads than prefetch_batches.
   config.data.read_threads = 2
   config.data.prefetch_batches = 2
+  # transforms.decode_and_crop: 'fast' (input/jpeg_decode.py, about half the CPU per clip) or 'exact'
+  # (Pillow, bit for bit the clips of runs made before the fast decoder). README: Decoding clips.
+  config.data.decoder = "fast"
   # Seconds to wait for a batch before stopping with an error naming the step and the workers' state
   # (a hung Grain worker or unreachable storage); 0 waits forever. Covers worker start-up at step 1.
   config.data.batch_timeout_s = 600.0
