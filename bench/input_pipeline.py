@@ -1,9 +1,9 @@
 r"""Input-pipeline speed: egoexo_jax's Grain train pipeline against a PySlowFast-style PyAV loader, in one run.
 
-  python bench/input_pipeline.py                                     # 0, 1, 2 workers (~2 min on 2 cores)
+  python bench/input_pipeline.py                                     # 0, 1 workers x 3 repeats (~13 min on a busy 2-core box)
   python bench/input_pipeline.py --workers=0,4,8,16 --min_seconds=30   # a big box
   python bench/input_pipeline.py --format=array_record --size=small
-  python bench/input_pipeline.py --workers=1 --peer=false --short_side=256 --jpeg_quality=75   # lighter records
+  python bench/input_pipeline.py --workers=1 --peer=false --short_side=320 --jpeg_quality=75   # other records
 
 Both sides make the same training clips from the videos of --manifest (default data/manifest.csv):
 T = 8 frames tau = 8 apart from a random start inside a random manifest segment, short-side scale
@@ -14,6 +14,8 @@ crop from [256, 320], --size=small: 112 from [128, 160]), batched by --batch_siz
   data); then `pipelines.make_train_dataset` with data.num_workers = w runs: it reads a record, decodes the 8
   chosen JPEGs and resamples the crop window straight to the output size, rasterises the detector
   boxes into interaction maps. Out: uint8 clips (normalised later, on the device) + teacher targets.
+  Measured once per --decoders entry (data.decoder, transforms.decode_and_crop): 'exact' is the
+  Pillow path of runs made before the fast decoder, 'fast' is input/jpeg_decode.py.
 - peer: PySlowFast's Kinetics train path in a torch DataLoader with num_workers = w. It opens the
   original video with PyAV, seeks to just before the clip start, decodes frame by frame to the clip end,
   turns every decoded frame into an RGB array, picks 8 by linspace (temporal_sampling), normalises to
@@ -23,6 +25,9 @@ at least --min_seconds, and the CPU time used by the process and its workers in 
 the cores kept busy and clips per CPU-second (per-core throughput); the cores that other processes used
 meanwhile are printed too, since a shared machine skews the figures. With 0 workers Grain still decodes
 in its --read_threads threads; the peer runs in the main process (torch's own intra-op threads only).
+Each pipeline is measured --repeats times, the pipelines taking turns (exact, fast, peer, exact, ...) so
+that a change in the machine's load falls on all of them; the table gives the median and the range of
+clips per CPU-second and the ratios of the medians.
 """
 
 from __future__ import annotations
@@ -53,12 +58,15 @@ from egoexo_jax.input import convert, pipelines, transforms
 flags.DEFINE_string("manifest", str(ROOT / "data" / "manifest.csv"), "Video manifest CSV (convert.py's format).")
 flags.DEFINE_string("pseudo_labels", str(ROOT / "data" / "pseudo_labels"),
                     "Folder with ego_logits.pkl, object_logits.pkl and hand_object/ for the records ('' for none).")
-flags.DEFINE_integer("short_side", 320, "Short side of the stored record frames.")
+flags.DEFINE_integer("short_side", 256, "Short side of the stored record frames (256: the README's convert setting).")
 flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored record frames (the converter's default: 90).")
 flags.DEFINE_bool("peer", True, "Also measure the PySlowFast-style PyAV peer.")
 flags.DEFINE_enum("format", "tfrecord", convert.FORMATS, "Record format to convert to and read.")
 flags.DEFINE_enum("size", "r50", ["r50", "small"], "Data settings of configs/egoexo.py ('' or 'small').")
-flags.DEFINE_list("workers", ["0", "1", "2"], "Worker process counts to measure.")
+flags.DEFINE_list("workers", ["0", "1"], "Worker process counts to measure.")
+flags.DEFINE_list("decoders", list(transforms.DECODERS)[::-1], "data.decoder values to measure ('exact', 'fast').")
+flags.DEFINE_integer("breakdown_clips", 64, "Clips for the per-stage CPU cost breakdown (0: none).")
+flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline per worker count, taking turns.")
 flags.DEFINE_integer("batch_size", 8, "Clips per batch.")
 flags.DEFINE_integer("read_threads", None, "Grain read threads per process; default from the config.")
 flags.DEFINE_integer("warmup_batches", 2, "Untimed batches first (worker start-up, first decodes).")
@@ -144,6 +152,8 @@ def peer_iterator(rows, config, workers: int):
 
 # --------------------------------------------------------------------------- measuring
 
+PEER = "PySlowFast-style PyAV"
+
 
 def cpu_seconds_by_process() -> dict[int, float]:
   """User + system CPU seconds of this process and each live descendant (worker processes), by pid."""
@@ -182,6 +192,44 @@ def measure(iterator, batch_size: int) -> dict:
           "others_busy": max(system - cpu, 0.0) / wall, "warmup_s": warmup_s}
 
 
+def cost_breakdown(config, pattern: str, clips: int) -> None:
+  """Single-threaded CPU milliseconds per training clip, by stage, over `clips` clips drawn as the train
+  transform draws them: where the time goes, and what moving the resize to the accelerator would leave."""
+  import simplejpeg  # pylint: disable=g-import-not-at-top
+
+  source, data, rng = pipelines.open_train_records(config, pattern), config.data, np.random.default_rng(0)
+  draws = []
+  for i in range(clips):
+    record = source[int(rng.integers(len(source)))]
+    draws.append((i, record, transforms.sample_frame_indices(record.num_frames, data.clip_length, data.frame_stride,
+                                                            rng, fps=record.fps,
+                                                            target_fps=float(data.get("target_fps", 0.0))),
+                   transforms.sample_crop_window(record.height, record.width, data.crop_size, data.min_short_side,
+                                                 data.max_short_side, rng)))
+
+  def decode_only(record, indices):
+    for index in indices:
+      simplejpeg.decode_jpeg(record.frames[int(index)])
+
+  stages = {
+      "read + parse the record": lambda i, record, indices, window: source[i % len(source)],
+      "exact decode_and_crop": lambda i, record, indices, window: transforms.decode_and_crop(
+          record.frames, indices, window, "exact"),
+      "fast decode_and_crop": lambda i, record, indices, window: transforms.decode_and_crop(
+          record.frames, indices, window, "fast"),
+      "  of which JPEG decode": lambda i, record, indices, window: decode_only(record, indices),
+  }
+  seconds = {name: [] for name in stages}
+  for _ in range(3):  # the stages take turns; the least of 3 passes each
+    for name, stage in stages.items():
+      tick = time.process_time()
+      for draw in draws:
+        stage(*draw)
+      seconds[name].append(time.process_time() - tick)
+  print(f"CPU ms per clip, one thread, {clips} clips, least of 3 passes: "
+        + "; ".join(f"{name} {min(s) / clips * 1e3:.2f}" for name, s in seconds.items()))
+
+
 def convert_records(folder: str) -> str:
   """Converts --manifest into TFRecords under `folder` (untimed); returns the record glob."""
   labels = pathlib.Path(FLAGS.pseudo_labels) if FLAGS.pseudo_labels else None
@@ -216,44 +264,50 @@ def main(argv):
   print(f"clips: {data.clip_length} x {data.frame_stride}, crop {data.crop_size} from short side "
         f"[{data.min_short_side}, {data.max_short_side}], batch {FLAGS.batch_size}; {len(rows)} segments of "
         f"{len(sizes)} videos ({', '.join(sizes)}); {cores} CPU cores, load average {os.getloadavg()[0]:.1f}")
-  results = []
+  results = []  # (workers, pipeline name, [measurements])
   with tempfile.TemporaryDirectory() as folder:
     pattern = convert_records(folder)
+    if FLAGS.breakdown_clips:
+      cost_breakdown(config, pattern, FLAGS.breakdown_clips)
     for workers in map(int, FLAGS.workers):
-      grain_config = copy.deepcopy(config)
-      grain_config.data.num_workers = workers
-      iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
-      grain_result = measure(iterator, FLAGS.batch_size)
-      iterator.close()
-      peer_result = None
+      runs = {f"Grain, {decoder} decode": [] for decoder in FLAGS.decoders}
       if FLAGS.peer:
-        iterator = peer_iterator(rows, config, workers)
-        peer_result = measure(iterator, FLAGS.batch_size)
-        del iterator  # stops the DataLoader's workers
-      results.append((workers, grain_result, peer_result))
-      print(f"  {workers} workers: Grain {grain_result['clips_per_s']:.1f} clips/s "
-            f"({grain_result['clips_per_cpu_s']:.1f} per CPU-second)"
-            + (f", peer {peer_result['clips_per_s']:.1f} clips/s" if peer_result else ""))
+        runs[PEER] = []
+      for _ in range(FLAGS.repeats):
+        for decoder in FLAGS.decoders:
+          grain_config = copy.deepcopy(config)
+          grain_config.data.num_workers = workers
+          grain_config.data.decoder = decoder
+          iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
+          runs[f"Grain, {decoder} decode"].append(measure(iterator, FLAGS.batch_size))
+          iterator.close()
+        if FLAGS.peer:
+          iterator = peer_iterator(rows, config, workers)
+          runs[PEER].append(measure(iterator, FLAGS.batch_size))
+          del iterator  # stops the DataLoader's workers
+        print(f"  {workers} workers: " + ", ".join(
+            f"{name} {r[-1]['clips_per_cpu_s']:.1f}" for name, r in runs.items()) + " clips per CPU-second")
+      results += [(workers, name, r) for name, r in runs.items()]
 
   print()
   print(f"Grain: {FLAGS.format} records at short side {FLAGS.short_side} (JPEG quality {FLAGS.jpeg_quality}), "
-        f"{data.read_threads} read threads per process, uint8 out; peer: PyAV from the video files, float32 out")
-  header = (f"{'pipeline':24} {'workers':>7} {'clips/s':>8} {'cores busy':>10} {'clips/CPU-s':>11} "
-            f"{'others busy':>11} {'warm-up s':>9} {'Grain/peer':>10} {'per core':>8}")
+        f"{data.read_threads} read threads per process, uint8 out; peer: PyAV from the video files, float32 out; "
+        f"median of {FLAGS.repeats} (range)")
+  header = (f"{'pipeline':22} {'workers':>7} {'clips/s':>8} {'cores busy':>10} {'clips/CPU-s':>11} {'range':>13} "
+            f"{'others busy':>11} {'/ exact':>7} {'/ peer':>7}")
   print(header)
   print("-" * len(header))
-  for workers, grain_result, peer_result in results:
-    for name, r in (("egoexo_jax Grain", grain_result), ("PySlowFast-style PyAV", peer_result)):
-      if r is None:
-        continue
-      ratio = per_core = ""
-      if r is peer_result:
-        ratio = f"{grain_result['clips_per_s'] / peer_result['clips_per_s']:.2f}"
-        per_core = f"{grain_result['clips_per_cpu_s'] / peer_result['clips_per_cpu_s']:.2f}"
-      print(f"{name:24} {workers:7d} {r['clips_per_s']:8.1f} {r['cores_busy']:10.2f} {r['clips_per_cpu_s']:11.2f} "
-            f"{r['others_busy']:11.2f} {r['warmup_s']:9.1f} {ratio:>10} {per_core:>8}")
+  median = lambda runs, key: float(np.median([r[key] for r in runs]))  # pylint: disable=unnecessary-lambda-assignment
+  for workers, name, runs in results:
+    per_core = {n: median(r, "clips_per_cpu_s") for w, n, r in results if w == workers}
+    exact, peer = per_core.get("Grain, exact decode"), per_core.get(PEER)
+    value = per_core[name]
+    spread = [r["clips_per_cpu_s"] for r in runs]
+    print(f"{name:22} {workers:7d} {median(runs, 'clips_per_s'):8.1f} {median(runs, 'cores_busy'):10.2f} "
+          f"{value:11.2f} {min(spread):6.1f}-{max(spread):<6.1f} {median(runs, 'others_busy'):11.2f} "
+          f"{value / exact if exact else float('nan'):7.2f} {value / peer if peer else float('nan'):7.2f}")
   print(f"cores busy: this process and its workers; others busy: cores other processes used meanwhile (of {cores}); "
-        "ratios: Grain / peer clips/s, and per core (clips per CPU-second)")
+        "ratios: clips per CPU-second against the exact decode's and the peer's, same worker count")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,11 @@ def loader_defaults(data: ml_collections.ConfigDict, *, num_workers: int,
 
 
 def record_checks(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The checks of video records when they are opened (the feature records of EVGAP have their own)."""
+  """The video-record fields every video method shares: the checks when records are opened (the feature
+  records of EVGAP have their own) and the JPEG decoder of clips."""
   data.strict = False  # True: a damaged shard stops the run instead of being skipped past (README, Data)
   data.check_records = 32  # records checked against the config when the data is opened
+  # transforms.decode_and_crop: 'fast' (input/jpeg_decode.py, about half the CPU per clip) or 'exact'
+  # (Pillow, bit for bit the clips of runs made before the fast decoder). README: Decoding clips.
+  data.decoder = "fast"
   return data

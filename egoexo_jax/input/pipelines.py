@@ -69,6 +69,7 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
   box_score_threshold: float = 0.5
   target_fps: float = 0.0  # transforms.sample_frame_indices: 0 strides over stored frames
   interaction_frames: str = "max"  # transforms.interaction_time_steps
+  decoder: str = transforms.DEFAULT_DECODER  # transforms.decode_and_crop: 'fast' | 'exact'
 
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return self.apply(record, rng)
@@ -96,7 +97,7 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
     example = {
-        "clips": transforms.decode_and_crop(record.frames, indices, window),
+        "clips": transforms.decode_and_crop(record.frames, indices, window, self.decoder),
         "label": np.int32(self._single_label(record)),
     }
     for key, size, signal in (("ego_logits", 2, record.ego_logits),
@@ -166,6 +167,7 @@ def egoexo_transform(config, grid: tuple[int, int, int] | None = None) -> EgoExo
       box_score_threshold=data.box_score_threshold,
       target_fps=float(data.get("target_fps", 0.0)),
       interaction_frames=data.get("interaction_frames", "max"),
+      decoder=data.get("decoder", transforms.DEFAULT_DECODER),
   )
 
 

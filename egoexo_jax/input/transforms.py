@@ -16,6 +16,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from egoexo_jax.input import jpeg_decode
+
 MEAN = 0.45
 STD = 0.225
 
@@ -127,8 +129,24 @@ def sample_crop_window(height: int, width: int, crop_size: int, min_short_side: 
                     y1=(off_y + crop_size) / scale, size=crop_size, flip=flip)
 
 
-def decode_and_crop(jpeg_frames: list[bytes], indices: np.ndarray, window: CropWindow) -> np.ndarray:
-  """Decodes the chosen JPEG frames and resamples the window: uint8 (T, size, size, 3)."""
+DECODERS = ("fast", "exact")
+DEFAULT_DECODER = "fast"
+
+
+def decode_and_crop(jpeg_frames: list[bytes], indices: np.ndarray, window: CropWindow,
+                    decoder: str = DEFAULT_DECODER) -> np.ndarray:
+  """Decodes the chosen JPEG frames and resamples the window: uint8 (T, size, size, 3).
+
+  decoder 'fast' (jpeg_decode.py: libjpeg-turbo through simplejpeg, DCT-domain reduction where the
+  window allows, OpenCV's bilinear warp straight into the output) or 'exact' (Pillow: one
+  resize(box, BILINEAR) per frame, the path of runs made before the fast one; bit for bit as they were).
+  The two agree within rounding of the bilinear interpolation for magnified windows
+  (tests/jpeg_decode_test.py measures how far apart they are on real frames).
+  """
+  if decoder == "fast":
+    return jpeg_decode.decode_and_crop(jpeg_frames, indices, window)
+  if decoder != "exact":
+    raise ValueError(f"unknown decoder '{decoder}' (config data.decoder): use one of {DECODERS}")
   out = np.empty((len(indices), window.size, window.size, 3), np.uint8)
   box = (window.x0, window.y0, window.x1, window.y1)
   cache = {}
