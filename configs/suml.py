@@ -1,6 +1,6 @@
 r"""SUM-L stage (b) (Wang et al., ICCV 2023): joint ego + exo training through narration pseudo-pairs.
 
-Loss (Eq. 12): L_f + 0.1 L_t + 0.02 L_aw + 0.1 L_m, tau 0.06, sigma 0.1, threshold 0.5, 384-d projections
+Loss (Eq. 12): L_f + 0.1 L_t + 0.02 L_aw + 0.1 L_m, tau 0.06, sigma 0.1, threshold 0.78, 384-d projections
 (the released EPIC-100 settings). Two recipes, configs/recipe_suml.py (every value with its source):
 `:paper` (the default) is the paper's method, decoupled denominators of cross-view negatives (Eq. 4/6)
 over the global batch and L_aw weighted by w; `:released` is what the authors' code trains: no alignment

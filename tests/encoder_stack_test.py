@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from egoexo_jax import checkpointing
-from egoexo_jax.downstream import anticipation, c2ftcn, encoder_stack, loop, mstcn, segmentation, tempagg
+from egoexo_jax.downstream import (anticipation, asformer, c2ftcn, encoder_stack, loop, ltcontext, mstcn, segmentation,
+                                   tempagg)
 from egoexo_jax.models import build_model
 from egoexo_jax.models.transformer import SequenceEncoder
 from egoexo_jax.objectives import evgap as evgap_objective
@@ -71,9 +72,12 @@ def heads():
   yield (tempagg.TempAgg({"verb": 2, "object": 2, "action": 3}, spanning_snippets=(2,), recent_scales=1,
                          latent=4, linear=4), 12, (membership,),
          lambda out: tempagg.tempagg_loss(out, labels[:, :3]))
+  yield (asformer.ASFormer(3, num_layers=2, features=4, num_decoders=1), 384, (),
+         lambda out: mstcn.mstcn_loss(out, labels, jnp.ones((2, 384))))
+  # LTContext: its fine-tuned run below checks that the encoder moves.
 
 
-@pytest.mark.parametrize("index", range(3), ids=["mstcn", "c2ftcn", "tempagg"])
+@pytest.mark.parametrize("index", range(4), ids=["mstcn", "c2ftcn", "tempagg", "asformer"])
 def test_gradients_reach_the_encoder(index):
   head, length, rest, loss_of = list(heads())[index]
   model = encoder_stack.EncoderStack(ENCODER, head, window_frames=4)
@@ -138,6 +142,32 @@ def test_c2ftcn_finetuned_two_view_segmentation_run(tmp_path, pretrained_run):
   assert "batch_stats" in state and set(params) == {"encoder", "head"}
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params["encoder"], encoder)
   assert max(jax.tree_util.tree_leaves(moved)) > 0  # started from the checkpoint and was fine-tuned
+
+
+@pytest.mark.parametrize("model, protocol, train_views, test_views", [
+    ("asformer", "frozen", ["ego_0"], ["ego_0"]),
+    ("ltcontext", "finetune", ["ego_0+exo_0"], ["ego_1+exo_1"])])
+def test_attention_models_segmentation_runs(tmp_path, pretrained_run, model, protocol, train_views, test_views):
+  """ASFormer and LTContext (EVGAP Table 2) as the other task models: frozen features (+EVGAP*) and the
+  fine-tuned encoder under them (+EVGAP), single- and two-view."""
+  workdir, encoder = pretrained_run
+  config = str(DEMO.parent.parent / "configs" / "evgap_pair.py") + ":small"
+  results = segmentation.run(
+      str(DEMO / "features"), str(DEMO / "segments.csv"), str(DEMO / "split.csv"), str(tmp_path),
+      train_views=train_views, test_views=test_views,
+      settings=segmentation.SegmentationSettings(model=model, num_stages=2, num_layers=2, features=4, batch_size=6,
+                                                 ltc_num_layers=2, ltc_window=16, ltc_stride=16),
+      loop_settings=loop.LoopSettings(epochs=1, learning_rate=1e-3),
+      protocol=segmentation.ProtocolSettings(protocol, config if protocol == "finetune" else "", workdir))
+  assert results["model"] == segmentation.MODEL_NAMES[model] and results["protocol"] == protocol
+  assert results["num_views"] == len(train_views[0].split("+")) and results["test_views"] == test_views
+  assert set(results["test"]) == {"f1@10", "f1@25", "f1@50", "edit", "accuracy", "mean"}
+  params = flax.serialization.msgpack_restore((tmp_path / loop.BEST_CHECKPOINT).read_bytes())
+  if protocol == "finetune":
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params["encoder"], encoder)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+  else:
+    assert "encoder" not in params and "stage_0" in params
 
 
 def test_tempagg_novel_view_anticipation_run(tmp_path):

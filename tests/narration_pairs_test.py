@@ -299,3 +299,25 @@ def test_mine_pairs_reports_the_calibration_against_a_reference_encoder(tmp_path
   threshold = calibration.matched_threshold(best, 0.3, best)
   assert f"keeps the same number above {threshold:.4f}" in report.text
   assert "sigma 0.1 for" in report.text and "-> 0.1000 for" in report.text
+
+
+def test_label_rule_curve_hand_worked_and_by_counting():
+  similarities = np.array([[0.9, 0.2], [0.6, 0.4]])
+  same = np.array([[True, False], [False, True]])
+  curve = calibration.label_rule_curve(similarities, same, [0.1, 0.4, 0.5, 0.95])
+  np.testing.assert_array_equal(curve["kept"], [4, 2, 2, 0])  # 0.4 itself is not above 0.4
+  np.testing.assert_allclose(curve["precision"], [0.5, 0.5, 0.5, 0.0])
+  np.testing.assert_allclose(curve["recall"], [1.0, 0.5, 0.5, 0.0])
+  np.testing.assert_allclose(curve["f1"], [2 / 3, 0.5, 0.5, 0.0])
+  rng = np.random.default_rng(0)
+  similarities = np.round(rng.uniform(-1, 1, (30, 40)), 2)  # ties on purpose
+  same = rng.uniform(size=(30, 40)) < 0.1
+  thresholds = np.linspace(-0.9, 0.9, 13)
+  curve = calibration.label_rule_curve(similarities, same, thresholds)
+  for i, t in enumerate(thresholds):
+    kept = similarities > t
+    assert curve["kept"][i] == kept.sum()
+    assert curve["precision"][i] == pytest.approx((kept & same).sum() / kept.sum())
+    assert curve["recall"][i] == pytest.approx((kept & same).sum() / same.sum())
+  with pytest.raises(ValueError, match="shares its verb and noun"):
+    calibration.label_rule_curve(similarities, np.zeros_like(same), thresholds)

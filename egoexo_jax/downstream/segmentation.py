@@ -1,8 +1,9 @@
-"""Temporal action segmentation on per-frame features: MS-TCN (mstcn.py) or C2F-TCN (c2ftcn.py).
+"""Temporal action segmentation on per-frame features: MS-TCN (mstcn.py), C2F-TCN (c2ftcn.py), ASFormer
+(asformer.py) or LTContext (ltcontext.py).
 
     python -m egoexo_jax.downstream.segmentation --features_dir=runs/evgap_features \
         --segments=data/evgap/segments.csv --split=data/evgap/split.csv --output_dir=runs/segmentation \
-        [--model=c2ftcn|mstcn] [--protocol=frozen|finetune --encoder_config=configs/evgap_group.py:small \
+        [--model=c2ftcn|asformer|ltcontext|mstcn] [--protocol=frozen|finetune --encoder_config=configs/evgap_group.py:small \
          --encoder_checkpoint=runs/evgap_group_small]
     # novel view: train on four views, test on the held-out fifth
     python -m egoexo_jax.downstream.segmentation ... --train_views=ego_0,ego_1,exo_0,exo_1 --test_views=exo_2
@@ -36,24 +37,33 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from egoexo_jax.downstream import annotations, c2ftcn, encoder_stack, loop, metrics, mstcn, views
+from egoexo_jax.downstream import annotations, asformer, c2ftcn, encoder_stack, loop, ltcontext, metrics, mstcn, views
 
-MODELS = ("mstcn", "c2ftcn")
+MODELS = ("mstcn", "c2ftcn", "asformer", "ltcontext")
+MODEL_NAMES = {"mstcn": "MS-TCN", "c2ftcn": "C2F-TCN", "asformer": "ASFormer", "ltcontext": "LTContext"}
+# The smoothing weight of each multi-stage model's loss (mstcn.mstcn_loss): MS-TCN's and ASFormer's released
+# 0.15; LTContext's Assembly101 yaml 0.17.
+SMOOTHING_WEIGHTS = {"mstcn": 0.15, "asformer": 0.15, "ltcontext": ltcontext.SMOOTHING_WEIGHT}
 SELECTION = "mean"  # mean of F1@10, F1@25, F1@50, edit, accuracy
 
 
 @dataclasses.dataclass(frozen=True)
 class SegmentationSettings:
   model: str = "mstcn"
-  num_stages: int = 4  # MS-TCN
-  num_layers: int = 10  # MS-TCN
-  features: int = 64  # MS-TCN
-  dropout_rate: float = 0.5  # MS-TCN
+  num_stages: int = 4  # MS-TCN; ASFormer: the encoder and 3 decoders (released); LTContext: 4 (Assembly101 yaml)
+  num_layers: int = 10  # MS-TCN and ASFormer (released); LTContext: ltc_num_layers
+  features: int = 64  # MS-TCN, ASFormer and LTContext (released)
+  dropout_rate: float = 0.5  # MS-TCN and ASFormer (released); LTContext: ltc_dropout_rate
   batch_size: int = 1
   length_multiple: int = 16  # sequences are zero-padded to one length, a multiple of this (one compilation)
   chunk_size: int = 20  # C2F-TCN: frames max-pooled into one input step (Assembly101's released chunk_size)
   c2f_encoder_widths: tuple[int, ...] = (256, 256, 256, 128, 128, 128, 128)  # released model.py
   c2f_decoder_width: int = 128
+  channel_masking_rate: float = 0.3  # ASFormer and LTContext: input channels dropped whole (both releases)
+  ltc_num_layers: int = 9  # LTContext (ltc/config/defaults.py MODEL.LTC.NUM_LAYERS)
+  ltc_window: int = 64  # LTContext W (WINDOWED_ATTN_W)
+  ltc_stride: int = 64  # LTContext G (LONG_TERM_ATTN_G)
+  ltc_dropout_rate: float = 0.2  # LTContext (MODEL.LTC.DROPOUT_PROB; attention weights: MODEL.ATTENTION.DROPOUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +136,14 @@ def head_model(settings: SegmentationSettings, num_classes: int) -> nn.Module:
   if settings.model == "c2ftcn":
     return c2ftcn.ChunkedC2FTCN(num_classes, settings.chunk_size, settings.c2f_encoder_widths,
                                 settings.c2f_decoder_width)
+  if settings.model == "asformer":
+    return asformer.ASFormer(num_classes, settings.num_layers, settings.features, settings.num_stages - 1,
+                             channel_masking_rate=settings.channel_masking_rate, dropout_rate=settings.dropout_rate)
+  if settings.model == "ltcontext":
+    return ltcontext.LTContext(num_classes, settings.num_stages, settings.ltc_num_layers, settings.features,
+                               window=settings.ltc_window, stride=settings.ltc_stride,
+                               channel_masking_rate=settings.channel_masking_rate,
+                               dropout_rate=settings.ltc_dropout_rate, attention_dropout_rate=settings.ltc_dropout_rate)
   raise ValueError(f"unknown segmentation model '{settings.model}': use one of {MODELS}")
 
 
@@ -133,7 +151,7 @@ def task_loss(settings: SegmentationSettings, outputs, batch) -> jax.Array:
   if settings.model == "c2ftcn":
     chunk_mask = batch["mask"].reshape(batch["mask"].shape[0], -1, settings.chunk_size).max(axis=-1)
     return c2ftcn.c2f_loss(c2ftcn.ensemble_probabilities(outputs), batch["chunk_labels"], chunk_mask)
-  return mstcn.mstcn_loss(outputs, batch["labels"], batch["mask"])
+  return mstcn.mstcn_loss(outputs, batch["labels"], batch["mask"], SMOOTHING_WEIGHTS[settings.model])
 
 
 def frame_predictions(settings: SegmentationSettings, outputs) -> jax.Array:
@@ -198,7 +216,7 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
   best, history = loop.fit(params, loss_fn, epoch_batches, lambda p: score(p, val), SELECTION, loop_settings,
                            output_dir, model_state=state)
   test_scores = score(best, test)
-  model_name = {"mstcn": "MS-TCN", "c2ftcn": "C2F-TCN"}[settings.model]
+  model_name = MODEL_NAMES[settings.model]
   results = {
       "task": "temporal action segmentation", "model": model_name, "features_dir": os.path.abspath(features_dir),
       "label": label, **protocol_record,
@@ -230,13 +248,15 @@ def _define_flags() -> None:
   define_protocol_flags()
   flags.DEFINE_enum("model", "mstcn", MODELS, "Segmentation model.")
   flags.DEFINE_integer("epochs", 50, "Training epochs.")
-  flags.DEFINE_float("learning_rate", 5e-4, "Adam learning rate (MS-TCN: 5e-4; C2F-TCN on Assembly101: 1e-4).")
-  flags.DEFINE_float("weight_decay", 0.0, "Adam L2 weight decay (C2F-TCN on Assembly101: 1e-4).")
+  flags.DEFINE_float("learning_rate", 5e-4, "Adam learning rate (MS-TCN and ASFormer: 5e-4; C2F-TCN on "
+                     "Assembly101: 1e-4; LTContext on Assembly101: 2.5e-4).")
+  flags.DEFINE_float("weight_decay", 0.0, "Adam L2 weight decay (C2F-TCN on Assembly101: 1e-4; ASFormer: 1e-5; "
+                     "LTContext on Assembly101: 1e-3).")
   flags.DEFINE_integer("batch_size", 1, "Sequences per batch (MS-TCN: 1; C2F-TCN on Assembly101: 20).")
-  flags.DEFINE_integer("num_stages", 4, "MS-TCN stages.")
-  flags.DEFINE_integer("num_layers", 10, "Dilated layers per stage.")
-  flags.DEFINE_integer("num_features", 64, "Channels per layer.")
-  flags.DEFINE_float("dropout", 0.5, "Dropout rate.")
+  flags.DEFINE_integer("num_stages", 4, "Stages: MS-TCN and LTContext; ASFormer: encoder + decoders.")
+  flags.DEFINE_integer("num_layers", 10, "Dilated layers per stage (MS-TCN, ASFormer).")
+  flags.DEFINE_integer("num_features", 64, "Channels per layer (MS-TCN, ASFormer, LTContext's first stage).")
+  flags.DEFINE_float("dropout", 0.5, "Dropout rate (MS-TCN, ASFormer).")
   flags.DEFINE_integer("chunk_size", 20, "C2F-TCN: frames max-pooled into one input step.")
   flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and dropout.")
 
