@@ -24,6 +24,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from egoexo_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, records and TensorBoard files.")
@@ -62,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # absl's app.run + one-line user errors (--debug: traceback), override suggestions
