@@ -14,7 +14,7 @@ covers everything under it):
   async_checkpointing, profile_steps
                                    how long and how a run trains, not what it trains
   global_batch_size, mesh          the training batch and the device layout; a reader picks its own
-  init_from                        where the training started from; the checkpoint now holds the weights
+  init_from, pair_workdir          where the training started from; the checkpoint now holds the weights
   data.num_workers, data.read_threads, data.prefetch_batches, data.batch_timeout_s, data.check_records
                                    input speed and safety settings
   data.*records*, data.*manifest*  where the data lies (a reader names its own records)
@@ -47,7 +47,7 @@ READ_TIME_FIELDS = (
     "eval", "evaluate", "train_eval",
     "num_train_steps", "epochs", "log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
     "async_checkpointing", "profile_steps",
-    "global_batch_size", "mesh", "init_from",
+    "global_batch_size", "mesh", "init_from", "pair_workdir",
     "data.num_workers", "data.read_threads", "data.prefetch_batches", "data.batch_timeout_s", "data.check_records",
     "data.*records*", "data.*manifest*",
     "model.dtype", "model.dropout_rate",

@@ -227,6 +227,7 @@ def protocol_from_flags() -> ProtocolSettings:
 
 def _define_flags() -> None:
   loop.define_data_flags()
+  flags.adopt_module_key_flags(loop)  # --help lists the required data flags defined there
   define_protocol_flags()
   flags.DEFINE_enum("model", "mstcn", MODELS, "Segmentation model.")
   flags.DEFINE_integer("epochs", 50, "Training epochs.")
@@ -255,4 +256,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)
