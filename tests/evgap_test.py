@@ -358,7 +358,7 @@ def test_step_1_then_step_2_through_the_trainer(demo_prefix, tmp_path):
   manifest = tmp_path / "views.csv"
   rows = (DEMO / "views.csv").read_text().splitlines()
   manifest.write_text("\n".join(rows[:1] + [r.replace("features/", f"{DEMO}/features/") for r in rows[1:]
-                                            if r.startswith("tree_r0,ego_0")]) + "\n")
+                                            if r.startswith(("tree_r0,ego_0", "tree_r0,exo_1"))]) + "\n")
   written = extract.extract_manifest(run_config.resolve(str(tmp_path / "group"), None), str(tmp_path / "group"),
                                      str(manifest), str(tmp_path / "features"))
   assert np.load(written[0]).shape[1] == 8  # the encoder's width, read back from <workdir>/config.json
