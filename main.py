@@ -16,13 +16,16 @@ Exit status: 0 when num_train_steps are done; 143 after SIGTERM and 130 after SI
 number, as a shell reports a process the signal ended), once the step in progress has finished and a
 checkpoint of it is written: the same command resumes exactly there; 2 when the run cannot start or
 continue for a reason stated in one logged line (another trainer holds the workdir, not enough disk for
-a checkpoint, a checkpoint could not be written); 1 for any other error (with its traceback).
+a checkpoint, a checkpoint could not be written) or for a user mistake (a missing file, a misspelt config
+override; egoexo_jax/cli.py; --debug shows the traceback); 1 for any other error (with its traceback).
 """
 
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from egoexo_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
@@ -62,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # absl's app.run + one-line user errors (--debug: traceback), override suggestions

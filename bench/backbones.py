@@ -1,7 +1,7 @@
 r"""Training-step speed of every backbone registered in egoexo_jax.models.backbones.BACKBONES.
 
   python bench/backbones.py                           # CPU: --size=small (thin widths, 112^2), every backbone
-  python bench/backbones.py --size=full --batch=32    # GPU default: full networks at 224^2, bfloat16
+  python bench/backbones.py --size=full --batch_size=32    # GPU default: full networks at 224^2, bfloat16
   python bench/backbones.py --backbones=slow_r50,vit_b16 --remat=dots_with_no_batch_dims_saveable \
       --attention=cudnn --triton_gemm=false
 
@@ -66,7 +66,8 @@ from egoexo_jax.models import backbones, egoexo
 flags.DEFINE_list("backbones", None, "Backbones to time (names in BACKBONES); default all registered.")
 flags.DEFINE_enum("size", None, ["small", "full"], "full networks at 224^2, or small (thin, 112^2) for a CPU; "
                   "default full on GPU, small otherwise.")
-flags.DEFINE_integer("batch", None, "Clips per step; default 32 (full) or 2 (small).")
+flags.DEFINE_integer("batch_size", None, "Clips per step; default 32 (full) or 2 (small).")
+flags.DEFINE_alias("batch", "batch_size")  # the name of earlier commands
 flags.DEFINE_integer("frames", None, "Clip length for every backbone; default per backbone (CLIP_FRAMES).")
 flags.DEFINE_integer("crop", None, "Crop side; default 224 (full) or 112 (small).")
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype (parameters stay float32); default "
@@ -265,7 +266,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
   on_gpu = jax.default_backend() == "gpu"
   size = FLAGS.size or ("full" if on_gpu else "small")
-  batch = FLAGS.batch or (32 if size == "full" else 2)
+  batch = FLAGS.batch_size or (32 if size == "full" else 2)
   crop = FLAGS.crop or (224 if size == "full" else 112)
   dtype = FLAGS.dtype or ("bfloat16" if on_gpu else "float32")
   steps, warmup = FLAGS.steps or (20 if on_gpu else 3), max(1, FLAGS.warmup or (3 if on_gpu else 1))

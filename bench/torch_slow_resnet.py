@@ -112,3 +112,8 @@ def make_train_step(forward, optimizer: torch.optim.Optimizer, clips: torch.Tens
 
   return step
 
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  print(__doc__.strip() + "\n\nA module, not a benchmark: bench/train_step.py and bench/backbones.py import it "
+        "as their PyTorch peer.", file=sys.stdout if "--help" in sys.argv or "-h" in sys.argv else sys.stderr)

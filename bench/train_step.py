@@ -2,7 +2,7 @@ r"""Training-step speed: egoexo_jax's Ego-Exo step against the PyTorch Slow-only
 
   python bench/train_step.py                  # CPU: the `small` model, batch 8, 112^2, 8 frames (~1 min)
   python bench/train_step.py --size=r50       # GPU default: Slow-only R50 8x8, batch 32, 224^2, bfloat16
-  python bench/train_step.py --size=r50 --batch=64 --steps=50 --torch_compile=off
+  python bench/train_step.py --size=r50 --batch_size=64 --steps=50 --torch_compile=off
 
 Measured on random clips that stay on the device (no input pipeline): the median time of a step, each
 step blocked on before the next, after warm-up steps (the first compiles). On CPU the sides' timed steps
@@ -50,7 +50,8 @@ from egoexo_jax.models import backbones, build_model
 from egoexo_jax.models.resnet3d import STAGE_SPATIAL_STRIDES
 
 flags.DEFINE_enum("size", None, ["small", "r50"], "Model size; default r50 on GPU, small on CPU.")
-flags.DEFINE_integer("batch", None, "Global batch; default 32 (r50) or 8 (small).")
+flags.DEFINE_integer("batch_size", None, "Global batch; default 32 (r50) or 8 (small).")
+flags.DEFINE_alias("batch", "batch_size")  # the name of earlier commands
 flags.DEFINE_integer("crop", None, "Crop side; default from the config (224 r50, 112 small).")
 flags.DEFINE_integer("frames", None, "Frames per clip; default from the config (8).")
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype; default bfloat16 on GPU, float32 on CPU.")
@@ -226,7 +227,7 @@ def build_torch(config, device: torch.device, autocast: bool, compile_model: boo
 def make_config(on_gpu: bool):
   size = FLAGS.size or ("r50" if on_gpu else "small")
   config = egoexo_config.get_config("" if size == "r50" else "small")
-  config.global_batch_size = FLAGS.batch or (32 if size == "r50" else 8)
+  config.global_batch_size = FLAGS.batch_size or (32 if size == "r50" else 8)
   config.data.crop_size = FLAGS.crop or config.data.crop_size
   config.data.clip_length = FLAGS.frames or config.data.clip_length
   config.model.dtype = FLAGS.dtype or ("bfloat16" if on_gpu else "float32")

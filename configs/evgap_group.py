@@ -19,9 +19,10 @@ the whole batch instead of each device's: --config.loss.group_scope=global (a pp
 
   python main.py --config=configs/evgap_group.py --workdir=runs/evgap_group \
       --config.data.feature_records=/data/a101/records/train
-  # init_from defaults to runs/evgap_pair (the step-1 workdir of configs/evgap_pair.py's docstring)
+  # step 1's run: --config.pair_workdir (default runs/evgap_pair, configs/evgap_pair.py's docstring)
 
-CPU size, after `python main.py --config=configs/evgap_pair.py:small --workdir=runs/evgap_pair_small`:
+CPU size, after `python main.py --config=configs/evgap_pair.py:small --workdir=runs/evgap_pair_small`
+(another step-1 run: --config.pair_workdir=<its workdir>):
 
   python main.py --config=configs/evgap_group.py:small --workdir=runs/evgap_group_small
   python main.py --config=configs/evgap_group.py:small,siglip --workdir=runs/evgap_group_small_siglip
@@ -119,8 +120,10 @@ def get_config(arg: str = ""):
   config.optimizer.name = "adamw"
   config.optimizer.base_learning_rate = 1e-3 if small else 1e-4
   config.optimizer.weight_decay = 0.01
-  pair_workdir = "runs/evgap_pair_small" if small else "runs/evgap_pair"
-  config.init_from = f"encoder={pair_workdir}:encoder,heads={pair_workdir}:heads"
+  # Step 1's run, named by a field (--config.pair_workdir=...); init_from follows it (a FieldReference).
+  config.pair_workdir = "runs/evgap_pair_small" if small else "runs/evgap_pair"
+  pair_workdir = config.get_ref("pair_workdir")
+  config.init_from = "encoder=" + pair_workdir + ":encoder,heads=" + pair_workdir + ":heads"
   if "siglip" in parsed.options:
     config.model.group_log_scale_init = math.log(10.0)
     config.loss.use_group_bias = True

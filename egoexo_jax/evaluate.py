@@ -1,27 +1,30 @@
 r"""Multi-view testing of a trained model: Charades mAP, EPIC verb/noun/action top-k, Kinetics top-k.
 
-  python -m egoexo_jax.evaluate --config=configs/finetune_epic100.py --workdir=runs/epic100 \
-      --records='/data/epic100/validation.tfrecord-*' --output=runs/epic100/results.json
+  python -m egoexo_jax.evaluate --workdir=runs/epic100 --records='/data/epic100/validation.tfrecord-*'
 
-Restores the newest checkpoint of --workdir (read-only; --checkpoint=best: the best kept during training,
-or --checkpoint=<folder> written by models/import_weights.py), cuts every record into num_clips x num_crops
-views (finetune_pipeline.multi_view_clips: PySlowFast's 10 clips x 3 crops of 256 at short side 256),
-runs them through a jitted forward over this host's devices (views split over the data x fsdp mesh,
-parameters sharded as in training; run it on one host), turns logits into probabilities
-(sigmoid for multi-label, softmax per head; with `evaluate.fully_convolutional`, at every window
-position of the head and then averaged, as PySlowFast tests), combines each record's views
-(`evaluate.ensemble`: 'max' for Charades, 'mean' for EPIC and Kinetics) and scores them. Without
---records, `evaluate.manifest` is converted into <workdir>/records/eval first. Writes --output (JSON), CLU scalars 'eval/<metric>' under
-<workdir>/eval, and `<output stem>_predictions.npz`: ids, labels, and per head `<h>` the aggregated
-scores (N, K) float32 and `<h>_views` (N, V, K) float16, for later ensembling.
+The run's config is the one it saved (<workdir>/config.json, egoexo_jax/run_config.py); --config is
+optional and, when given, must match it (run_config.check_matches; its test-time `eval.*` settings apply).
+--step picks the checkpoint: empty for the newest of <workdir>/checkpoints, a step number, or 'best' (the
+best kept during training, <workdir>/best); --workdir may also be a folder written by
+models/import_weights.py or an export folder (egoexo_jax/export.py), with --config. Every record is cut into
+num_clips x num_crops views (finetune_pipeline.multi_view_clips: PySlowFast's 10 clips x 3 crops of 256 at
+short side 256), run through a jitted forward over this host's devices (views split over the data x fsdp
+mesh, parameters sharded as in training; run it on one host), turned into probabilities (sigmoid for
+multi-label, softmax per head; with `eval.fully_convolutional`, at every window position of the head and
+then averaged, as PySlowFast tests), and each record's views are combined (`eval.ensemble`: 'max' for
+Charades, 'mean' for EPIC and Kinetics) and scored. Without --records, `eval.manifest` is converted into
+<workdir>/records/eval first.
 
-Metrics (fractions in [0, 1]):
-  multi-label  mAP: per class, average precision exactly as sklearn's average_precision_score
-               (AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds), averaged over the
-               classes with at least one positive (PySlowFast's get_map drops the others).
-  per head     top-1 / top-5 of each head. With heads 'verb' and 'noun', also 'action': top-1 is right
-               when both are; top-5 ranks the verb x noun pairs by p(verb) p(noun), as the EPIC-Kitchens
-               evaluation does (it multiplies the softmaxed verb and noun scores).
+Writes under --output_dir (default the workdir, where export's model card finds it): `results.json`
+(`results_step<N>.json` with --step=N, `results_best.json` with --step=best) with the metrics, per-class
+numbers (`per_class`) and the settings; `<results stem>_predictions.npz`: ids, labels, and per head `<h>`
+the aggregated scores (N, K) float32 and `<h>_views` (N, V, K) float16, for later ensembling; CLU scalars
+'eval/<metric>' under <workdir>/eval. A progress line every --log_every records. Resumable: every
+--save_every records the per-record view scores so far are written (atomically) to
+`<results stem>.partial.npz`; a rerun for the same checkpoint step, records and views skips those
+records, and the file is removed when the results are written.
+
+Metrics: egoexo_jax/eval_metrics.py (mAP as sklearn, top-k, EPIC action accuracy, per-class numbers).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -37,96 +41,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from egoexo_jax import atomic_files, checkpointing, processes, sharding, train
+from egoexo_jax import atomic_files, checkpointing, processes, run_config, sharding, train
+from egoexo_jax.eval_metrics import (  # re-exported: callers and tests use evaluate.<metric>
+    action_top_k_accuracy, aggregate_views, average_precision, compute_metrics, mean_average_precision,
+    per_class_metrics, top_k_accuracy)
 from egoexo_jax.input import finetune_pipeline, sources, transforms
 from egoexo_jax.models import build_model
-
-# --------------------------------------------------------------------------- metrics
-
-
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-  """AP of one class: labels (N,) 0/1, scores (N,); sum over the distinct thresholds t (high to low) of
-  (recall(t) - recall(previous t)) * precision(t). NaN when there is no positive."""
-  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-  sorted_scores, hits = np.asarray(scores, np.float64)[order], np.asarray(labels, np.float64)[order]
-  if hits.sum() == 0:
-    return float("nan")
-  last_of_threshold = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(hits) - 1]
-  true_positives = np.cumsum(hits)[last_of_threshold]
-  precision = true_positives / (last_of_threshold + 1)
-  recall = true_positives / true_positives[-1]
-  return float(np.sum(np.diff(recall, prepend=0.0) * precision))
-
-
-def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray]:
-  """(mAP over the classes with a positive, per-class AP (K,) with NaN for the others); labels and
-  scores (N, K)."""
-  per_class = np.array([average_precision(labels[:, k], scores[:, k]) for k in range(labels.shape[1])])
-  if np.all(np.isnan(per_class)):
-    raise ValueError("no class has a positive example: mAP is undefined")
-  return float(np.nanmean(per_class)), per_class
-
-
-def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
-  """{k: share of rows whose label is among the k highest scores}; scores (N, K), labels (N,)."""
-  ranked = np.argsort(-scores, axis=1, kind="stable")
-  return {k: float(np.mean(np.any(ranked[:, :k] == labels[:, None], axis=1))) for k in ks}
-
-
-def action_top_k_accuracy(verb_scores: np.ndarray, noun_scores: np.ndarray, verb_labels: np.ndarray,
-                          noun_labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
-  """{k: share of segments whose (verb, noun) pair is among the k pairs of highest p(verb) p(noun)}.
-
-  Scores are probabilities (N, V) and (N, M). Only the top-k verbs and nouns can form a top-k pair
-  (a pair outside them is beaten by k pairs), so k x k candidates per segment decide it exactly.
-  """
-  out = {}
-  for k in ks:
-    top_verbs = np.argsort(-verb_scores, axis=1, kind="stable")[:, :k]
-    top_nouns = np.argsort(-noun_scores, axis=1, kind="stable")[:, :k]
-    rows = np.arange(len(verb_scores))[:, None]
-    pair_scores = (verb_scores[rows, top_verbs][:, :, None] * noun_scores[rows, top_nouns][:, None, :])
-    best = np.argsort(-pair_scores.reshape(len(verb_scores), -1), axis=1, kind="stable")[:, :k]
-    verbs, nouns = top_verbs[rows, best // top_nouns.shape[1]], top_nouns[rows, best % top_nouns.shape[1]]
-    hit = (verbs == verb_labels[:, None]) & (nouns == noun_labels[:, None])
-    out[k] = float(np.mean(np.any(hit, axis=1)))
-  return out
-
-
-def aggregate_views(view_scores: np.ndarray, method: str) -> np.ndarray:
-  """(N, V, K) per-view scores -> (N, K): 'max' or 'mean' over the V views."""
-  if method == "max":
-    return view_scores.max(axis=1)
-  if method == "mean":
-    return view_scores.mean(axis=1)
-  raise ValueError(f"unknown config evaluate.ensemble '{method}': use 'max' or 'mean'")
-
-
-def compute_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, heads, multi_label: bool) -> dict:
-  """The metrics of the module docstring from aggregated scores {head: (N, K)} and the labels:
-  (N, K) 0/1 for multi-label, (N, H) per head."""
-  if multi_label:
-    (name, _), = heads
-    mean_ap, per_class = mean_average_precision(labels, scores[name])
-    return {"mAP": mean_ap, "num_classes_with_positives": int(np.sum(~np.isnan(per_class)))}
-  metrics = {}
-  for i, (name, _) in enumerate(heads):
-    for k, value in top_k_accuracy(scores[name], labels[:, i]).items():
-      metrics[f"{name}_top{k}"] = value
-  names = [name for name, _ in heads]
-  if {"verb", "noun"} <= set(names):
-    v, n = names.index("verb"), names.index("noun")
-    for k, value in action_top_k_accuracy(scores["verb"], scores["noun"], labels[:, v], labels[:, n]).items():
-      metrics[f"action_top{k}"] = value
-  return metrics
-
 
 # --------------------------------------------------------------------------- model and views
 
 
 def eval_settings(config) -> ml_collections.ConfigDict:
-  """`config.evaluate`, with PySlowFast's Kinetics test defaults for configs without one
-  (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip placement, mean, global pooling).
+  """`config.eval` (`config.evaluate` in configs saved before the rename), with PySlowFast's Kinetics test
+  defaults for configs without one (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip placement, mean, global pooling).
 
   `fully_convolutional`: the heads run at every window position of the test crop's res5 grid (window =
   a training clip's grid, `heads.window_pool`), probabilities averaged over the positions, as PySlowFast
@@ -134,18 +61,20 @@ def eval_settings(config) -> ml_collections.ConfigDict:
   defaults = dict(manifest="", num_clips=10, num_crops=3, short_side=config.data.min_short_side,
                   crop_size=config.data.min_short_side, placement="kinetics", ensemble="mean", batch_size=30,
                   fully_convolutional=False)
-  given = config.get("evaluate", ml_collections.ConfigDict()).to_dict()
+  given = config.get("eval", config.get("evaluate", None))
+  given = given.to_dict() if given is not None else {}
   return ml_collections.ConfigDict({**defaults, **given})
 
 
-def restore_variables(config, workdir: str, mesh, checkpoint: str = "") -> tuple[Any, dict, int]:
+def restore_variables(config, workdir: str, mesh, checkpoint: str = "", step: int | None = None
+                      ) -> tuple[Any, dict, int]:
   """(model, {'params', 'batch_stats'} on `mesh`, step), opened read-only.
 
-  `checkpoint`: '' the newest checkpoint of <workdir>/checkpoints; 'best' the one of <workdir>/best
-  (kept by periodic evaluation during training, egoexo_jax/train_eval.py); otherwise a folder holding
-  a `state/` item with 'params' and 'batch_stats' (models/import_weights.py writes one, e.g. from a
-  released fine-tuned checkpoint), whose step is reported as 0. `workdir` may also be an export
-  folder (python -m egoexo_jax.export) whose model card fits `config`.
+  `checkpoint`: '' a checkpoint of <workdir>/checkpoints, `step` (default the newest); 'best' the one of
+  <workdir>/best (kept by periodic evaluation during training, egoexo_jax/train_eval.py); otherwise a folder
+  holding a `state/` item with 'params' and 'batch_stats' (models/import_weights.py writes one, e.g. from a
+  released fine-tuned checkpoint), whose step is reported as 0. `workdir` may also be an export folder
+  (python -m egoexo_jax.export) whose model card fits `config`, or an imported folder itself.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from egoexo_jax import pretrained  # pylint: disable=g-import-not-at-top
@@ -156,20 +85,32 @@ def restore_variables(config, workdir: str, mesh, checkpoint: str = "") -> tuple
   model = build_model(config.model)
   optimizer, _ = train.make_optimizer(config)
   abstract, _ = train.abstract_state(model, optimizer, config, mesh)
+  if checkpoint == "" and is_imported_folder(workdir):
+    checkpoint = workdir
   if checkpoint not in ("", "best"):
     return model, imported_variables(checkpoint, abstract), 0
   directory = os.path.join(os.path.abspath(workdir), "best" if checkpoint == "best" else "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints in {directory}: train first (python main.py --workdir={workdir})")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  step = manager.latest_step()
-  if step is None:
+  steps = sorted(manager.all_steps())
+  if not steps:
     raise FileNotFoundError(f"no checkpoint step in {directory}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; its steps: {steps}")
   checkpointing.check_saved_shapes(manager, step, abstract)
   restored = manager.restore(step, args=ocp.args.Composite(
       **{checkpointing.STATE: ocp.args.StandardRestore(abstract)}))[checkpointing.STATE]
   manager.close()
   return model, {"params": restored.params, "batch_stats": restored.batch_stats}, step
+
+
+def is_imported_folder(path: str) -> bool:
+  """Whether `path` holds a `state/` item of its own (models/import_weights.py output), not a run."""
+  return (os.path.isdir(os.path.join(path, checkpointing.STATE))
+          and not os.path.isdir(os.path.join(path, "checkpoints")))
 
 
 def imported_variables(path: str, abstract) -> dict:
@@ -222,15 +163,36 @@ def make_forward(model, variables, mesh, dtype, heads, multi_label: bool, window
   return lambda views: jax.device_get(forward(variables, views))
 
 
-def predict(elements, forward, batch_size: int) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+def predict(elements, forward, batch_size: int, *, done: dict | None = None, save=None, save_every: int = 0,
+            progress=None) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
   """Runs every element's views through `forward` in batches of `batch_size` views (the last one padded).
 
   elements: iterable of MultiViewTransform outputs. Returns (ids, labels stacked, {head: (N, V, K)}).
+  done: {'ids', 'labels', 'view_scores'} of records scored by an earlier run (load_partial): they come
+  first in the output, in their order. save: called with that same dict of every record finished so far,
+  after each `save_every` newly finished records. progress: called with the count of newly finished
+  records after each batch.
   """
-  ids, labels, pending, outputs, num_views = [], [], [], {}, None
+  done_ids = list(done["ids"]) if done else []
+  done_labels = list(done["labels"]) if done else []
+  done_views = {name: list(v) for name, v in done["view_scores"].items()} if done else {}
+  num_views = next(iter(done["view_scores"].values())).shape[1] if done and done_ids else None
+  ids, labels, pending, outputs = [], [], [], {}
+  last_saved = 0
+
+  def finished() -> dict:
+    rows = min((sum(len(c) for c in chunks) for chunks in outputs.values()), default=0)
+    count = rows // num_views if num_views else 0
+    view_scores = {}
+    for name in outputs or done_views:
+      new = np.concatenate(outputs[name])[:count * num_views].reshape(count, num_views, -1) if count else None
+      old = np.stack(done_views[name]) if done_views.get(name) else None
+      view_scores[name] = np.concatenate([a for a in (old, new) if a is not None])
+    return {"ids": done_ids + ids[:count], "labels": done_labels + labels[:count], "view_scores": view_scores,
+            "new": count}
 
   def run(final: bool):
-    nonlocal pending
+    nonlocal pending, last_saved
     while sum(len(p) for p in pending) >= batch_size or (final and pending):
       views = np.concatenate(pending)
       batch, rest = views[:batch_size], views[batch_size:]
@@ -238,6 +200,12 @@ def predict(elements, forward, batch_size: int) -> tuple[list[str], np.ndarray, 
       padded = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
       for name, probabilities in forward(padded).items():
         outputs.setdefault(name, []).append(np.asarray(probabilities[:len(batch)]))
+      count = min(sum(len(c) for c in chunks) for chunks in outputs.values()) // num_views
+      if progress is not None:
+        progress(count)
+      if save is not None and save_every > 0 and count - last_saved >= save_every:
+        save(finished())
+        last_saved = count
 
   for element in elements:
     views = element["views"]
@@ -249,10 +217,32 @@ def predict(elements, forward, batch_size: int) -> tuple[list[str], np.ndarray, 
     pending.append(views)
     run(final=False)
   run(final=True)
-  if not ids:
+  if not ids and not done_ids:
     raise ValueError("no records to evaluate")
-  view_scores = {name: np.concatenate(chunks).reshape(len(ids), num_views, -1) for name, chunks in outputs.items()}
-  return ids, np.stack(labels), view_scores
+  result = finished()
+  return result["ids"], np.stack(result["labels"]), result["view_scores"]
+
+
+def save_partial(path: str, key: dict, scored: dict) -> None:
+  """Writes the records scored so far ({'ids', 'labels', 'view_scores'}) and what they depend on (`key`:
+  checkpoint step, records, views) to `path` (.npz), whole or not at all."""
+  with atomic_files.atomic_write(path) as f:
+    np.savez(f, key=json.dumps(key, sort_keys=True), ids=np.asarray(scored["ids"], dtype=str),
+             labels=np.stack(scored["labels"]) if scored["ids"] else np.zeros((0,)),
+             **{f"views_{name}": v.astype(np.float32) for name, v in scored["view_scores"].items()})
+
+
+def load_partial(path: str, key: dict) -> dict | None:
+  """{'ids', 'labels', 'view_scores'} saved by save_partial for the same `key`; None when there is no file
+  or it was made for another checkpoint step, records or views (then it is ignored, with a warning)."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    if str(saved["key"]) != json.dumps(key, sort_keys=True):
+      logging.warning("Ignoring %s: it holds scores of another checkpoint, records or views.", path)
+      return None
+    return {"ids": [str(i) for i in saved["ids"]], "labels": list(saved["labels"]),
+            "view_scores": {k[len("views_"):]: saved[k] for k in saved.files if k.startswith("views_")}}
 
 
 def prepare_eval_records(config, workdir: str, manifest: str) -> str:
@@ -268,15 +258,18 @@ def prepare_eval_records(config, workdir: str, manifest: str) -> str:
   return prefix + ".tfrecord-*"
 
 
-def score_records(config, model, variables, mesh, pattern: str, settings) -> dict:
+def score_records(config, model, variables, mesh, pattern: str, settings, *, partial: str | None = None,
+                  partial_key: dict | None = None, save_every: int = 0, log_every: int = 0) -> dict:
   """Runs the views of every record of `pattern` through the model and scores them.
 
-  Returns {'ids', 'labels', 'view_scores' {head: (N, V, K)}, 'scores' {head: (N, K)}, 'metrics',
-  'view_args'}. Shared by the command line and the periodic evaluation during training."""
+  Returns {'ids', 'labels', 'view_scores' {head: (N, V, K)}, 'scores' {head: (N, K)}, 'metrics', 'per_class',
+  'view_args'}. Shared by the command line and the periodic evaluation during training. With `partial`
+  (a .npz path), records scored there for the same `partial_key` are skipped and the scores so far are
+  saved there every `save_every` records. A progress line is logged every `log_every` records."""
   import grain  # pylint: disable=g-import-not-at-top
 
   heads = finetune_pipeline.head_sizes(config)
-  multi_label = bool(config.data.get("multi_label", False))
+  multi_label = is_multi_label(config)
   batch_size = -(-settings.batch_size // mesh.size) * mesh.size
   window_crop = config.data.crop_size if settings.fully_convolutional else None
   forward = make_forward(model, variables, mesh, jnp.dtype(config.model.dtype), heads, multi_label, window_crop)
@@ -284,43 +277,91 @@ def score_records(config, model, variables, mesh, pattern: str, settings) -> dic
                    num_clips=settings.num_clips, num_crops=settings.num_crops, short_side=settings.short_side,
                    crop_size=settings.crop_size, placement=settings.placement)
   transform = finetune_pipeline.MultiViewTransform(heads, multi_label, tuple(view_args.items()))
-  dataset = grain.MapDataset.source(sources.open_records(pattern)).map(transform).to_iter_dataset(
+  key = {**(partial_key or {}), "records": pattern, "views": view_args}
+  done = load_partial(partial, key) if partial else None
+  source = sources.open_records(pattern)
+  dataset = grain.MapDataset.source(source)
+  if done:
+    skip = set(done["ids"])
+    logging.info("Resuming: %d of %d records already scored in %s.", len(skip), len(source), partial)
+    dataset = dataset.filter(lambda record: record.video_id not in skip)
+  dataset = dataset.map(transform).to_iter_dataset(
       grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch_batches))
   if config.data.num_workers > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers),
                                   worker_init_fn=processes.worker_init_fn())  # workers end with this process
-  ids, labels, view_scores = predict(dataset, forward, batch_size)
+  progress = _progress_logger(len(source) - (len(done["ids"]) if done else 0), log_every) if log_every else None
+  ids, labels, view_scores = predict(dataset, forward, batch_size, done=done, progress=progress,
+                                     save=(lambda scored: save_partial(partial, key, scored)) if partial else None,
+                                     save_every=save_every)
   scores = {name: aggregate_views(v, settings.ensemble) for name, v in view_scores.items()}
   return {"ids": ids, "labels": labels, "view_scores": view_scores, "scores": scores,
-          "metrics": compute_metrics(scores, labels, heads, multi_label), "view_args": view_args}
+          "metrics": compute_metrics(scores, labels, heads, multi_label),
+          "per_class": per_class_metrics(scores, labels, heads, multi_label), "view_args": view_args}
 
 
-def evaluate(config, workdir: str, records: str, output: str, predictions: str | None = None,
-             checkpoint: str = "") -> dict:
-  """Evaluates a checkpoint of `workdir` (restore_variables: the newest, 'best', or an imported folder)
-  on `records` (a glob; empty: evaluate.manifest); writes the JSON results, the predictions .npz and
-  CLU scalars; returns the results."""
+def is_multi_label(config) -> bool:
+  """`data.label_kind == 'multi_label'` (`data.multi_label` in configs from before that name)."""
+  kind = config.data.get("label_kind", None)
+  return kind == "multi_label" if kind is not None else bool(config.data.get("multi_label", False))
+
+
+def _progress_logger(total: int, every: int):
+  """A callback logging 'evaluated n/total records, r records/s, ETA' each time n passes a multiple of `every`."""
+  start, shown = time.monotonic(), [0]
+
+  def report(count: int) -> None:
+    if count // every > shown[0] // every or count == total:
+      if count == shown[0]:
+        return
+      shown[0] = count
+      rate = count / max(time.monotonic() - start, 1e-9)
+      eta = (total - count) / rate if rate > 0 else float("nan")
+      logging.info("Evaluated %d/%d records, %.2f records/s, ETA %s.", count, total, rate,
+                   time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?")
+  return report
+
+
+def evaluate(config, workdir: str, records: str, output: str | None = None, predictions: str | None = None,
+             checkpoint: str = "", *, step: int | None = None, output_dir: str | None = None, save_every: int = 50,
+             log_every: int = 10) -> dict:
+  """Evaluates a checkpoint of `workdir` (restore_variables: the newest or `step`, 'best', or an imported
+  folder) on `records` (a glob; empty: eval.manifest); writes the results JSON (`output`, default
+  <output_dir>/results[_step<N>|_best].json, output_dir defaulting to `workdir`), the predictions .npz
+  and CLU scalars; returns the results. `config` None: the run's saved config (run_config)."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
+  config = run_config.resolve(workdir, config)  # the saved config, or the given one checked against it
+  requested = step
   settings = eval_settings(config)
   pattern = records or prepare_eval_records(config, workdir, settings.manifest)
   mesh = sharding.make_mesh(devices=jax.local_devices(), fsdp=config.mesh.get("fsdp", 1))
-  model, variables, step = restore_variables(config, workdir, mesh, checkpoint)
-  scored = score_records(config, model, variables, mesh, pattern, settings)
+  model, variables, step = restore_variables(config, workdir, mesh, checkpoint, step)
+  if output is None:
+    name = ("results_best.json" if checkpoint == "best" else f"results_step{step}.json" if requested is not None
+            else "results.json")
+    output = os.path.join(output_dir or workdir, name)
+  stem = os.path.splitext(output)[0]
+  partial = stem + ".partial.npz"
+  scored = score_records(config, model, variables, mesh, pattern, settings, partial=partial,
+                         partial_key={"checkpoint": checkpoint or "checkpoints", "step": int(step)},
+                         save_every=save_every, log_every=log_every)
   ids, labels, view_scores, scores, metrics = (scored[k] for k in ("ids", "labels", "view_scores", "scores", "metrics"))
-  predictions = predictions or os.path.splitext(output)[0] + "_predictions.npz"
+  predictions = predictions or stem + "_predictions.npz"
   with atomic_files.atomic_write(predictions) as f:
     np.savez(f, ids=np.asarray(ids), labels=labels, **{name: s.astype(np.float32) for name, s in scores.items()},
              **{f"{name}_views": v.astype(np.float16) for name, v in view_scores.items()})
   views = {**scored["view_args"], "views_per_record": settings.num_clips * settings.num_crops,
            "fully_convolutional": bool(settings.fully_convolutional)}
-  results = {"workdir": os.path.abspath(workdir), "checkpoint": checkpoint or "newest",
-             "checkpoint_step": int(step), "records": pattern,
+  which = checkpoint or ("newest" if requested is None else "step")
+  results = {"workdir": os.path.abspath(workdir), "checkpoint": which, "checkpoint_step": int(step), "records": pattern,
              "num_records": len(ids), "views": views, "ensemble": settings.ensemble, "metrics": metrics,
-             "predictions": predictions}
+             "per_class": scored["per_class"], "predictions": predictions}
   with atomic_files.atomic_write(output, "w") as f:
     json.dump(results, f, indent=2)
     f.write("\n")
+  if os.path.exists(partial):
+    os.remove(partial)
   writer = metric_writers.create_default_writer(workdir, collection="eval")
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   writer.flush()
@@ -337,7 +378,22 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  results = evaluate(f.config, f.workdir, f.records or "", f.output, f.predictions, f.checkpoint or "")
+  checkpoint, step = "", None
+  if f.checkpoint:
+    logging.warning("--checkpoint is deprecated: name the folder with --workdir and the step with --step.")
+    checkpoint = f.checkpoint
+  if f.step:
+    if f.step == "best":
+      checkpoint = "best"
+    elif f.step.isdigit():
+      step = int(f.step)
+    else:
+      raise app.UsageError(f"--step={f.step}: give a step number or 'best' (empty: the newest)")
+  output = f.output
+  if output:
+    logging.warning("--output is deprecated: use --output_dir (the results file is <output_dir>/results.json).")
+  results = evaluate(f.config, f.workdir, f.records or "", output, f.predictions, checkpoint, step=step,
+                     output_dir=f.output_dir, save_every=f.save_every, log_every=f.log_every)
   print(json.dumps({"checkpoint_step": results["checkpoint_step"], "num_records": results["num_records"],
                     **results["metrics"]}, indent=None))
 
@@ -346,19 +402,25 @@ def _define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", None, "The run's config file (path[:arg]).")
-  flags.DEFINE_string("workdir", None, "The run's workdir; its newest checkpoint is evaluated (read-only); "
-                      "eval scalars are written under it.")
-  flags.DEFINE_string("records", None, "Glob of the test record shards (default: convert evaluate.manifest).")
-  flags.DEFINE_string("output", None, "Results JSON.")
-  flags.DEFINE_string("predictions", None, "Predictions .npz (default: <output stem>_predictions.npz).")
-  flags.DEFINE_string("checkpoint", "", "Empty: the newest checkpoint of --workdir; 'best': <workdir>/best; or a "
-                      "folder written by egoexo_jax.models.import_weights (e.g. a released fine-tuned model).")
-  flags.mark_flags_as_required(["config", "workdir", "output"])
+  flags.DEFINE_string("workdir", None, "Required. The run's workdir (its checkpoints are opened read-only; eval "
+                      "scalars are written under it), or a folder of models/import_weights.py or egoexo_jax.export.")
+  config_flags.DEFINE_config_file("config", None, "Optional: the run's config file (path[:arg]); default "
+                                  "<workdir>/config.json. When given it must match that file (eval.* may differ).")
+  flags.DEFINE_string("step", "", "Checkpoint to evaluate: a step number, 'best' (<workdir>/best), or empty for the "
+                      "newest.")
+  flags.DEFINE_string("records", None, "Glob of the test record shards (default: convert eval.manifest).")
+  flags.DEFINE_string("output_dir", None, "Folder for results[_step<N>].json, its predictions .npz and the partial "
+                      "results of an interrupted run (default: --workdir).")
+  flags.DEFINE_string("output", None, "Deprecated: the results JSON file itself (use --output_dir).")
+  flags.DEFINE_string("predictions", None, "Predictions .npz (default: <results stem>_predictions.npz).")
+  flags.DEFINE_string("checkpoint", "", "Deprecated: 'best' is --step=best; a folder of import_weights is --workdir.")
+  flags.DEFINE_integer("save_every", 50, "Records between writes of the partial results (a rerun resumes there).")
+  flags.DEFINE_integer("log_every", 10, "Records between progress lines.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top
 
   _define_flags()
-  _app.run(main)
+  cli.run(main)

@@ -207,4 +207,5 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)

@@ -1,10 +1,13 @@
 r"""SUM-L stage (c): the ego encoder f_f and task head g_f of a SUM-L run, evaluated on ego records.
 
-  python -m egoexo_jax.suml_eval --config=configs/suml_eval.py:small --workdir=runs/suml_small
+  python -m egoexo_jax.suml_eval --workdir=runs/suml_small [--step=N] [--config=configs/suml_eval.py:small]
+
+The run's config is the one it saved (<workdir>/config.json); --config is optional and must match it
+(egoexo_jax/run_config.py), its `eval.*` settings applying (defaults: records '', batch_size 32).
 
 Only the ego side of the checkpoint is read ('ego_backbone' or the shared 'backbone', 'ego_head_<i>');
 the exo encoder, projections and discriminator are ignored. Protocol, deliberately minimal: one centre
-clip and centre crop per record (ClipSampler with rng None). Metrics, by `data.ego_labels`:
+clip and centre crop per record (ClipSampler with rng None). Metrics, by `data.ego_label_kind`:
   'single'       per head 'top1_<i>' and 'top5_<i>' (top-5 only for heads of more than 5 classes), and
                  'top1' = every head right (EPIC-Kitchens' action accuracy; with one head, plain top-1).
   'multi_label'  'mAP': mean over classes with at least one positive of the average precision
@@ -26,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from egoexo_jax import atomic_files, checkpointing
+from egoexo_jax import atomic_files, checkpointing, run_config
 from egoexo_jax.evaluate import mean_average_precision, top_k_accuracy
 from egoexo_jax.input import sources, suml_pipeline, transforms
 from egoexo_jax.models import build_model
@@ -54,15 +57,19 @@ def classification_metrics(logits: Sequence[np.ndarray], targets: np.ndarray, ki
 # --------------------------------------------------------------------------- the ego model
 
 
-def load_ego_variables(model, config, checkpoint: str) -> tuple[dict, str]:
-  """The ego side's variables from a SUM-L checkpoint (a workdir, its checkpoints/ or a step folder).
+def load_ego_variables(model, config, checkpoint: str, step: int | None = None) -> tuple[dict, str]:
+  """The ego side's variables from a SUM-L checkpoint (a workdir, its checkpoints/ or a step folder;
+  with `step`, that step of the workdir's checkpoints/).
 
   Returns (variables {'params', 'batch_stats'} shaped as the ego-only model, the step folder read).
   """
   data = config.data
   clips = jnp.zeros((1, data.clip_length, data.crop_size, data.crop_size, 3), jnp.float32)
   wanted = jax.eval_shape(lambda: model.init(jax.random.key(0), clips, None, train=False))
-  step_dir = checkpointing.latest_step_dir(checkpoint)
+  step_dir = (checkpointing.latest_step_dir(checkpoint) if step is None
+              else os.path.join(os.path.abspath(checkpoint), "checkpoints", str(step)))
+  if not os.path.isdir(os.path.join(step_dir, checkpointing.STATE)):
+    raise FileNotFoundError(f"no checkpoint at {step_dir}")
   saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, checkpointing.STATE))
   variables = {}
   for collection, tree in wanted.items():
@@ -97,23 +104,40 @@ def predict(model, variables, source, config, batch_size: int) -> tuple[list[np.
     pad = batch_size - len(batch)  # a fixed batch shape compiles once
     outputs = forward(np.concatenate([clips, np.zeros((pad, *clips.shape[1:]), clips.dtype)]))
     logits.append([np.asarray(head)[:len(batch)] for head in outputs])
-    targets += [suml_pipeline.encode_labels(r.labels, tuple(config.model.ego_num_classes), config.data.ego_labels,
+    targets += [suml_pipeline.encode_labels(r.labels, tuple(config.model.ego_num_classes), ego_label_kind(config),
                                             f"ego record '{r.video_id}'") for r in batch]
     ids += [r.video_id for r in batch]
   per_head = [np.concatenate([chunk[h] for chunk in logits]) for h in range(len(logits[0]))]
   return per_head, np.stack(targets), ids
 
 
-def evaluate(config, workdir: str, output: str | None = None) -> dict:
-  """Stage (c): evaluates the newest checkpoint of `config.eval.checkpoint` (default: `workdir`) on
-  `config.eval.records` (default: the ego manifest converted into the workdir) and writes JSON."""
+def ego_label_kind(config) -> str:
+  """`data.ego_label_kind` ('single' | 'multi_label'; `data.ego_labels` in configs from before that name)."""
+  return config.data.get("ego_label_kind", None) or config.data.get("ego_labels", "single")
+
+
+def eval_settings(config):
+  """`config.eval` over the defaults (records '': the ego manifest converted into the workdir; batch 32)."""
+  given = config.get("eval", None)
+  return {"records": "", "checkpoint": "", "batch_size": 32, **(given.to_dict() if given is not None else {})}
+
+
+def evaluate(config, workdir: str, output: str | None = None, step: int | None = None) -> dict:
+  """Stage (c): evaluates the newest checkpoint (or `step`) of `workdir` on `eval.records` (default: the ego
+  manifest converted into the workdir) and writes JSON. `config` None: the run's saved config; given, it is
+  checked against that (run_config.resolve). `eval.checkpoint` (deprecated) reads another run's weights."""
   workdir = os.path.abspath(workdir)
+  config = run_config.resolve(workdir, config)
+  settings = eval_settings(config)
+  if settings["checkpoint"]:
+    logging.warning("config eval.checkpoint is deprecated: name the run with --workdir (and --step).")
   model = build_model(config.model)
-  variables, step_dir = load_ego_variables(model, config, config.eval.checkpoint or workdir)
-  pattern = config.eval.records or suml_pipeline.prepare_records(config, workdir, "ego")
-  logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, config.eval.batch_size)
-  result = {"metrics": classification_metrics(logits, targets, config.data.ego_labels), "num_records": len(ids),
-            "checkpoint": step_dir, "records": pattern, "labels": config.data.ego_labels,
+  variables, step_dir = load_ego_variables(model, config, settings["checkpoint"] or workdir, step)
+  pattern = settings["records"] or suml_pipeline.prepare_records(config, workdir, "ego")
+  logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, settings["batch_size"])
+  kind = ego_label_kind(config)
+  result = {"metrics": classification_metrics(logits, targets, kind), "num_records": len(ids),
+            "checkpoint": step_dir, "records": pattern, "labels": kind,
             "protocol": "1 centre clip x 1 centre crop"}
   output = output or os.path.join(workdir, "suml_eval.json")
   with atomic_files.atomic_write(output, "w") as f:
@@ -127,19 +151,26 @@ def evaluate(config, workdir: str, output: str | None = None) -> dict:
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "configs/suml_eval.py[:small]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The SUM-L run (stage (b)) to evaluate.")
-  flags.DEFINE_string("output", None, "JSON file to write; default <workdir>/suml_eval.json.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_string("workdir", None, "Required. The SUM-L run (stage (b)) to evaluate.")
+  config_flags.DEFINE_config_file("config", None, "Optional: configs/suml_eval.py[:arg] with the run's argument; "
+                                  "default <workdir>/config.json, which it must match.", lock_config=False)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_string("output_dir", None, "Folder for suml_eval.json (default: --workdir).")
+  flags.DEFINE_string("output", None, "Deprecated: the JSON file itself (use --output_dir).")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.output)
+  f = flags.FLAGS
+  output = f.output or (os.path.join(f.output_dir, "suml_eval.json") if f.output_dir else None)
+  result = evaluate(f.config, f.workdir, output, f.step)
   print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from egoexo_jax import checkpointing, lr_policy, metrics, monitoring, objectives, processes, run_lock, sharding
+from egoexo_jax import (checkpointing, lr_policy, metrics, monitoring, objectives, processes, run_config, run_lock,
+                        sharding)
 from egoexo_jax.input import pipelines, sources
 from egoexo_jax.models import build_model
 
@@ -337,7 +338,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  changed = run_config.save(config, workdir)  # <workdir>/config.json + commands.txt (process 0); readers use it
+  if changed:
+    logging.warning("This start changes config %s from the previous start of this run.", ", ".join(changed))
+  writer.write_hparams(run_config.flat_hparams(config))  # every config leaf, dotted names
 
   model = build_model(config.model)
   objective = objectives.get_objective(config.objective)

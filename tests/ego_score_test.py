@@ -1,5 +1,6 @@
 """Ego-Score teacher: batched scoring equals per-clip scoring; train -> score -> convert end to end."""
 
+import json
 import os
 import pathlib
 import pickle
@@ -61,9 +62,11 @@ def test_train_classifier_score_and_convert_with_the_scores(tmp_path):
   workdir = tmp_path / "ego_cls"
   run(["main.py", "--config=configs/ego_classifier.py:small", f"--workdir={workdir}", *TINY], tmp_path)
   output = tmp_path / "ego_logits.pkl"
-  result = run(["-m", "egoexo_jax.pseudo_labels.ego_score", "--config=configs/ego_classifier.py:small",
-                f"--workdir={workdir}", f"--records={workdir}/records/train.tfrecord-*", f"--output={output}",
-                f"--probabilities_output={tmp_path / 'ego_probs.pkl'}", *TINY], tmp_path)
+  # The trainer saved its config: --workdir alone names the classifier.
+  assert json.loads((workdir / "config.json").read_text())["model"]["backbone_args"]["width"] == 8
+  result = run(["-m", "egoexo_jax.pseudo_labels.ego_score", f"--workdir={workdir}",
+                f"--records={workdir}/records/train.tfrecord-*", f"--output={output}",
+                f"--probabilities_output={tmp_path / 'ego_probs.pkl'}"], tmp_path)
   assert "scored 17 videos" in result.stdout
   scores = pickle.loads(output.read_bytes())
   probabilities = pickle.loads((tmp_path / "ego_probs.pkl").read_bytes())

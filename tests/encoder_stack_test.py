@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from egoexo_jax import checkpointing
+from egoexo_jax import checkpointing, run_config
 from egoexo_jax.downstream import (anticipation, asformer, c2ftcn, encoder_stack, loop, ltcontext, mstcn, segmentation,
                                    tempagg)
 from egoexo_jax.models import build_model
@@ -102,7 +102,7 @@ def test_gradients_reach_the_encoder(index):
 def test_protocol_settings_are_checked():
   with pytest.raises(ValueError, match="unknown protocol"):
     segmentation.ProtocolSettings("linear").check()
-  with pytest.raises(ValueError, match="needs encoder_config and encoder_checkpoint"):
+  with pytest.raises(ValueError, match="needs encoder_checkpoint"):
     segmentation.ProtocolSettings("finetune").check()
 
 
@@ -121,12 +121,16 @@ def pretrained_run(tmp_path_factory):
   manager = checkpointing.make_manager(str(workdir), max_to_keep=1, async_save=False)
   checkpointing.save(manager, 1, {"params": params, "batch_stats": {}})
   manager.close()
+  run_config.save(config, str(workdir), argv=["main.py"], process_index=0)  # as the trainer does at start
   return str(workdir), params["encoder"]
 
 
 def test_c2ftcn_finetuned_two_view_segmentation_run(tmp_path, pretrained_run):
   workdir, encoder = pretrained_run
-  config = str(DEMO.parent.parent / "configs" / "evgap_pair.py") + ":small"
+  # A config that does not fit the run is refused naming the field; none: the run's saved config.
+  with pytest.raises(run_config.ConfigMismatchError, match=r"in 13 field\(s\): .*model.embed_dim: saved 64, given 512"):
+    encoder_stack.run_config_of(workdir, "configs/evgap_pair.py")
+  config = ""
   results = segmentation.run(
       str(DEMO / "features"), str(DEMO / "segments.csv"), str(DEMO / "split.csv"), str(tmp_path),
       train_views=["ego_0+exo_0"], test_views=["ego_1+exo_2"],

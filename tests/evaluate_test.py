@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from egoexo_jax import checkpointing, evaluate, sharding, train
+from egoexo_jax import checkpointing, cli, evaluate, run_config, sharding, train
 from egoexo_jax.input import convert
 from egoexo_jax.models import build_model
 from testlib import TINY_FLAGS, tiny_finetune_config
@@ -101,6 +101,62 @@ def test_views_combine_by_the_formula_and_batching_keeps_the_order():
     np.testing.assert_array_equal(scores["action"][i], element["views"].reshape(6, -1)[:, :5])
 
 
+def test_an_interrupted_prediction_resumes_from_its_partial_file(tmp_path):
+  """predict() saves every 2 finished records; a run killed after the first save, resumed from the file,
+  ends with the scores of an uninterrupted run and sends only the remaining records through the model."""
+  rng = np.random.default_rng(3)
+  elements = [{"video_id": f"r{i}", "views": rng.integers(0, 255, (3, 2, 4, 4, 3)).astype(np.uint8),
+               "labels": np.array([i % 2, i % 3])} for i in range(5)]
+
+  def forward(views):
+    return {"verb": views.reshape(len(views), -1)[:, :4].astype(np.float32)}
+
+  full_ids, full_labels, full_scores = evaluate.predict(iter(elements), forward, batch_size=4)
+  partial, key = str(tmp_path / "results.partial.npz"), {"step": 7}
+
+  class Killed(Exception):
+    pass
+
+  def save_then_die(scored):
+    evaluate.save_partial(partial, key, scored)
+    raise Killed
+
+  with pytest.raises(Killed):
+    evaluate.predict(iter(elements), forward, batch_size=4, save=save_then_die, save_every=2)
+  done = evaluate.load_partial(partial, key)
+  assert done["ids"] == ["r0", "r1"] and evaluate.load_partial(partial, {"step": 8}) is None  # another checkpoint
+  seen = []
+  rest = [e for e in elements if e["video_id"] not in done["ids"]]
+  ids, labels, scores = evaluate.predict(iter(rest), lambda v: seen.append(len(v)) or forward(v), batch_size=4,
+                                         done=done)
+  assert ids == full_ids and sum(seen) == 3 * 4  # 3 records x 3 views, padded to whole batches of 4
+  np.testing.assert_array_equal(labels, full_labels)
+  np.testing.assert_array_equal(scores["verb"], full_scores["verb"])
+
+
+def test_per_class_numbers_equal_sklearn_and_counting_by_hand():
+  rng = np.random.default_rng(4)
+  labels = np.stack([rng.integers(0, 4, 40), rng.integers(0, 6, 40)], axis=1)
+  labels[:, 0][labels[:, 0] == 3] = 2  # class 3 of 'verb' has no example: AP and recall are null
+  scores = {"verb": rng.uniform(size=(40, 4)), "noun": rng.uniform(size=(40, 6))}
+  per_class = evaluate.per_class_metrics(scores, labels, (("verb", 4), ("noun", 6)), multi_label=False)
+  for i, (name, size) in enumerate((("verb", 4), ("noun", 6))):
+    entry = per_class[name]
+    assert entry["count"] == [int(np.sum(labels[:, i] == k)) for k in range(size)]
+    for k in range(size):
+      positives = labels[:, i] == k
+      if not positives.any():
+        assert entry["ap"][k] is None and entry["top1"][k] is None
+        continue
+      assert entry["ap"][k] == pytest.approx(average_precision_score(positives, scores[name][:, k]), rel=1e-12)
+      assert entry["top1"][k] == pytest.approx(np.mean(scores[name][positives].argmax(axis=1) == k))
+      rank = np.array([np.sum(row > row[k]) for row in scores[name][positives]])
+      assert entry["top5"][k] == pytest.approx(np.mean(rank < 5))
+  hot = (rng.uniform(size=(30, 5)) < 0.3).astype(np.int64)
+  multi = evaluate.per_class_metrics({"action": rng.uniform(size=(30, 5))}, hot, (("action", 5),), multi_label=True)
+  assert multi["action"]["count"] == hot.sum(axis=0).tolist() and "top1" not in multi["action"]
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -129,11 +185,17 @@ def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
   manager.close()
   before = sorted(os.listdir(tmp_path / "checkpoints"))
 
-  output = tmp_path / "results.json"
-  result = run_cli(["--config=configs/finetune_charades_ego.py:small", f"--workdir={tmp_path}",
-                    f"--output={output}", *TINY_FLAGS])
+  run_config.save(config, str(tmp_path), argv=["main.py"], process_index=0)  # what the trainer writes at start
+
+  # --workdir alone: the saved config; --step names the checkpoint.
+  result = run_cli([f"--workdir={tmp_path}", "--step=7", f"--output_dir={tmp_path / 'out'}", "--save_every=1",
+                    "--log_every=1"])
   assert '"checkpoint_step": 7' in result.stdout
+  assert "Evaluated 3/3 records" in result.stderr  # progress lines
+  output = tmp_path / "out" / "results_step7.json"
   results = json.loads(output.read_text())
+  assert not (tmp_path / "out" / "results_step7.partial.npz").exists()  # partial results gone once complete
+  assert results["checkpoint"] == "step" and results["per_class"]["action"]["count"][19] == 1
   assert results["num_records"] == 3 and results["views"]["views_per_record"] == 30 and results["ensemble"] == "max"
   assert results["metrics"]["num_classes_with_positives"] == 3
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before  # read-only
@@ -152,6 +214,19 @@ def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
   # The records came from the shipped test manifest, converted once into the workdir.
   assert (tmp_path / "records" / "eval.json").exists()
   assert convert.read_manifest(str(ROOT / "data/finetune/charades_ego_test_manifest.csv"))[0].video_id == "box"
+
+  # A config that does not fit the run: one line naming the field, exit status 2, nothing evaluated.
+  mismatch = subprocess.run([sys.executable, "-m", "egoexo_jax.evaluate", f"--workdir={tmp_path}",
+                             "--config=configs/finetune_charades_ego.py:small", *TINY_FLAGS,
+                             "--config.model.backbone_args.width=16", "--step=99"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+  assert mismatch.returncode == cli.EXIT_USER_ERROR
+  last = mismatch.stderr.strip().splitlines()[-1]
+  assert last.startswith("evaluate.py: error: the given config differs from") and \
+      "model.backbone_args.width: saved 8, given 16" in last
+  missing = subprocess.run([sys.executable, "-m", "egoexo_jax.evaluate", f"--workdir={tmp_path}", "--step=99"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert missing.returncode == cli.EXIT_USER_ERROR and "no checkpoint of step 99" in missing.stderr
 
 
 def test_a_checkpoint_of_another_num_classes_is_a_one_line_error_naming_the_parameter(tmp_path):

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from egoexo_jax import checkpointing, train
+from egoexo_jax import checkpointing, run_config, train
+from egoexo_jax.downstream import extract
 from egoexo_jax.input import feature_pipeline, feature_records, records
 from egoexo_jax.models import build_model
 from egoexo_jax.objectives import evgap as evgap_objective
@@ -318,6 +319,8 @@ def test_paper_settings_of_both_steps():
     load_config("evgap_group", "small,sig")
   assert train.parse_init_from(group.init_from) == {"encoder": ("runs/evgap_pair", "encoder"),
                                                     "heads": ("runs/evgap_pair", "heads")}
+  group.pair_workdir = "runs/another_pair"  # step 1's run is named by one field; init_from follows it
+  assert train.parse_init_from(group.init_from)["encoder"] == ("runs/another_pair", "encoder")
   with pytest.raises(ValueError, match="unknown config argument 'tiny'"):
     load_config("evgap_pair", "tiny")
 
@@ -351,3 +354,11 @@ def test_step_1_then_step_2_through_the_trainer(demo_prefix, tmp_path):
   assert abs(float(group_state.params["group_log_scale"]) - np.log10(1 / 0.7)) < 5e-3
   saved = checkpointing.latest_step_dir(str(tmp_path / "group"))
   assert saved.endswith("4")
+  # Extraction from the group run's workdir alone: the config it saved at start.
+  manifest = tmp_path / "views.csv"
+  rows = (DEMO / "views.csv").read_text().splitlines()
+  manifest.write_text("\n".join(rows[:1] + [r.replace("features/", f"{DEMO}/features/") for r in rows[1:]
+                                            if r.startswith(("tree_r0,ego_0", "tree_r0,exo_1"))]) + "\n")
+  written = extract.extract_manifest(run_config.resolve(str(tmp_path / "group"), None), str(tmp_path / "group"),
+                                     str(manifest), str(tmp_path / "features"))
+  assert np.load(written[0]).shape[1] == 8  # the encoder's width, read back from <workdir>/config.json

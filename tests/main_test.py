@@ -1,5 +1,6 @@
 """main.py end to end, as a user runs it: converts the shipped clips, trains, checkpoints, resumes."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -30,8 +31,12 @@ def test_main_converts_the_shipped_data_trains_and_resumes(tmp_path):
   assert (tmp_path / "records" / "train.json").exists()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   assert list(tmp_path.glob("events.out.tfevents.*"))
+  saved = json.loads((tmp_path / "config.json").read_text())  # the resolved config, for the readers
+  assert saved["objective"] == "egoexo" and saved["num_train_steps"] == 2
 
   second = run_main(tmp_path)  # same workdir: resumes at the last step, converts nothing, trains nothing
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resumed from step 2" in second.stderr
   assert "Converting" not in second.stderr and "step 2/2  loss" not in second.stderr
+  commands = (tmp_path / "commands.txt").read_text().splitlines()  # one line per start
+  assert len(commands) == 2 and all("main.py --config=" in line for line in commands)

@@ -19,7 +19,7 @@ from configs import recipe_suml
 from configs import suml as suml_config
 from configs import suml_eval as suml_eval_config
 from configs import suml_exo as suml_exo_config
-from egoexo_jax import sharding, suml_eval, train
+from egoexo_jax import run_config, sharding, suml_eval, train
 from egoexo_jax.input import suml_pipeline
 from egoexo_jax.models import build_model
 from egoexo_jax.models import suml as suml_model
@@ -435,8 +435,12 @@ def test_two_stage_run_on_the_shipped_clips_then_ego_evaluation(suml_records, tm
   assert not np.allclose(state_a.params["exo_head_0"]["linear"]["kernel"],
                          state_b.params["exo_head_0"]["linear"]["kernel"])
 
+  # (c) from the workdir alone (the config stage (b) saved); a config without (b)'s overrides names them.
   stage_c = shrink(suml_eval_config.get_config("small"), suml_records)
-  result = suml_eval.evaluate(stage_c, str(tmp_path / "b"))
+  with pytest.raises(run_config.ConfigMismatchError, match=r"model.freeze_exo_backbone: saved true, given false; "
+                                                           r"optimizer.frozen: saved \["):
+    suml_eval.evaluate(stage_c, str(tmp_path / "b"))
+  result = suml_eval.evaluate(None, str(tmp_path / "b"))
   assert result["num_records"] == 9 and 0.0 <= result["metrics"]["top1"] <= 1.0
   assert result["checkpoint"].endswith(os.path.join("checkpoints", "2"))
   assert json.loads((tmp_path / "b" / "suml_eval.json").read_text()) == result

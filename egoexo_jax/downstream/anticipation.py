@@ -166,6 +166,7 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
 
 def _define_flags() -> None:
   loop.define_data_flags()
+  flags.adopt_module_key_flags(loop)  # --help lists the required data flags defined there
   segmentation.define_protocol_flags()
   flags.DEFINE_enum("model", "tempagg", MODELS, "Anticipation model (tempagg: EVGAP's and Assembly101's).")
   flags.DEFINE_float("fps", 30.0, "Frames per second of the features.")
@@ -205,4 +206,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)

@@ -14,6 +14,8 @@ is the concatenation of the two views' encodings, as for frozen features.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import flax.linen as nn
@@ -70,6 +72,20 @@ def load_pretrained(params: Any, checkpoint: str) -> Any:
   """`params` of an EncoderStack with its 'encoder' replaced by the checkpoint's (shapes checked)."""
   params, _ = checkpointing.load_backbone(checkpoint, params, {}, subtree="encoder", source_subtree="encoder")
   return params
+
+
+def run_config_of(workdir: str, config_path: str = "") -> ml_collections.ConfigDict:
+  """The pre-training run's config: <workdir>/config.json (a run's checkpoints/ or step folder: the workdir
+  above it), or `config_path` checked against it (egoexo_jax/run_config.py); `config_path` alone for a run
+  that saved none."""
+  from egoexo_jax import cli, run_config  # pylint: disable=g-import-not-at-top
+  given = load_config(cli.find_config_file(config_path)) if config_path else None
+  folder = os.path.abspath(workdir)
+  if os.path.basename(os.path.dirname(folder)) == "checkpoints":  # a step folder
+    folder = os.path.dirname(folder)
+  if os.path.basename(folder) == "checkpoints":
+    folder = os.path.dirname(folder)
+  return run_config.resolve(folder, given)
 
 
 def load_config(config_path: str) -> ml_collections.ConfigDict:

@@ -1,7 +1,11 @@
 """Per-frame features from a trained EVGAP encoder, one .npy per recording and view.
 
-    python -m egoexo_jax.downstream.extract --config=configs/evgap_group.py:small \
-        --checkpoint=runs/evgap_group_small --manifest=data/evgap/views.csv --output_dir=runs/evgap_features
+    python -m egoexo_jax.downstream.extract --workdir=runs/evgap_group_small --manifest=data/evgap/views.csv \
+        --output_dir=runs/evgap_features
+
+The encoder's config is the one its run saved (<workdir>/config.json); --config is optional and must match it
+(egoexo_jax/run_config.py); an export folder or a run from before configs were saved needs --config.
+--step picks a checkpoint of the run (default: the newest). --checkpoint is a deprecated alias of --workdir.
 
 Reads the view manifest of the pre-training data (feature_records.read_view_manifest: recording, view,
 kind, path[, fps]) and writes `<output_dir>/<recording>/<view>.npy`, float32 (T, width), the layout the
@@ -114,27 +118,45 @@ def extract_manifest(config, checkpoint: str, manifest: str, output_dir: str, *,
 
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "The pre-training config (path[:arg]) the checkpoint was made with.")
-  flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ folder or step folder holding the encoder.")
+  flags.DEFINE_string("workdir", None, "Required. The run holding the encoder: a workdir, its checkpoints/ folder, "
+                      "a step folder or an export folder.")
+  config_flags.DEFINE_config_file("config", None, "Optional: the pre-training config (path[:arg]); default "
+                                  "<workdir>/config.json, which it must match.")
+  flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the newest).")
+  flags.DEFINE_string("checkpoint", None, "Deprecated alias of --workdir.")
   flags.DEFINE_string("subtree", "encoder", "Name of the encoder's parameter subtree in the checkpoint.")
-  flags.DEFINE_string("manifest", None, "View manifest CSV (recording,view,kind,path[,fps]) of the input features.")
-  flags.DEFINE_string("output_dir", None, "Output folder: <recording>/<view>.npy.")
+  flags.DEFINE_string("manifest", None, "Required. View manifest CSV (recording,view,kind,path[,fps]) of the input "
+                      "features.")
+  flags.DEFINE_string("output_dir", None, "Required. Output folder: <recording>/<view>.npy.")
   flags.DEFINE_enum("mode", "tokens", MODES,
                     "Per-frame tokens of consecutive windows, or centred windows' class tokens.")
   flags.DEFINE_integer("layer", -1, "Layer whose class token is used in 'class' mode.")
   flags.DEFINE_integer("batch_windows", 256, "Windows per encoder call.")
-  flags.mark_flags_as_required(["config", "checkpoint", "manifest", "output_dir"])
+  flags.mark_flags_as_required(["manifest", "output_dir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from egoexo_jax import run_config  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
-  written = extract_manifest(f.config, f.checkpoint, f.manifest, f.output_dir, subtree=f.subtree, mode=f.mode,
+  if bool(f.workdir) == bool(f.checkpoint):
+    raise app.UsageError("name the run holding the encoder with --workdir (once; --checkpoint is its old name)")
+  if f.checkpoint:
+    logging.warning("--checkpoint is deprecated: use --workdir.")
+  workdir = f.workdir or f.checkpoint
+  config = run_config.resolve(workdir, f.config)
+  source = workdir if f.step is None else os.path.join(workdir, "checkpoints", str(f.step))
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"no checkpoint at {source}")
+  written = extract_manifest(config, source, f.manifest, f.output_dir, subtree=f.subtree, mode=f.mode,
                              layer=f.layer, batch_windows=f.batch_windows)
   print(f"wrote {len(written)} feature files under {f.output_dir}")
 
 
 if __name__ == "__main__":
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
-  app.run(main)
+  cli.run(main)

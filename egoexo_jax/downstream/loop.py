@@ -63,10 +63,10 @@ def define_data_flags() -> None:
   """The flags both downstream CLIs share, the first four required: features, annotations, split, output
   folder, and the views to train and test on."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("features_dir", None, "Folder of <recording>/<view>.npy per-frame features.")
-  flags.DEFINE_string("segments", None, "Segments CSV: recording,start_frame,end_frame,action,verb,object.")
-  flags.DEFINE_string("split", None, "Split CSV: recording,split (train/val/test).")
-  flags.DEFINE_string("output_dir", None, "Where best.msgpack and results.json go.")
+  flags.DEFINE_string("features_dir", None, "Required. Folder of <recording>/<view>.npy per-frame features.")
+  flags.DEFINE_string("segments", None, "Required. Segments CSV: recording,start_frame,end_frame,action,verb,object.")
+  flags.DEFINE_string("split", None, "Required. Split CSV: recording,split (train/val/test).")
+  flags.DEFINE_string("output_dir", None, "Required. Where best.msgpack and results.json go.")
   flags.DEFINE_list("train_views", [], "Views to train and validate on (default: all).")
   flags.DEFINE_list("test_views", [], "Views to test on (default: the train views); a held-out view = novel view.")
   flags.mark_flags_as_required(["features_dir", "segments", "split", "output_dir"])

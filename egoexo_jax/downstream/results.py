@@ -170,4 +170,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("output_dir", "", "Where results_table.md and results_table.json go (default: --runs_dir).")
   flags.DEFINE_string("view_manifest", "", "Optional recording,view,kind manifest naming each view's kind.")
   flags.mark_flags_as_required(["runs_dir"])
-  app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)

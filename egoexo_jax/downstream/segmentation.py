@@ -3,8 +3,7 @@
 
     python -m egoexo_jax.downstream.segmentation --features_dir=runs/evgap_features \
         --segments=data/evgap/segments.csv --split=data/evgap/split.csv --output_dir=runs/segmentation \
-        [--model=c2ftcn|asformer|ltcontext|mstcn] [--protocol=frozen|finetune --encoder_config=configs/evgap_group.py:small \
-         --encoder_checkpoint=runs/evgap_group_small]
+        [--model=c2ftcn|asformer|ltcontext|mstcn] [--protocol=frozen|finetune --encoder_checkpoint=runs/evgap_group_small]
     # novel view: train on four views, test on the held-out fifth
     python -m egoexo_jax.downstream.segmentation ... --train_views=ego_0,ego_1,exo_0,exo_1 --test_views=exo_2
     # two-view input (views.py): an ego and an exo view side by side
@@ -71,15 +70,16 @@ class ProtocolSettings:
   """'frozen': the task model on the given features; 'finetune': the EVGAP encoder under it (encoder_stack)."""
 
   protocol: str = "frozen"
-  encoder_config: str = ""  # 'configs/evgap_group.py:small': the pre-training run's config
-  encoder_checkpoint: str = ""  # its workdir (or checkpoints/ or a step folder)
+  encoder_config: str = ""  # 'configs/evgap_group.py:small'; '': the run's saved <workdir>/config.json
+  encoder_checkpoint: str = ""  # the pre-training run's workdir (or checkpoints/ or a step folder)
   window_frames: int = 0  # encoder window; 0: the config's data.window_frames (EVGAP's w1)
 
   def check(self) -> None:
     if self.protocol not in encoder_stack.PROTOCOLS:
       raise ValueError(f"unknown protocol '{self.protocol}': use one of {encoder_stack.PROTOCOLS}")
-    if self.protocol == "finetune" and not (self.encoder_config and self.encoder_checkpoint):
-      raise ValueError("protocol 'finetune' needs encoder_config and encoder_checkpoint")
+    if self.protocol == "finetune" and not self.encoder_checkpoint:
+      raise ValueError("protocol 'finetune' needs encoder_checkpoint (the pre-training run; its saved config is "
+                       "used, or encoder_config checked against it)")
 
 
 def stack(head: nn.Module, protocol: ProtocolSettings, num_views: int) -> tuple[nn.Module, dict]:
@@ -87,10 +87,11 @@ def stack(head: nn.Module, protocol: ProtocolSettings, num_views: int) -> tuple[
   protocol.check()
   if protocol.protocol == "frozen":
     return head, {"protocol": "frozen"}
-  config = encoder_stack.load_config(protocol.encoder_config)
+  config = encoder_stack.run_config_of(protocol.encoder_checkpoint, protocol.encoder_config)
   window = protocol.window_frames or config.data.window_frames
   model = encoder_stack.EncoderStack(encoder_stack.encoder_from_config(config), head, window, num_views)
-  return model, {"protocol": "finetune", "encoder_config": protocol.encoder_config, "window_frames": window,
+  config_source = protocol.encoder_config or "<encoder_checkpoint>/config.json"
+  return model, {"protocol": "finetune", "encoder_config": config_source, "window_frames": window,
                  "encoder_checkpoint": os.path.abspath(protocol.encoder_checkpoint)}
 
 
@@ -232,7 +233,8 @@ def define_protocol_flags() -> None:
   """--protocol, --encoder_config, --encoder_checkpoint, --window_frames, --label (both CLIs)."""
   flags.DEFINE_enum("protocol", "frozen", encoder_stack.PROTOCOLS,
                     "frozen: train on --features_dir; finetune: the EVGAP encoder under the task model.")
-  flags.DEFINE_string("encoder_config", "", "finetune: the pre-training config, e.g. configs/evgap_group.py:small.")
+  flags.DEFINE_string("encoder_config", "", "finetune, optional: the pre-training config, e.g. "
+                      "configs/evgap_group.py:small (default: <encoder_checkpoint>/config.json, which it must match).")
   flags.DEFINE_string("encoder_checkpoint", "", "finetune: the pre-training run (workdir or checkpoint folder).")
   flags.DEFINE_integer("window_frames", 0, "finetune: encoder window (0: the config's data.window_frames).")
   flags.DEFINE_string("label", "", "Row name in the results table (default: from protocol and features).")
@@ -245,6 +247,7 @@ def protocol_from_flags() -> ProtocolSettings:
 
 def _define_flags() -> None:
   loop.define_data_flags()
+  flags.adopt_module_key_flags(loop)  # --help lists the required data flags defined there
   define_protocol_flags()
   flags.DEFINE_enum("model", "mstcn", MODELS, "Segmentation model.")
   flags.DEFINE_integer("epochs", 50, "Training epochs.")
@@ -275,4 +278,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)

@@ -395,4 +395,5 @@ if __name__ == "__main__":
   from absl import app as _app  # pylint: disable=g-import-not-at-top
 
   _define_flags()
-  _app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)

@@ -1,7 +1,7 @@
 """Pretrained weights for `egoexo.Model`: PySlowFast and Caffe2 checkpoints, inflated torchvision ResNets.
 
     python -m egoexo_jax.models.import_weights --input=SLOWFAST_8x8_R50.pkl --format=caffe2 \\
-        --backbone=slowfast_r50 --num_classes=400 --output=/models/slowfast_r50_k400
+        --backbone=slowfast_r50 --num_classes=400 --output_dir=/models/slowfast_r50_k400
 
 writes the Orbax checkpoint `<output>/state`, a dict {'params': ..., 'batch_stats': ...} shaped as
 `egoexo.Model(backbone=...)`'s variables, so that `checkpointing.load_backbone(<output>, ...)` and the
@@ -395,7 +395,7 @@ def save_variables(variables: Mapping[str, Any], output_dir: str) -> str:
   """
   output_dir = os.path.abspath(output_dir)  # Orbax needs absolute paths
   if os.path.exists(output_dir):
-    raise FileExistsError(f"{output_dir} exists; remove it or choose another --output")
+    raise FileExistsError(f"{output_dir} exists; remove it or choose another --output_dir")
   temporary = atomic_files.temporary_name(output_dir)
   shutil.rmtree(temporary, ignore_errors=True)
   tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
@@ -455,11 +455,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("backbone", None, f"Architecture, a name of models/backbones.py: {sorted(backbones.BACKBONES)}.")
   flags.DEFINE_integer("num_classes", None, "Action classes of the file's head (checked; default: the file's).")
   flags.DEFINE_string("backbone_args", "{}", "JSON overrides of the backbone preset, as config.model.backbone_args.")
-  flags.DEFINE_string("output", None, "Folder to create; the checkpoint is written to <output>/state.")
+  flags.DEFINE_string("output_dir", None, "Folder to create; the checkpoint is written to <output_dir>/state.")
+  flags.DEFINE_alias("output", "output_dir")  # its earlier name
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "A fine-tuning config (path[:arg]): import a released fine-tuned "
                                   "checkpoint (head{TASK} names) into its model, for egoexo_jax.evaluate --checkpoint.")
-  flags.mark_flags_as_required(["input", "format", "output"])
+  flags.mark_flags_as_required(["input", "format", "output_dir"])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -468,11 +469,12 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if f.config is None and not f.backbone:
     raise app.UsageError("pass --backbone (an egoexo.Model checkpoint) or --config (a fine-tuned checkpoint)")
-  summary = import_file(f.input, f.format, f.backbone, f.output, num_classes=f.num_classes,
+  summary = import_file(f.input, f.format, f.backbone, f.output_dir, num_classes=f.num_classes,
                         backbone_args=json.loads(f.backbone_args), config=f.config)
   print(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top  (one-line user errors, --debug)
+  cli.run(main)

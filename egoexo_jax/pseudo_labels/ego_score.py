@@ -1,7 +1,11 @@
 r"""Ego-Score teacher outputs (Ego-Exo Eq. 1): score videos with a trained ego/exo view classifier.
 
-  python -m egoexo_jax.pseudo_labels.ego_score --config=configs/ego_classifier.py --workdir=runs/ego_cls \
+  python -m egoexo_jax.pseudo_labels.ego_score --workdir=runs/ego_cls \
       --records='/data/k400/train.tfrecord-*' --output=/data/k400/ego_logits.pkl
+
+The classifier's config is the one its run saved (<workdir>/config.json); --config is optional and must
+match it (egoexo_jax/run_config.py). --step picks a checkpoint (default: the newest). --output stays a file
+name: the teacher writes one pickle, the format the converter's --ego_logits reads.
 
 For each record: N = --num_clips clips of T x tau frames placed as PySlowFast's test loader places
 them, each centre-cropped at the config's crop size from the short side `data.min_short_side`;
@@ -96,12 +100,17 @@ def score_records(records_iter: Iterable[records.VideoRecord], logits_fn, config
   return scores
 
 
-def load_classifier(config, workdir: str):
-  """The view classifier's model and inference variables from the newest checkpoint of `workdir`, or from
-  an export folder (python -m egoexo_jax.export) whose model card fits `config`."""
+def load_classifier(config, workdir: str, step: int | None = None):
+  """The view classifier's model and inference variables from the newest checkpoint of `workdir` (or
+  `step`), or from an export folder (python -m egoexo_jax.export) whose model card fits `config`."""
   from egoexo_jax import checkpointing, pretrained, sharding, train  # pylint: disable=g-import-not-at-top
   from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
+  if step is not None:
+    from egoexo_jax import evaluate  # pylint: disable=g-import-not-at-top
+    model, variables, step = evaluate.restore_variables(config, workdir, sharding.make_mesh(1), step=step)
+    logging.info("Ego/exo classifier from %s, step %d.", workdir, step)
+    return model, variables
   if list(config.model.num_classes.values()) != [2]:
     raise ValueError(f"an ego/exo classifier has one head of 2 classes; the config says {config.model.num_classes}")
   if pretrained.is_export(workdir):
@@ -125,8 +134,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  config = f.config
-  model, variables = load_classifier(config, f.workdir)
+  from egoexo_jax import run_config  # pylint: disable=g-import-not-at-top
+  config = run_config.resolve(f.workdir, f.config)  # the run's saved config, or --config checked against it
+  model, variables = load_classifier(config, f.workdir, f.step)
   source = sources.open_records(f.records)
   partial_path = f.output + ".partial"
   done = {}
@@ -151,18 +161,23 @@ def main(argv) -> None:
 def _define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", None, "The classifier's config (configs/ego_classifier.py[:small]).")
-  flags.DEFINE_string("workdir", None, "The classifier's workdir (its newest checkpoint is used).")
-  flags.DEFINE_string("records", None, "Glob of the record shards to score.")
-  flags.DEFINE_string("output", None, "Output pickle {video_id: 2 logits}.")
+  flags.DEFINE_string("workdir", None, "Required. The classifier's workdir (or an export folder of it).")
+  config_flags.DEFINE_config_file("config", None, "Optional: the classifier's config (configs/ego_classifier.py"
+                                  "[:small]); default <workdir>/config.json, which it must match.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_string("records", None, "Required. Glob of the record shards to score.")
+  flags.DEFINE_string("output", None, "Required. Output pickle {video_id: 2 logits} (a file, as the converter's "
+                      "--ego_logits takes).")
   flags.DEFINE_integer("num_clips", 2, "Clips per video whose logits are averaged (Ego-Exo: N = 2).")
   flags.DEFINE_integer("batch_size", 8, "Clips per forward pass.")
   flags.DEFINE_float("temperature", 1.0, "beta of Eq. 1, for --probabilities_output.")
   flags.DEFINE_string("probabilities_output", None, "Optional pickle {video_id: softmax(logits / beta)}.")
   flags.DEFINE_integer("save_every", 100, "Videos between writes of <output>.partial.")
-  flags.mark_flags_as_required(["config", "workdir", "records", "output"])
+  flags.mark_flags_as_required(["workdir", "records", "output"])
 
 
 if __name__ == "__main__":
+  from egoexo_jax import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
-  app.run(main)
+  cli.run(main)
