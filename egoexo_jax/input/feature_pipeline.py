@@ -26,7 +26,7 @@ scenes hold B / G elements; G = 1 draws every scene independently.
 
 Batches are planned per epoch (`EpochPlan`): epoch e shuffles its elements with a generator seeded by
 (seed, e) and cuts them into batches, dropping the remainder. So no element (no scene, no window) is
-ever twice in a batch, which `pipelines.batched_stream`'s repeat-then-batch cannot promise at an epoch
+ever twice in a batch, which `stream.batched_stream`'s repeat-then-batch cannot promise at an epoch
 boundary; a repeated scene would be its own negative. The stream is otherwise built as batched_stream
 builds its: Grain MapDataset over batch numbers -> this host's part of each global batch -> a random
 map seeded by (seed, batch) that reads the records and cuts the windows -> worker processes. It is the
@@ -44,7 +44,7 @@ from absl import logging
 
 from egoexo_jax import processes
 from egoexo_jax.input.feature_records import FeatureRecordSource
-from egoexo_jax.input.pipelines import RECORD_INDEX  # 'record_index': kept on the host, named on a NaN loss
+from egoexo_jax.input.stream import RECORD_INDEX  # 'record_index': kept on the host, named on a NaN loss
 
 PAIR, GROUP = "pair", "group"
 
