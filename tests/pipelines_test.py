@@ -26,20 +26,20 @@ def test_batch_shapes_dtypes_and_masks(real_record_pattern):
   batch = next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)))
   expected = {
       "clips": ((8, 4, 64, 64, 3), np.uint8),
-      "label": ((8,), np.int32),
-      "ego_logits": ((8, 2), np.float32),
+      "labels": ((8,), np.int32),
+      "ego_score_logits": ((8, 2), np.float32),
       "object_logits": ((8, 10), np.float32),
       "interaction_map": ((8, 4, 2, 2, 2), np.float32),
-      "has_ego": ((8,), np.float32),
+      "has_ego_score": ((8,), np.float32),
       "has_object": ((8,), np.float32),
       "has_interaction": ((8,), np.float32),
       "record_index": ((8,), np.int64),  # host-only keys (stream.HOST_KEYS)
       "skipped_records": ((8,), np.int32),
   }
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
-  assert set(batch["label"]) <= {0, 1, 2}
+  assert set(batch["labels"]) <= {0, 1, 2}
   assert batch["clips"].std() > 10  # real pixels, not a blank frame
-  np.testing.assert_array_equal(batch["has_ego"], 1)
+  np.testing.assert_array_equal(batch["has_ego_score"], 1)
   # Record 5 has no detector output: its mask is 0 and its map all zeros; the others carry boxes.
   maps, has = batch["interaction_map"], batch["has_interaction"]
   assert not maps[has == 0].any()
@@ -101,7 +101,7 @@ def test_hosts_get_disjoint_slices_of_each_epoch(real_record_pattern):
   host_items = [[order[process * 3 + i] for i in range(3)] for process in range(2)]  # rows of global batch 0
   assert sorted(host_items[0] + host_items[1]) == list(range(6))  # one epoch, split without overlap
   labels = [next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, process_index=p,
-                                                   process_count=2)))["label"] for p in range(2)]
+                                                   process_count=2)))["labels"] for p in range(2)]
   assert all(len(x) == 3 for x in labels)
   np.testing.assert_array_equal(np.concatenate(labels) % 3,
                                 [source[i].labels[0] for i in host_items[0] + host_items[1]])

@@ -82,8 +82,8 @@ def test_pipeline_pairs_each_ego_clip_with_its_mined_exo_clip(suml_records):
   exo_rows = pairs.pair_indices[ego_rows, 0]  # top-1 partners
   np.testing.assert_array_equal(batch["exo_text"], pairs.exo_embeddings[exo_rows])
   ego_ids, exo_ids = pairs.ego_ids[ego_rows], pairs.exo_ids[exo_rows]
-  assert batch["ego_label"][:, 0].tolist() == [EGO_LABELS[i.split("_")[0]] for i in ego_ids]
-  assert batch["exo_label"][:, 0].tolist() == [EXO_LABELS[i.split("_")[0]] for i in exo_ids]
+  assert batch["ego_labels"][:, 0].tolist() == [EGO_LABELS[i.split("_")[0]] for i in ego_ids]
+  assert batch["exo_labels"][:, 0].tolist() == [EXO_LABELS[i.split("_")[0]] for i in exo_ids]
 
 
 def test_top_k_partners_are_drawn_with_the_per_element_rng(suml_records):
@@ -108,8 +108,8 @@ def test_exo_stage_pipeline_yields_exo_clips_and_labels(suml_records):
   config = suml_exo_config.get_config("small")
   shrink(config, suml_records)
   batch, _ = train.split_host_keys(next(iter(suml_pipeline.make_exo_dataset(config, suml_records[1]))))
-  assert set(batch) == {"exo_clips", "exo_label"} and batch["exo_label"].shape == (8, 1)
-  assert set(batch["exo_label"][:, 0]) <= {0, 1, 2}
+  assert set(batch) == {"exo_clips", "exo_labels"} and batch["exo_labels"].shape == (8, 1)
+  assert set(batch["exo_labels"][:, 0]) <= {0, 1, 2}
 
 
 def test_pairing_errors_name_the_clip_and_the_file(suml_records, tmp_path):
@@ -150,7 +150,7 @@ def test_fpv_only_reads_no_exo_clips_and_no_pair_file(suml_records, tmp_path):
   config = tiny(suml_records, arg="small,fpv_only", **{"data.pairs": "/nonexistent.npz"})
   assert not objective.needs_exo(config) and not objective.needs_text(config)
   dataset = objective.make_train_dataset(config, str(tmp_path), None, process_index=0, process_count=1)
-  assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_label"}
+  assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_labels"}
 
 
 # --------------------------------------------------------------------------- model

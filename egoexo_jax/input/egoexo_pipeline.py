@@ -23,9 +23,10 @@ from egoexo_jax.input.stream import ConfigMismatchError
 class EgoExoTrainTransform(grain.transforms.RandomMap):
   """VideoRecord -> one training example of fixed shapes.
 
-  Output: 'clips' uint8 (T, S, S, 3); 'label' int32; 'ego_logits' (2,) and 'object_logits' (K,)
-  float32; 'interaction_map' float32 (t, h, w, 2) with channels (hand, object); 0/1 float masks
-  'has_ego', 'has_object', 'has_interaction' saying which teacher signals the record carries.
+  Output: 'clips' uint8 (T, S, S, 3); 'labels' int32; 'ego_score_logits' (2,) (the Ego-Score teacher,
+  the record's field 'ego_logits') and 'object_logits' (K,) float32; 'interaction_map' float32
+  (t, h, w, 2) with channels (hand, object); 0/1 float masks 'has_ego_score', 'has_object',
+  'has_interaction' saying which teacher signals the record carries.
   """
 
   heads: labels.Heads  # one head: the action classes
@@ -55,10 +56,10 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
     """The transform itself; rng None gives the deterministic centre clip used for evaluation."""
     self.check(record)
     clip = self.clip.sample(record, rng)
-    example = {"clips": clip.pixels, "label": self._label(record)}
-    for key, size, signal in (("ego_logits", 2, record.ego_logits),
-                              ("object_logits", self.num_object_classes, record.object_logits)):
-      mask_key = "has_" + key.split("_")[0]
+    example = {"clips": clip.pixels, "labels": self._label(record)}
+    for key, mask_key, size, signal in (
+        ("ego_score_logits", "has_ego_score", 2, record.ego_logits),
+        ("object_logits", "has_object", self.num_object_classes, record.object_logits)):
       if signal is None:
         example[key], example[mask_key] = np.zeros(size, np.float32), np.float32(0)
       else:

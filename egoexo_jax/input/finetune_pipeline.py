@@ -1,6 +1,6 @@
 """Fine-tuning inputs: training clips with multi-label or per-head labels, and multi-view test clips.
 
-Label layouts (`config.data.multi_label`, `config.data.label_layout`, `config.model.num_classes`):
+Label layouts (`config.data.label_kind`, `config.data.label_layout`, `config.model.num_classes`):
   multi-label (Charades-Ego): a record's `labels` are class ids of one head; the target is K-hot
       (K,) float32. With `config.data.label_intervals` ({video_id: [[class, start_s, end_s], ...]},
       written by `egoexo_jax.input.annotations`), a training clip's target holds only the classes whose
@@ -40,12 +40,17 @@ def head_sizes(config) -> labels.Heads:
   heads = labels.head_sizes(config.model.num_classes, tuple(config.data.get("label_layout", ()) or ("action",)),
                             key="model.num_classes", layout_key="data.label_layout")
   if label_kind(config) == "multi_label" and len(heads) != 1:
-    raise ValueError(f"config data.multi_label needs exactly one head; data.label_layout is {[h for h, _ in heads]}")
+    raise ValueError(f"config data.label_kind 'multi_label' needs exactly one head; data.label_layout is "
+                     f"{[h for h, _ in heads]}")
   return heads
 
 
 def label_kind(config) -> str:
-  return "multi_label" if config.data.get("multi_label", False) else "single"
+  """config data.label_kind: 'single' (a class per head) or 'multi_label' (labels.LABEL_KINDS)."""
+  kind = config.data.label_kind
+  if kind not in labels.LABEL_KINDS:
+    raise ValueError(f"config data.label_kind is '{kind}': use one of {labels.LABEL_KINDS}")
+  return kind
 
 
 def record_labels(record: records.VideoRecord, heads: labels.Heads, kind: str) -> np.ndarray:

@@ -14,7 +14,7 @@ Pairs (`data.pairs`): a narration pair file (.npz, written by egoexo_jax.pseudo_
 or, for data with true ego-exo pairs (Charades-Ego), a CSV with columns `ego_id,exo_id`; both are read by
 pair_files.load_pair_table.
 
-Labels (`data.ego_labels`, `data.exo_labels`, with `model.<view>_num_classes` = K_0, K_1, ...), encoded by
+Labels (kinds `data.ego_label_kind`, `data.exo_label_kind`, with `model.<view>_num_classes` = K_0, K_1, ...), encoded by
 labels.encode_labels:
   'single'       one class per head, in head order: a record's labels [verb, noun] for heads (97, 300),
                  [action] for one head. Output int32 (H,).
@@ -95,7 +95,7 @@ def id_index(ids: Sequence[str], pattern: str) -> dict[str, int]:
 class PairedTrainTransform(grain.transforms.RandomMap):
   """Ego VideoRecord -> one joint-training example.
 
-  Output: 'ego_clips' uint8 (T, S, S, 3), 'ego_label' (view_labels); with_exo: 'exo_clips', 'exo_label'
+  Output: 'ego_clips' uint8 (T, S, S, 3), 'ego_labels' (view_labels); with_exo: 'exo_clips', 'exo_labels'
   of one of the first `top_k` pseudo-pairs; with_text: 'ego_text' and 'exo_text' float32 (D,). With
   neither (FPV-only), `pairs` may be None: nothing is looked up.
   """
@@ -116,7 +116,7 @@ class PairedTrainTransform(grain.transforms.RandomMap):
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     row = self.pairs.row(record.video_id) if self.with_exo or self.with_text else None
     example = {"ego_clips": self.clip(record, rng),
-               "ego_label": view_labels(record, self.ego_heads, self.ego_label_kind, "ego")}
+               "ego_labels": view_labels(record, self.ego_heads, self.ego_label_kind, "ego")}
     if self.with_text:
       example["ego_text"] = self.pairs.ego_text[row]
     if self.with_exo:
@@ -128,7 +128,7 @@ class PairedTrainTransform(grain.transforms.RandomMap):
         raise PairingError(f"'{self.exo_pattern}' changed since its id index was built: expected '{exo_id}', "
                            f"read '{exo.video_id}'; delete the record_ids-*.json cache")
       example["exo_clips"] = self.clip(exo, rng)
-      example["exo_label"] = view_labels(exo, self.exo_heads, self.exo_label_kind, "exo")
+      example["exo_labels"] = view_labels(exo, self.exo_heads, self.exo_label_kind, "exo")
       if self.with_text:
         example["exo_text"] = self.pairs.exo_text[exo_row]
     return example
@@ -136,7 +136,7 @@ class PairedTrainTransform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class ExoTrainTransform(grain.transforms.RandomMap):
-  """Exo VideoRecord -> {'exo_clips', 'exo_label'} (stage (a): the exo encoder on its own dataset)."""
+  """Exo VideoRecord -> {'exo_clips', 'exo_labels'} (stage (a): the exo encoder on its own dataset)."""
 
   clip: ClipSampler
   exo_heads: labels.Heads
@@ -144,7 +144,7 @@ class ExoTrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"exo_clips": self.clip(record, rng),
-            "exo_label": view_labels(record, self.exo_heads, self.exo_label_kind, "exo")}
+            "exo_labels": view_labels(record, self.exo_heads, self.exo_label_kind, "exo")}
 
 
 # --------------------------------------------------------------------------- datasets
@@ -193,7 +193,7 @@ def make_paired_dataset(config, ego_pattern: str, exo_pattern: str | None, *, wi
   transform = PairedTrainTransform(
       clip=clip_sampler(config), pairs=pairs, exo_source=exo_source, exo_index=exo_index,
       exo_pattern=exo_pattern or "", ego_heads=view_heads(config, "ego"), exo_heads=view_heads(config, "exo"),
-      ego_label_kind=data.ego_labels, exo_label_kind=data.exo_labels,
+      ego_label_kind=data.ego_label_kind, exo_label_kind=data.exo_label_kind,
       top_k=data.pair_top_k, with_exo=with_exo, with_text=with_text)
   return stream.batched_stream(config, ego_source, transform, process_index=process_index,
                                process_count=process_count)
@@ -201,6 +201,6 @@ def make_paired_dataset(config, ego_pattern: str, exo_pattern: str | None, *, wi
 
 def make_exo_dataset(config, exo_pattern: str, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The per-host stage (a) stream: batches of ExoTrainTransform examples."""
-  transform = ExoTrainTransform(clip_sampler(config), view_heads(config, "exo"), config.data.exo_labels)
+  transform = ExoTrainTransform(clip_sampler(config), view_heads(config, "exo"), config.data.exo_label_kind)
   return stream.batched_stream(config, stream.open_train_records(config, exo_pattern), transform,
                                process_index=process_index, process_count=process_count)
