@@ -42,7 +42,8 @@ def test_every_pipeline_draws_the_same_clip_from_the_same_rng():
   record = frame_coded_record()
   expected = sampler(record, np.random.default_rng(3))
   heads = (("action", 3),)
-  pipelines = [egoexo_pipeline.EgoExoTrainTransform(heads, 10, clip=sampler).random_map(record, np.random.default_rng(3)),
+  pipelines = [egoexo_pipeline.EgoExoTrainTransform(heads, 10, clip=sampler).random_map(
+                   record, np.random.default_rng(3)),
                finetune_pipeline.FinetuneTrainTransform(heads, "single", clip=sampler).random_map(
                    record, np.random.default_rng(3)),
                suml_pipeline.ExoTrainTransform(sampler, heads).random_map(record, np.random.default_rng(3))]

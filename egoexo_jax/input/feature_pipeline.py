@@ -21,8 +21,8 @@ recording in a batch are hard negatives), and each window is a scene seen by M e
 (`ego_views_per_group` 4, `exo_views_per_group` 8). A recording with fewer views of a kind gives all of
 them once, in random order, and fills the rest by drawing among them with replacement. Batches of B
 scenes hold B / G elements; G = 1 draws every scene independently.
-  'ego_features' (B, M, w1, C), 'exo_features' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32; 'record_index'
-  (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
+  'ego_features' (B, M, w1, C), 'exo_features' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32;
+  'record_index' (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
 
 Batches are planned per epoch (`EpochPlan`): epoch e shuffles its elements with a generator seeded by
 (seed, e) and cuts them into batches, dropping the remainder. So no element (no scene, no window) is
@@ -212,8 +212,9 @@ class BuildBatch(grain.transforms.RandomMap):
     w1 = self.windows.window_frames
     ego = choose_views(recording.views_of_kind("ego"), self.ego_views, rng)
     exo = choose_views(recording.views_of_kind("exo"), self.exo_views, rng)
-    return {"ego_features": np.stack([resample(recording.features[v], start, span, w1) for v in ego]).astype(self.dtype),
-            "exo_features": np.stack([resample(recording.features[v], start, span, w1) for v in exo]).astype(self.dtype),
+    windows = {name: np.stack([resample(recording.features[v], start, span, w1) for v in views]).astype(self.dtype)
+               for name, views in (("ego_features", ego), ("exo_features", exo))}
+    return {**windows,
             "ego_views": ego.astype(np.int32), "exo_views": exo.astype(np.int32),
             RECORD_INDEX: np.int64(record_index), "window": np.int32(window),
             "start": np.float32(recording.first_frame + start),
