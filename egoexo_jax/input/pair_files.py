@@ -1,8 +1,8 @@
 """The SUM-L pair files: the narration pair file format, and the pair table a pipeline draws partners from.
 
 Narration pair files are written by the teachers (egoexo_jax.pseudo_labels.narration_pairs, with
-label_pairs.py's label rules) and read by the SUM-L pipeline (suml_pipeline.py); the format lives here,
-below the both of them.
+label_pairs.py's label rules) and read by the SUM-L pipeline (suml_pipeline.py); the format lives here, in
+input/, so that the pipeline does not import the teachers' command-line module.
 
 The pair file: one `.npz` file (`np.savez`, no pickled objects: read it with `np.load(path, allow_pickle=False)`
 or `load_pairs(path)`). N ego clips, M exo clips, D embedding dimensions, k pairs per ego clip:

@@ -42,8 +42,9 @@ Decisions worth knowing:
     The padding of a ragged last block is masked to -inf and, since k <= M, is never selected.
   * k > M (more pairs than exo clips) is an error, not a silent shorter row.
   * A text model that is neither a local folder nor reachable on the hub is a one-line error.
-This one module holds the file format, the narration mining and the command line that writes them; the
-label rules and the threshold calibration are label_pairs.py and calibration.py.
+This module holds the narration mining and its command line; the file format is
+egoexo_jax/input/pair_files.py (the pipeline reads it there), the label rules and the threshold calibration
+are label_pairs.py and calibration.py.
 """
 
 from __future__ import annotations
