@@ -88,8 +88,9 @@ def load_ego_variables(model, config, checkpoint: str, step: int | None = None) 
 
 
 def predict(model, variables, source, config, batch_size: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-  """Per-head logits [(N, K_i)], targets (suml_pipeline.encode_labels) and ids of every record of `source`."""
+  """Per-head logits [(N, K_i)], targets (suml_pipeline.view_labels) and ids of every record of `source`."""
   sampler = suml_pipeline.clip_sampler(config)
+  heads = suml_pipeline.view_heads(config, "ego")
   dtype = jnp.dtype(config.model.dtype)
 
   @jax.jit
@@ -104,8 +105,7 @@ def predict(model, variables, source, config, batch_size: int) -> tuple[list[np.
     pad = batch_size - len(batch)  # a fixed batch shape compiles once
     outputs = forward(np.concatenate([clips, np.zeros((pad, *clips.shape[1:]), clips.dtype)]))
     logits.append([np.asarray(head)[:len(batch)] for head in outputs])
-    targets += [suml_pipeline.encode_labels(r.labels, tuple(config.model.ego_num_classes), ego_label_kind(config),
-                                            f"ego record '{r.video_id}'") for r in batch]
+    targets += [suml_pipeline.view_labels(r, heads, ego_label_kind(config), "ego") for r in batch]
     ids += [r.video_id for r in batch]
   per_head = [np.concatenate([chunk[h] for chunk in logits]) for h in range(len(logits[0]))]
   return per_head, np.stack(targets), ids

@@ -144,7 +144,7 @@ def test_pair_batches_hold_whole_groups_of_one_recording(demo_prefix):
   source = feature_records.FeatureRecordSource(demo_prefix)
   group = config.data.windows_per_recording
   for batch in take(iter(feature_pipeline.make_dataset(config, source, "pair")), 3):
-    assert batch["ego"].shape == (16, 8, 128) and batch["exo"].shape == (16, 8, 128)
+    assert batch["ego_features"].shape == (16, 8, 128) and batch["exo_features"].shape == (16, 8, 128)
     for g in range(16 // group):
       rows = slice(g * group, (g + 1) * group)
       assert len(set(batch["record_index"][rows])) == 1  # a group: windows of one recording
@@ -153,8 +153,8 @@ def test_pair_batches_hold_whole_groups_of_one_recording(demo_prefix):
       recording = source[int(batch["record_index"][rows][0])]
       for i in range(g * group, (g + 1) * group):
         assert config.data.window_frames / 2 - 1 <= batch["span"][i] <= 2 * config.data.window_frames
-        check_window(recording, recording.views_of_kind("ego"), batch["ego"][i], batch["start"][i], batch["span"][i], 8)
-        check_window(recording, recording.views_of_kind("exo"), batch["exo"][i], batch["start"][i], batch["span"][i], 8)
+        check_window(recording, recording.views_of_kind("ego"), batch["ego_features"][i], batch["start"][i], batch["span"][i], 8)
+        check_window(recording, recording.views_of_kind("exo"), batch["exo_features"][i], batch["start"][i], batch["span"][i], 8)
     pairs = set(zip(batch["record_index"].tolist(), batch["window"].tolist()))
     assert len(pairs) == 16  # no window twice
 
@@ -164,7 +164,7 @@ def test_group_batches_share_timestamps_and_never_repeat_a_scene(demo_prefix):
   source = feature_records.FeatureRecordSource(demo_prefix)
   iterator = iter(feature_pipeline.make_dataset(config, source, "group"))
   for batch in take(iterator, 6):
-    assert batch["ego"].shape == (8, 4, 8, 128) and batch["exo"].shape == (8, 8, 8, 128)
+    assert batch["ego_features"].shape == (8, 4, 8, 128) and batch["exo_features"].shape == (8, 8, 8, 128)
     assert len(set(zip(batch["record_index"].tolist(), batch["window"].tolist()))) == 8  # 8 distinct scenes
     for s in range(8):
       recording = source[int(batch["record_index"][s])]
@@ -173,7 +173,7 @@ def test_group_batches_share_timestamps_and_never_repeat_a_scene(demo_prefix):
       # The demo has 2 ego and 3 exo views: all are used, the rest drawn again (with replacement).
       assert set(ego) == set(recording.views_of_kind("ego")) and set(exo) == set(recording.views_of_kind("exo"))
       local = int(batch["start"][s]) - recording.first_frame
-      for windows, views in ((batch["ego"][s], ego), (batch["exo"][s], exo)):
+      for windows, views in ((batch["ego_features"][s], ego), (batch["exo_features"][s], exo)):
         for window, view in zip(windows, views):  # every window of the group: the same start and span
           np.testing.assert_array_equal(window, feature_pipeline.resample(recording.features[view], local,
                                                                           int(batch["span"][s]), 8))
@@ -187,7 +187,7 @@ def test_group_batches_hold_consecutive_scenes_of_one_recording_and_skip_held_ou
   iterator = iter(feature_pipeline.make_dataset(config, source, "group", exclude_recordings=held_out))
   seen = set()
   for batch in take(iterator, 8):  # an epoch of the 8 other recordings' first three quarters: 15 elements of 4
-    assert batch["ego"].shape == (8, 4, 8, 128)
+    assert batch["ego_features"].shape == (8, 4, 8, 128)
     for g in range(2):  # as step 1: G = 4 consecutive windows of one recording, hard negatives of each other
       rows = slice(4 * g, 4 * g + 4)
       assert len(set(batch["record_index"][rows])) == 1

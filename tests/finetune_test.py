@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import tiny_config
 from testlib import load_config, tiny_finetune_config
 from egoexo_jax import checkpointing, train
-from egoexo_jax.input import convert, finetune_pipeline, pipelines, records
+from egoexo_jax.input import convert, egoexo_pipeline, finetune_pipeline, records, stream
 from egoexo_jax.models import build_model
 from egoexo_jax.objectives import finetune as finetune_objective
 
@@ -86,7 +86,7 @@ def test_model_has_one_head_per_label_set_and_an_optional_interaction_head():
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), clips, train=False))
   outputs = jax.eval_shape(lambda v: model.apply(v, clips, train=False), variables)
   assert outputs["verb"].shape == (2, 97) and outputs["noun"].shape == (2, 300)
-  assert outputs["interaction"].shape == (2, *pipelines.feature_grid(config), 2)
+  assert outputs["interaction"].shape == (2, *egoexo_pipeline.feature_grid(config), 2)
   assert sorted(variables["params"]) == ["backbone", "interaction_head", "noun_head", "verb_head"]
   charades = build_model(tiny_finetune_config("finetune_charades_ego").model)
   params = jax.eval_shape(lambda: charades.init(jax.random.key(0), clips, train=False))["params"]
@@ -154,8 +154,8 @@ def test_clip_labels_come_from_the_intervals_the_clip_overlaps():
   intervals = {"v": np.array([[3, 0.0, 1.0], [7, 2.0, 4.0], [9, 4.5, 5.0]])}
   record = coded_record(num_frames=50, labels=(3, 7, 9))  # 10 frames/s: frame i at i / 10 s
   heads = finetune_pipeline.head_sizes(config)
-  with_intervals = finetune_pipeline.FinetuneTrainTransform(heads, True, label_intervals=intervals)
-  without = finetune_pipeline.FinetuneTrainTransform(heads, True)
+  with_intervals = finetune_pipeline.FinetuneTrainTransform(heads, "multi_label", label_intervals=intervals)
+  without = finetune_pipeline.FinetuneTrainTransform(heads, "multi_label")
   cases = {(0, 9): [3], (10, 19): [3], (11, 19): [], (15, 35): [7], (38, 44): [7], (40, 46): [7, 9],
            (0, 49): [3, 7, 9]}
   for (first, last), expected in cases.items():
@@ -163,22 +163,22 @@ def test_clip_labels_come_from_the_intervals_the_clip_overlaps():
     assert target.shape == (157,) and target.dtype == np.float32
     assert list(np.flatnonzero(target)) == expected, (first, last)
   assert list(np.flatnonzero(without.clip_labels(record, np.array([0, 9])))) == [3, 7, 9]  # the video's set
-  with pytest.raises(pipelines.ConfigMismatchError, match="record 'w' has no entry"):
+  with pytest.raises(stream.ConfigMismatchError, match="record 'w' has no entry"):
     with_intervals.clip_labels(coded_record(video_id="w"), np.array([0, 1]))
 
 
 def test_per_head_labels_remove_the_concatenated_space_offsets():
   heads = (("verb", 97), ("noun", 300))
   record = coded_record(labels=(5, 97 + 12))
-  np.testing.assert_array_equal(finetune_pipeline.record_labels(record, heads, False), [5, 12])
-  with pytest.raises(pipelines.ConfigMismatchError, match=r"verb label 97 is outside \[0, 97\)"):
-    finetune_pipeline.record_labels(coded_record(labels=(97, 100)), heads, False)
-  with pytest.raises(pipelines.ConfigMismatchError, match=r"noun label 5 is outside \[97, 397\)"):
-    finetune_pipeline.record_labels(coded_record(labels=(3, 5)), heads, False)
-  with pytest.raises(pipelines.ConfigMismatchError, match="config has 2 heads"):
-    finetune_pipeline.record_labels(coded_record(labels=(3,)), heads, False)
-  with pytest.raises(pipelines.ConfigMismatchError, match=r"not all in \[0, 157\)"):
-    finetune_pipeline.record_labels(coded_record(labels=(157,)), (("action", 157),), True)
+  np.testing.assert_array_equal(finetune_pipeline.record_labels(record, heads, "single"), [5, 12])
+  with pytest.raises(stream.ConfigMismatchError, match=r"label 97 of head 0 is outside \[0, 97\), the 'verb' classes"):
+    finetune_pipeline.record_labels(coded_record(labels=(97, 100)), heads, "single")
+  with pytest.raises(stream.ConfigMismatchError, match=r"label 5 of head 1 is outside \[97, 397\), the 'noun' classes"):
+    finetune_pipeline.record_labels(coded_record(labels=(3, 5)), heads, "single")
+  with pytest.raises(stream.ConfigMismatchError, match="config has 2 heads"):
+    finetune_pipeline.record_labels(coded_record(labels=(3,)), heads, "single")
+  with pytest.raises(stream.ConfigMismatchError, match=r"not all in \[0, 157\)"):
+    finetune_pipeline.record_labels(coded_record(labels=(157,)), (("action", 157),), "multi_label")
 
 
 def test_train_examples_have_fixed_shapes_and_maps_in_star_mode():
@@ -189,7 +189,7 @@ def test_train_examples_have_fixed_shapes_and_maps_in_star_mode():
   example = transform.random_map(record, np.random.default_rng(0))
   assert example["clips"].shape == (4, 64, 64, 3) and example["clips"].dtype == np.uint8
   np.testing.assert_array_equal(example["labels"], [23, 13])
-  assert example["interaction_map"].shape == (*pipelines.feature_grid(config), 2)
+  assert example["interaction_map"].shape == (*egoexo_pipeline.feature_grid(config), 2)
   assert example["has_interaction"] == 1 and example["interaction_map"][..., 0].max() == pytest.approx(0.8)
 
 

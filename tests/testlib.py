@@ -164,7 +164,7 @@ def write_records_with_bad_content(real_pattern: str, path) -> dict[int, str]:
   with open(path, "wb") as f:
     for record in real + bad:
       records.write_tfrecord(f, records.encode_example(record))
-  return {6: "label 99 is outside [0, 3)", 7: "field 'hand_boxes': box row 1 (frame 2) has a non-finite value",
+  return {6: "label 99 of head 0 is outside [0, 3)", 7: "field 'hand_boxes': box row 1 (frame 2) has a non-finite value",
           8: "field 'object_logits' has 7 values but the config expects 10",
           9: "field 'object_boxes': box row 2 (frame 2) is inverted"}
 

@@ -12,7 +12,7 @@ the windows stay synchronised.
 Step 1 (pairs): an element is G = `windows_per_recording` (10) consecutive windows of one record, and
 each window becomes an ego-exo pair (one ego and one exo view drawn at random per pair). The other
 pairs of the same recording in the batch are hard negatives. Batches of B pairs hold B / G elements.
-  'ego', 'exo' (B, w1, C); 'record_index' (B,) int64 (into the records' index; the trainer keeps it on
+  'ego_features', 'exo_features' (B, w1, C); 'record_index' (B,) int64 (into the records' index; the trainer keeps it on
   the host and names it when a loss is not finite), 'window' (B,) int32 (the nominal window number);
   'start', 'span' (B,) float32 (the augmented window, in recording frames).
 Step 2 (groups): built as step 1, "the same configuration from the first step": an element is G
@@ -21,12 +21,12 @@ recording in a batch are hard negatives), and each window is a scene seen by M e
 (`ego_views_per_group` 4, `exo_views_per_group` 8). A recording with fewer views of a kind gives all of
 them once, in random order, and fills the rest by drawing among them with replacement. Batches of B
 scenes hold B / G elements; G = 1 draws every scene independently.
-  'ego' (B, M, w1, C), 'exo' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32; 'record_index'
-  (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
+  'ego_features' (B, M, w1, C), 'exo_features' (B, N, w1, C); 'ego_views' (B, M), 'exo_views' (B, N) int32;
+  'record_index' (B,) int64, 'window' (B,) int32; 'start', 'span' (B,) float32.
 
 Batches are planned per epoch (`EpochPlan`): epoch e shuffles its elements with a generator seeded by
 (seed, e) and cuts them into batches, dropping the remainder. So no element (no scene, no window) is
-ever twice in a batch, which `pipelines.batched_stream`'s repeat-then-batch cannot promise at an epoch
+ever twice in a batch, which `stream.batched_stream`'s repeat-then-batch cannot promise at an epoch
 boundary; a repeated scene would be its own negative. The stream is otherwise built as batched_stream
 builds its: Grain MapDataset over batch numbers -> this host's part of each global batch -> a random
 map seeded by (seed, batch) that reads the records and cuts the windows -> worker processes. It is the
@@ -44,7 +44,7 @@ from absl import logging
 
 from egoexo_jax import processes
 from egoexo_jax.input.feature_records import FeatureRecordSource
-from egoexo_jax.input.pipelines import RECORD_INDEX  # 'record_index': kept on the host, named on a NaN loss
+from egoexo_jax.input.stream import RECORD_INDEX  # 'record_index': kept on the host, named on a NaN loss
 
 PAIR, GROUP = "pair", "group"
 
@@ -192,16 +192,17 @@ class BuildBatch(grain.transforms.RandomMap):
   def _pairs(self, recording, record_index: int, first_window: int, rng) -> dict[str, np.ndarray]:
     ego_views, exo_views = recording.views_of_kind("ego"), recording.views_of_kind("exo")
     w1 = self.windows.window_frames
-    out = {k: [] for k in ("ego", "exo", "start", "span", "window")}
+    out = {k: [] for k in ("ego_features", "exo_features", "start", "span", "window")}
     for window in range(first_window, first_window + self.windows_per_element):
       start, span = self._window(recording, window, rng)
       ego, exo = rng.choice(ego_views), rng.choice(exo_views)
-      out["ego"].append(resample(recording.features[ego], start, span, w1))
-      out["exo"].append(resample(recording.features[exo], start, span, w1))
+      out["ego_features"].append(resample(recording.features[ego], start, span, w1))
+      out["exo_features"].append(resample(recording.features[exo], start, span, w1))
       out["start"].append(recording.first_frame + start)
       out["span"].append(span)
       out["window"].append(window)
-    return {"ego": np.stack(out["ego"]).astype(self.dtype), "exo": np.stack(out["exo"]).astype(self.dtype),
+    return {"ego_features": np.stack(out["ego_features"]).astype(self.dtype),
+            "exo_features": np.stack(out["exo_features"]).astype(self.dtype),
             RECORD_INDEX: np.full(self.windows_per_element, record_index, np.int64),
             "window": np.asarray(out["window"], np.int32), "start": np.asarray(out["start"], np.float32),
             "span": np.asarray(out["span"], np.float32)}
@@ -211,8 +212,9 @@ class BuildBatch(grain.transforms.RandomMap):
     w1 = self.windows.window_frames
     ego = choose_views(recording.views_of_kind("ego"), self.ego_views, rng)
     exo = choose_views(recording.views_of_kind("exo"), self.exo_views, rng)
-    return {"ego": np.stack([resample(recording.features[v], start, span, w1) for v in ego]).astype(self.dtype),
-            "exo": np.stack([resample(recording.features[v], start, span, w1) for v in exo]).astype(self.dtype),
+    windows = {name: np.stack([resample(recording.features[v], start, span, w1) for v in views]).astype(self.dtype)
+               for name, views in (("ego_features", ego), ("exo_features", exo))}
+    return {**windows,
             "ego_views": ego.astype(np.int32), "exo_views": exo.astype(np.int32),
             RECORD_INDEX: np.int64(record_index), "window": np.int32(window),
             "start": np.float32(recording.first_frame + start),

