@@ -304,13 +304,15 @@ def global_sum(value: int) -> int:
 def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
                   data_wait: float, extra: dict[str, float] | None = None) -> dict[str, float]:
   """Writes the window's metrics, speed and `extra` scalars (skipped records, memory) to TensorBoard
-  and logs one progress line (console.progress_line); returns the window's metrics."""
+  and logs one progress line (console.progress_line); returns the window's metrics. `window_steps` 0: the
+  window held only the first step, with compilation: its speed is that one step's, and there is no ETA."""
   values = {k: float(v) for k, v in train_metrics.compute().items()}
-  speed = {"steps_per_sec": window_steps / elapsed,
-           "clips_per_sec": window_steps * config.global_batch_size / elapsed,
+  counted = window_steps or 1
+  speed = {"steps_per_sec": counted / elapsed,
+           "clips_per_sec": counted * config.global_batch_size / elapsed,
            "data_wait_fraction": data_wait / elapsed}
   writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed, **(extra or {})}.items()})
-  eta = console.eta_seconds(config.num_train_steps - step, elapsed, window_steps)
+  eta = console.eta_seconds(config.num_train_steps - step, elapsed, window_steps)  # None for window_steps 0
   logging.info("%s", console.progress_line(step, config.num_train_steps, values, eta=eta, extra=extra, **speed))
   return values
 
@@ -408,18 +410,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       window_steps += 1
       report_progress(step)
-      if step == start_step + 1:  # the ETA's window starts after compilation
+      log_now = step % config.log_every_steps == 0 or step == config.num_train_steps
+      if step == start_step + 1:  # the compiled step is not counted in the speed and ETA (write_summary)
         jax.block_until_ready(terms)
         logging.info("Step %d done (compilation included) in %.1f s.", step, time.perf_counter() - tick)
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        window_steps = 0
+        if not log_now:
+          window_start, data_wait = time.perf_counter(), 0.0
 
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      if log_now:
         check_finite(*previous)
         extra = {"skipped_records": global_sum(skipped), **monitoring.memory_metrics()}
         if hasattr(objective, "evaluate"):  # an objective's optional held-out metrics (objectives/__init__.py)
           extra.update(objective.evaluate(model, state.params, config, workdir))
         last_values = write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start,
-                                    max(window_steps, 1), data_wait, extra)
+                                    window_steps, data_wait, extra)
         train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0
 
       state = between_steps(step, state)  # precise BatchNorm statistics, periodic evaluation, best checkpoint
