@@ -6,8 +6,8 @@ matplotlib (Agg, no display) where it needs axes or text (per-class AP, confusio
 - input_clip_images / write_input_clips: a few training clips, a few frames each, with the
   interaction-map targets tinted on them (hand red, object green) and the outline of each map's
   extent on that frame (the rasterised detector boxes' bounding rectangle).
-- per_class_ap / confusion_matrix / save_eval_pictures: evaluation's per-class AP (bars, sorted) and
-  the single-label confusion matrix (rows: true class, normalised per row), as PNG and JSON.
+- confusion_matrix / save_eval_pictures / save_eval_figures: evaluation's per-class AP or accuracy (bars,
+  sorted) and the single-label confusion matrix (rows: true class, normalised per row), as PNG and JSON.
 - timeline_image / save_segmentation: per-frame ground truth above prediction, one colour per class;
   the predictions themselves as .npy.
 - similarity_image / save_similarity: an ego x exo cosine-similarity matrix as a heat map.
@@ -162,7 +162,8 @@ def save_eval_pictures(prefix: str, *, per_class: Mapping[str, float], class_nam
   if class_names is not None:
     names = [class_names[int(n)] if str(n).isdigit() and int(n) < len(class_names) else str(n) for n in names]
   order = np.argsort(-np.nan_to_num(values, nan=-1))
-  written = {"per_class_json": write_json(prefix + "per_class.json", {str(k): float(v) for k, v in per_class.items()})}
+  written = {"per_class_json": write_json(prefix + "per_class.json",  # null: undefined (no positives)
+                                         {str(k): float(v) if np.isfinite(v) else None for k, v in per_class.items()})}
   figure, axes = pyplot.subplots(figsize=(max(4, 0.18 * len(names) + 1), 3))
   axes.bar(np.arange(len(names)), values[order], color="#4878d0")
   axes.set_xticks(np.arange(len(names)))
@@ -184,6 +185,30 @@ def save_eval_pictures(prefix: str, *, per_class: Mapping[str, float], class_nam
     axes.set_title(f"confusion matrix ({len(labels)} clips, rows sum to 1)", fontsize=8)
     figure.colorbar(shown)
     written["confusion_png"] = _save_figure(pyplot, figure, prefix + "confusion.png")
+  return written
+
+
+def save_eval_figures(prefix: str, scores: Mapping[str, np.ndarray], labels: np.ndarray, heads,
+                      multi_label: bool) -> dict[str, str]:
+  """evaluate's pictures from its aggregated scores {head: (N, K)} and labels ((N, K) 0/1 multi-label, or
+  (N, H) one class per head): multi-label, per-class AP (evaluate.average_precision; NaN for classes
+  without positives) in `<prefix>per_class.*`; single-label, per head, per-class accuracy (recall) and the
+  confusion matrix in `<prefix><head>_per_class.*`, `<prefix><head>_confusion.*`. Returns the paths."""
+  from egoexo_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports the trainer)
+  written = {}
+  labels = np.asarray(labels)
+  for i, (name, _) in enumerate(heads):
+    head_scores = np.asarray(scores[name])
+    if multi_label:
+      ap = {str(k): evaluate.average_precision(labels[:, k], head_scores[:, k]) for k in range(labels.shape[1])}
+      out = save_eval_pictures(prefix, per_class=ap, title=f"{name}: per-class AP, mAP {np.nanmean(list(ap.values())):.3f}")
+    else:
+      truth = labels[:, i]
+      correct = head_scores.argmax(-1) == truth
+      accuracy = {str(k): float(correct[truth == k].mean()) for k in np.unique(truth)}
+      out = save_eval_pictures(f"{prefix}{name}_", per_class=accuracy, labels=truth, scores=head_scores,
+                               title=f"{name}: per-class top-1 accuracy (classes present in the labels)")
+    written.update({f"{name}_{k}": v for k, v in out.items()})
   return written
 
 

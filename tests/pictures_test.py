@@ -104,3 +104,14 @@ def test_pair_examples_png(tmp_path):
   path = pictures.save_pair_examples(str(tmp_path / "pairs.examples.png"), pairs)
   with Image.open(path) as image:
     assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_eval_figures_per_head(tmp_path):
+  """Single-label heads: per-class top-1 accuracy by hand and a confusion matrix per head."""
+  scores = {"verb": np.array([[.9, .1], [.2, .8], [.6, .4]]), "noun": np.array([[.1, .9], [.3, .7], [.2, .8]])}
+  labels = np.array([[0, 1], [0, 1], [1, 0]])  # (N, heads): verb, noun
+  written = pictures.save_eval_figures(str(tmp_path / "r_"), scores, labels, (("verb", 2), ("noun", 2)), False)
+  assert json.loads((tmp_path / "r_verb_per_class.json").read_text()) == {"0": 0.5, "1": 0.0}
+  assert json.loads((tmp_path / "r_noun_per_class.json").read_text()) == {"0": 0.0, "1": 1.0}
+  assert json.loads((tmp_path / "r_noun_confusion.json").read_text())["counts"] == [[0, 1], [0, 2]]
+  assert {"verb_confusion_png", "noun_per_class_png"} <= set(written)
