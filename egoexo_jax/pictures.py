@@ -180,6 +180,9 @@ def save_eval_pictures(prefix: str, *, per_class: Mapping[str, float], class_nam
     normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     figure, axes = pyplot.subplots(figsize=(4.5, 4))
     shown = axes.imshow(normalised, cmap="viridis", vmin=0, vmax=1)
+    from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # class indices
+    axes.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(f"confusion matrix ({len(labels)} clips, rows sum to 1)", fontsize=8)
