@@ -351,12 +351,15 @@ def evaluate(config, workdir: str, records: str, output: str | None = None, pred
   with atomic_files.atomic_write(predictions) as f:
     np.savez(f, ids=np.asarray(ids), labels=labels, **{name: s.astype(np.float32) for name, s in scores.items()},
              **{f"{name}_views": v.astype(np.float16) for name, v in view_scores.items()})
+  from egoexo_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib only when evaluating)
+  figures = pictures.save_eval_figures(os.path.splitext(output)[0] + "_", scores, labels,
+                                       finetune_pipeline.head_sizes(config), finetune_pipeline.label_kind(config) == "multi_label")
   views = {**scored["view_args"], "views_per_record": settings.num_clips * settings.num_crops,
            "fully_convolutional": bool(settings.fully_convolutional)}
   which = checkpoint or ("newest" if requested is None else "step")
   results = {"workdir": os.path.abspath(workdir), "checkpoint": which, "checkpoint_step": int(step), "records": pattern,
              "num_records": len(ids), "views": views, "ensemble": settings.ensemble, "metrics": metrics,
-             "per_class": scored["per_class"], "predictions": predictions}
+             "per_class": scored["per_class"], "predictions": predictions, "figures": figures}
   with atomic_files.atomic_write(output, "w") as f:
     json.dump(results, f, indent=2)
     f.write("\n")

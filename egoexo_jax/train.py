@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from egoexo_jax import (checkpointing, lr_policy, metrics, monitoring, objectives, processes, run_config, run_lock,
-                        sharding)
+from egoexo_jax import (checkpointing, console, lr_policy, metrics, monitoring, objectives, processes, run_config,
+                        run_lock, sharding)
 from egoexo_jax.input import pipelines, sources
 from egoexo_jax.models import build_model
 
@@ -68,7 +68,6 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                      f"(num_train_steps is {config.num_train_steps})")
   reference = opt.get("reference_batch_size", 64)
   peak = opt.base_learning_rate * (config.global_batch_size / reference if reference else 1.0)
-  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
   kind = opt.get("schedule", "cosine")
   if kind == "cosine":
     main = optax.cosine_decay_schedule(peak, config.num_train_steps - opt.warmup_steps)
@@ -80,6 +79,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     main = optax.piecewise_constant_schedule(peak, {b: opt.decay_factor for b in boundaries})
   else:
     raise ValueError(f"unknown config optimizer.schedule '{kind}': use 'cosine' or 'steps'")
+  if not opt.warmup_steps:
+    return main  # no zero-length warm-up schedule (optax: "non-positive transition_steps")
+  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
   return optax.join_schedules([warmup, main], [opt.warmup_steps])
 
 
@@ -301,20 +303,19 @@ def global_sum(value: int) -> int:
 
 
 def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
-                  data_wait: float, extra: dict[str, float] | None = None) -> None:
+                  data_wait: float, extra: dict[str, float] | None = None) -> dict[str, float]:
   """Writes the window's metrics, speed and `extra` scalars (skipped records, memory) to TensorBoard
-  and logs one progress line."""
+  and logs one progress line (console.progress_line); returns the window's metrics. `window_steps` 0: the
+  window held only the first step, with compilation: its speed is that one step's, and there is no ETA."""
   values = {k: float(v) for k, v in train_metrics.compute().items()}
-  speed = {"steps_per_sec": window_steps / elapsed,
-           "clips_per_sec": window_steps * config.global_batch_size / elapsed,
+  counted = window_steps or 1
+  speed = {"steps_per_sec": counted / elapsed,
+           "clips_per_sec": counted * config.global_batch_size / elapsed,
            "data_wait_fraction": data_wait / elapsed}
   writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed, **(extra or {})}.items()})
-  eta = (config.num_train_steps - step) / speed["steps_per_sec"]
-  terms = "  ".join(f"{k} {values[k]:.4f}" for k in sorted(values) if k not in ("loss", "learning_rate"))
-  logging.info("step %d/%d  loss %.4f  %s  lr %.4g  %.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds  %s",
-               step, config.num_train_steps, values["loss"], terms, values["learning_rate"], speed["steps_per_sec"],
-               speed["clips_per_sec"], 100 * speed["data_wait_fraction"], eta // 60, eta % 60,
-               "  ".join(f"{k} {v:.4g}" for k, v in sorted((extra or {}).items())))
+  eta = console.eta_seconds(config.num_train_steps - step, elapsed, window_steps)  # None for window_steps 0
+  logging.info("%s", console.progress_line(step, config.num_train_steps, values, eta=eta, extra=extra, **speed))
+  return values
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -334,10 +335,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monitoring.StopSignals) -> TrainState:
   # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
   # images), which the step functions above, the benches and the tests of the step do not need.
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = console.tensorboard_writer(workdir, jax.process_index())  # no second copy of each metric line
   changed = run_config.save(config, workdir)  # <workdir>/config.json + commands.txt (process 0); readers use it
   if changed:
     logging.warning("This start changes config %s from the previous start of this run.", ", ".join(changed))
@@ -366,9 +367,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
     state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
     start_step = 0
     state = initialise_from_checkpoints(state, config, state_shardings)
+  if start_step >= config.num_train_steps:
+    logging.info("%s", console.already_complete(start_step, config.num_train_steps,
+                                                         os.path.join(checkpoints.directory, str(start_step))))
+    checkpoints.close()
+    if hasattr(data_iterator, "close"):
+      data_iterator.close()
+    writer.close()
+    return state
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Objective %s, model %s: %.2fM parameters; mesh %s; global batch %d.", config.objective,
-               config.model.name, param_count / 1e6, dict(mesh.shape), config.global_batch_size)
+  logging.info("%s", console.banner(
+      objective=config.objective, model=config.model.get("name", config.objective), num_params=param_count,
+      mesh=dict(mesh.shape), num_devices=mesh.size,
+      records=config.data.get("train_records", "") or os.path.join(workdir, "records"),
+      num_records=config.data.get("num_train_examples", 0), global_batch_size=config.global_batch_size,
+      num_steps=config.num_train_steps, start_step=start_step, epochs=config.get("epochs", 0.0), workdir=workdir))
+  run_start, last_values = time.perf_counter(), {}
 
   step_fn = make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
@@ -383,6 +397,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
     for step in range(start_step + 1, config.num_train_steps + 1):
       tick = time.perf_counter()
       batch, host = split_host_keys(monitoring.next_batch(data_iterator, batch_timeout_s, step))
+      if step == start_step + 1 and jax.process_index() == 0:  # a few input clips with their targets
+        from egoexo_jax import pictures  # pylint: disable=g-import-not-at-top
+        pictures.write_input_clips(writer, step, batch)
+        logging.info("Compiling the train step (the first step's time is left out of the speed and ETA).")
       batch = sharding.host_batch_to_global(batch, mesh)
       data_wait += time.perf_counter() - tick
       skipped += int(np.sum(host.get(pipelines.SKIPPED_RECORDS, 0)))
@@ -396,14 +414,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       window_steps += 1
       report_progress(step)
+      log_now = step % config.log_every_steps == 0 or step == config.num_train_steps
+      if step == start_step + 1:  # the compiled step is not counted in the speed and ETA (write_summary)
+        jax.block_until_ready(terms)
+        logging.info("Step %d done (compilation included) in %.1f s.", step, time.perf_counter() - tick)
+        window_steps = 0
+        if not log_now:
+          window_start, data_wait = time.perf_counter(), 0.0
 
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      if log_now:
         check_finite(*previous)
         extra = {"skipped_records": global_sum(skipped), **monitoring.memory_metrics()}
         if hasattr(objective, "evaluate"):  # an objective's optional held-out metrics (objectives/__init__.py)
           extra.update(objective.evaluate(model, state.params, config, workdir))
-        write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start, window_steps,
-                      data_wait, extra)
+        last_values = write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start,
+                                    window_steps, data_wait, extra)
         train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0
 
       state = between_steps(step, state)  # precise BatchNorm statistics, periodic evaluation, best checkpoint
@@ -424,4 +449,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
       data_iterator.close()  # stops Grain worker processes
     processes.release_shared_memory()
     writer.flush()
+  best, best_metric = console.read_best(between_steps.best_file)
+  logging.info("%s", console.end_summary(
+      final_metrics=last_values, wall_seconds=time.perf_counter() - run_start,
+      steps_run=config.num_train_steps - start_step, num_steps=config.num_train_steps,
+      last_checkpoint=os.path.join(checkpoints.directory, str(config.num_train_steps)),
+      best_checkpoint=best, best_metric=best_metric))
   return state

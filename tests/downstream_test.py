@@ -121,6 +121,14 @@ def test_segmentation_trains_keeps_the_best_and_tests_a_held_out_view(tmp_path):
   assert saved["best_epoch"] == best["epoch"]
   state = flax.serialization.msgpack_restore((tmp_path / loop.BEST_CHECKPOINT).read_bytes())
   assert "stage_0" in state and "stage_1" in state
+  # Test predictions saved per sequence, one class per feature frame, and a timeline picture of each.
+  saved_predictions = sorted((tmp_path / "predictions").glob("*.npy"))
+  assert len(saved_predictions) == 2 and sorted((tmp_path / "timelines").glob("*.png"))
+  for path in saved_predictions:
+    recording, view = path.stem.split("__")
+    frames = len(np.load(DEMO / "features" / recording / f"{view}.npy"))
+    prediction = np.load(path)
+    assert prediction.shape == (frames,) and 0 <= prediction.min() and prediction.max() < 15
 
 
 # --------------------------------------------------------------------------- anticipation

@@ -6,6 +6,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from egoexo_jax import checkpointing, run_config, train
 from egoexo_jax.downstream import extract
@@ -239,6 +240,8 @@ def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_p
   embeddings, scenes, ego = np.stack(embeddings), np.asarray(scenes), np.asarray(kinds) == "ego"
   want = evgap_objective.group_retrieval_top1(embeddings[ego], scenes[ego], embeddings[~ego], scenes[~ego])
   assert got["heldout_group_top1"] == pytest.approx(want, abs=1e-9)
+  with Image.open(tmp_path / "pictures" / "evgap_heldout_similarity.png") as picture:  # ego rows x exo columns
+    assert picture.size == (8 * min(64, int((~ego).sum())), 8 * min(64, int(ego.sum())))
   assert got["heldout_chance"] == pytest.approx(1 / (scenes.max() + 1)) and scenes.max() + 1 == 23 + 20  # 20: 1-3 windows in each other recording's last quarter
   assert evgap_objective.evaluate(model, params, tiny("evgap_group", demo_prefix, **{"data.heldout_fraction": 0.0}),
                                   str(tmp_path)) == {}

@@ -128,6 +128,7 @@ def test_mine_pairs_end_to_end(tmp_path):
   report = narration_pairs.mine_pairs(ego_csv, exo_csv, output, k=2, chunk_size=2, histogram_all_k=True)
   pairs = pair_files.load_pairs(output)
   assert pairs.k == 2 and "all-MiniLM-L6-v2" in pairs.model
+  assert pathlib.Path(output + ".examples.png").read_bytes()[:8] == PNG_SIGNATURE  # ego narrations, their exo pairs
   assert list(pairs.ego_ids) == [r[0] for r in EGO_ROWS] and list(pairs.exo_ids) == [r[0] for r in EXO_ROWS]
   assert pairs.ego_embeddings.shape == (3, 384) and pairs.exo_embeddings.dtype == np.float32
   assert [p[0] for p in (pairs.pairs_for(i)[0] for i in ("ego_melon", "ego_bike", "ego_dough"))] == [
@@ -143,7 +144,7 @@ def test_mine_pairs_end_to_end(tmp_path):
   assert png == pathlib.Path(f"{output}.hist.png") and png.read_bytes()[:8] == PNG_SIGNATURE
   assert "best-match (top-1) similarity of 3 ego clips" in report.text and "#" in report.text
   assert "all top-2 similarities (6 pairs)" in report.text
-  assert sorted(os.listdir(tmp_path / "out")) == ["pairs.npz", "pairs.npz.hist.png"]  # no temporary files left
+  assert sorted(os.listdir(tmp_path / "out")) == ["pairs.npz", "pairs.npz.examples.png", "pairs.npz.hist.png"]  # no temporary files left
 
 
 def test_command_line(tmp_path):

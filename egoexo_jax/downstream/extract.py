@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from egoexo_jax import atomic_files, checkpointing, pretrained
+from egoexo_jax import atomic_files, checkpointing, pretrained, progress
 from egoexo_jax.input import feature_records
 from egoexo_jax.models import build_model
 from egoexo_jax.models import evgap as evgap_model
@@ -101,7 +101,9 @@ def extract_manifest(config, checkpoint: str, manifest: str, output_dir: str, *,
   """Writes `<output_dir>/<recording>/<view>.npy` for every row of the view manifest; returns the paths."""
   model, params = load_encoder(config, checkpoint, subtree)
   written = []
-  for recording, views in feature_records.read_view_manifest(manifest).items():
+  recordings = feature_records.read_view_manifest(manifest)
+  for recording, views in progress.track(recordings.items(), total=len(recordings), what="recordings",
+                                         desc="extract"):
     features = feature_records.load_views(views, max_length_difference=config.data.get("max_length_difference", 2))
     if features.shape[2] != config.data.feature_dim:
       raise ValueError(f"{views[0].where}: features are {features.shape[2]}-d, config data.feature_dim is "

@@ -34,8 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
+from egoexo_jax import pictures
 from egoexo_jax.downstream import annotations, asformer, c2ftcn, encoder_stack, loop, ltcontext, metrics, mstcn, views
 
 MODELS = ("mstcn", "c2ftcn", "asformer", "ltcontext")
@@ -197,7 +198,8 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
   predict = jax.jit(lambda variables, features, mask: frame_predictions(
       settings, model.apply(variables, features, mask, train=False)))
 
-  def score(trained, sequences):
+  def score(trained, sequences, keep: list | None = None):
+    """Scores; with `keep`, appends (recording__view, truth, prediction) per sequence to it."""
     variables = {"params": trained[0], **trained[1]} if state_given else {"params": trained}
     predictions, truths = [], []
     for sequence in sequences:
@@ -205,6 +207,8 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
       frames = len(sequence.features)
       predictions.append(np.asarray(predict(variables, batch["features"], batch["mask"]))[0, :frames])
       truths.append(batch["labels"][0, :frames])
+      if keep is not None:
+        keep.append((f"{sequence.recording}__{sequence.view}", truths[-1], predictions[-1]))
     scores = metrics.segmentation_scores(predictions, truths)
     scores[SELECTION] = float(np.mean(list(scores.values())))
     return scores
@@ -216,7 +220,11 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
 
   best, history = loop.fit(params, loss_fn, epoch_batches, lambda p: score(p, val), SELECTION, loop_settings,
                            output_dir, model_state=state)
-  test_scores = score(best, test)
+  test_predictions = []
+  test_scores = score(best, test, test_predictions)
+  timelines = pictures.save_segmentation(output_dir, test_predictions, num_classes)  # predictions/*.npy too
+  logging.info("test predictions in %s, timelines (ground truth above prediction) in %s",
+               os.path.join(output_dir, "predictions"), os.path.dirname(timelines[0]) if timelines else "-")
   model_name = MODEL_NAMES[settings.model]
   results = {
       "task": "temporal action segmentation", "model": model_name, "features_dir": os.path.abspath(features_dir),

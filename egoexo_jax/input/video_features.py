@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from egoexo_jax import atomic_files, checkpointing
+from egoexo_jax import atomic_files, checkpointing, progress
 from egoexo_jax.input import csv_rows, sources, transforms
 from egoexo_jax.models import backbones
 
@@ -144,7 +144,7 @@ def extract_records(records: str, output_dir: str, *, arch: str, checkpoint: str
   module, variables = load_backbone(arch, checkpoint, backbone_args, subtree)
   source = sources.open_records(records)
   rows: dict[str, list[tuple[str, str, str, float]]] = {}
-  for index in range(len(source)):
+  for index in progress.track(range(len(source)), what="videos", desc="video features"):
     record = source[index]
     view = charades_ego_view(record.video_id) if charades_ego_pairs else views.get(record.video_id)
     if view is None:

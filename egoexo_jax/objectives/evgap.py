@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from egoexo_jax import losses, sharding
+from egoexo_jax import losses, pictures, sharding
 from egoexo_jax.input import feature_pipeline, feature_records
 
 STEPS = (feature_pipeline.PAIR, feature_pipeline.GROUP)
@@ -206,4 +206,8 @@ def evaluate(model, params, config, workdir: str) -> dict[str, float]:
                                for i in range(0, len(data["windows"]), chunk)])
   ego, scene = data["is_ego"], data["scene"]
   top1 = group_retrieval_top1(embeddings[ego], scene[ego], embeddings[~ego], scene[~ego])
+  if jax.process_index() == 0:  # ego x exo cosine similarities, rows and columns by scene (the newest window's)
+    order_ego, order_exo = np.argsort(scene[ego], kind="stable"), np.argsort(scene[~ego], kind="stable")
+    pictures.save_similarity(os.path.join(workdir, "pictures", "evgap_heldout_similarity.png"),
+                             embeddings[ego][order_ego], embeddings[~ego][order_exo])
   return {"heldout_group_top1": top1, "heldout_chance": 1.0 / (int(scene.max()) + 1)}

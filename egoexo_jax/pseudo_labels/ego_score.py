@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from egoexo_jax import atomic_files
+from egoexo_jax import atomic_files, progress
 from egoexo_jax.input import records, sources, transforms
 
 
@@ -145,7 +145,9 @@ def main(argv) -> None:
       done = pickle.load(fh)
     logging.info("Resuming: %d videos already scored in %s.", len(done), partial_path)
   logits_fn = make_logits_fn(model, variables, jnp.dtype(config.model.dtype))
-  scores = score_records((source[i] for i in range(len(source))), logits_fn, config, num_clips=f.num_clips,
+  records_iter = progress.track((source[i] for i in range(len(source))), total=len(source), what="videos",
+                                desc="ego score")
+  scores = score_records(records_iter, logits_fn, config, num_clips=f.num_clips,
                          batch_size=f.batch_size, done=done, save_every=f.save_every,
                          checkpoint=lambda s: write_pickle(partial_path, s))
   write_pickle(f.output, scores)

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from egoexo_jax import progress
 from egoexo_jax.input import csv_rows
 
 MAX_CANDIDATES = 3  # the release's max_num
@@ -91,7 +92,7 @@ def rule_of(ego: tuple[frozenset, frozenset], exo: tuple[frozenset, frozenset]) 
 def candidates(ego_sets, exo_sets) -> list[dict[str, list[int]]]:
   """Per ego clip, the first MAX_CANDIDATES exo rows of each rule, in exo order."""
   out = []
-  for ego in ego_sets:
+  for ego in progress.track(ego_sets, what="ego clips", desc="label rules"):
     found = {rule: [] for rule in PRIORITY}
     for j, exo in enumerate(exo_sets):
       rule = rule_of(ego, exo)

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from egoexo_jax import atomic_files
+from egoexo_jax import atomic_files, pictures, progress
 from egoexo_jax.input import csv_rows
 from egoexo_jax.input.pair_files import PairFile, save_pairs
 from egoexo_jax.pseudo_labels import calibration
@@ -141,6 +141,8 @@ def embed(model, texts: Sequence[str], batch_size: int = 128, show_progress_bar:
   if batch_size < 1:
     raise ValueError(f"batch_size is {batch_size}; it must be >= 1")
   texts = list(texts)
+  if show_progress_bar is None:  # sentence-transformers' tqdm bar only on a terminal, never into a log file
+    show_progress_bar = progress.is_terminal()
   tick = time.perf_counter()
   vectors = np.asarray(model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar,
                                     convert_to_numpy=True), np.float64)
@@ -391,6 +393,8 @@ def mine_pairs(ego_csv: str, exo_csv: str, output: str, *, k: int = 5, chunk_siz
   histogram_png = histogram_png or f"{output}.hist.png"
   save_histogram_png(histogram_png, similarities[:, 0], all_k=similarities if histogram_all_k else None,
                      num_exo=len(exo_ids), model=model_name, threshold=threshold)
+  examples_png = pictures.save_pair_examples(f"{output}.examples.png", pairs)
+  logging.info("pair examples (ego narration, its mined exo narrations): %s", examples_png)
   best_stats = similarity_stats(similarities[:, 0], threshold)
   parts = [format_histogram(similarities[:, 0], f"best-match (top-1) similarity of {len(ego_ids)} ego clips "
                                                 f"against {len(exo_ids)} exo clips ({model_name})"),

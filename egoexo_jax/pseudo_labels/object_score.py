@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from egoexo_jax import atomic_files
+from egoexo_jax import atomic_files, progress
 from egoexo_jax.input import records as records_lib
 
 NUM_FRAMES = 64  # T of Eq. 3
@@ -297,7 +297,8 @@ def score_records(source: Sequence[records_lib.VideoRecord], model: nn.Module, v
   pending: collections.deque = collections.deque()
   scored = skipped = 0
   start = time.monotonic()
-  with concurrent.futures.ThreadPoolExecutor(decode_threads) as executor:
+  with concurrent.futures.ThreadPoolExecutor(decode_threads) as executor, \
+      progress.Progress(len(source), what="videos", desc="object score") as bar:
 
     def upcoming() -> Iterator[tuple[int, str, list]]:
       nonlocal skipped
@@ -311,6 +312,7 @@ def score_records(source: Sequence[records_lib.VideoRecord], model: nn.Module, v
         seen[record.video_id] = index
         if record.video_id in done:
           skipped += 1
+          bar.update()
           continue
         yield index, record.video_id, _prepare(record, where(index), num_frames, resize_short_side, crop_size,
                                                executor)
@@ -329,6 +331,7 @@ def score_records(source: Sequence[records_lib.VideoRecord], model: nn.Module, v
         frames = np.stack([future.result() for future in futures])
         results[video_id] = unsaved[video_id] = average_logits(classify, frames, batch_size)
         scored += 1
+        bar.update()
         if scored % save_every == 0:
           save()
         if scored % log_every == 0:
