@@ -353,7 +353,8 @@ def evaluate(config, workdir: str, records: str, output: str | None = None, pred
              **{f"{name}_views": v.astype(np.float16) for name, v in view_scores.items()})
   from egoexo_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib only when evaluating)
   figures = pictures.save_eval_figures(os.path.splitext(output)[0] + "_", scores, labels,
-                                       finetune_pipeline.head_sizes(config), finetune_pipeline.label_kind(config) == "multi_label")
+                                       finetune_pipeline.head_sizes(config),
+                                       finetune_pipeline.label_kind(config) == "multi_label")
   views = {**scored["view_args"], "views_per_record": settings.num_clips * settings.num_crops,
            "fully_convolutional": bool(settings.fully_convolutional)}
   which = checkpoint or ("newest" if requested is None else "step")

@@ -1,7 +1,7 @@
 """main.py end to end, as a user runs it: converts the shipped clips, trains, checkpoints, resumes."""
 
-import json
 import io
+import json
 import os
 import pathlib
 import subprocess
