@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 from absl import logging
 
@@ -177,15 +177,4 @@ def tensorboard_writer(workdir: str, process_index: int):
   if process_index > 0:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-
-
-def flat_values(values: Mapping[str, Any]) -> dict[str, float]:
-  """Scalars of a metrics mapping as floats (non-scalars dropped), for end_summary."""
-  out = {}
-  for key, value in values.items():
-    try:
-      out[key] = float(value)
-    except (TypeError, ValueError):
-      continue
-  return out
 

@@ -16,7 +16,7 @@ TINY = ["--config.num_train_steps=2", "--config.optimizer.warmup_steps=1", "--co
         "--config.model.backbone_args.width=8", "--config.model.interaction_channels=16"]
 
 
-MAX_CONSOLE_LINES = 40  # command 1's console for a 2-step run (before issue 18: about 60 lines)
+MAX_CONSOLE_LINES = 40  # command 1's console for this 2-step run: 100 lines before issue 18, 25 after
 
 
 def run_main(workdir):
