@@ -37,9 +37,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from egoexo_jax import atomic_files, checkpointing, processes, sharding, train
+from egoexo_jax import atomic_files, checkpointing, objectives, processes, sharding, train
 from egoexo_jax.input import finetune_pipeline, sources, transforms
-from egoexo_jax.models import build_model
 
 # --------------------------------------------------------------------------- metrics
 
@@ -153,9 +152,10 @@ def restore_variables(config, workdir: str, mesh, checkpoint: str = "") -> tuple
   if pretrained.is_export(workdir):
     model, variables, step = pretrained.load_for_config(workdir, config)
     return model, jax.device_put(variables, sharding.replicated(mesh)), step
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
+  model = objective.model
   optimizer, _ = train.make_optimizer(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, mesh)
+  abstract, _ = train.abstract_state(objective, optimizer, config, mesh)
   if checkpoint not in ("", "best"):
     return model, imported_variables(checkpoint, abstract), 0
   directory = os.path.join(os.path.abspath(workdir), "best" if checkpoint == "best" else "checkpoints")

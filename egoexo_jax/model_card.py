@@ -182,7 +182,7 @@ def read_metrics(workdir: str, up_to_step: int | None = None) -> dict[str, Any]:
 def input_spec(config: ml_collections.ConfigDict, part: str, batch: int) -> dict[str, Any]:
   """What the part eats: shape, dtype and, for video, frames, stride, crop and normalisation."""
   data = config.data
-  if config.model.name == "evgap":
+  if config.objective == "evgap":
     frames = int(data.window_frames)
     return {"kind": "feature windows", "shape": [batch, frames, int(data.feature_dim)], "dtype": "float32",
             "window_frames": frames, "window_stride": int(data.get("window_stride", 0)),
@@ -251,8 +251,9 @@ def _version(package: str) -> str:
 def card_markdown(card: Mapping[str, Any]) -> str:
   """A short human-readable rendering of the card."""
   spec, training, metrics = card["input"], card["training"], card["metrics"]
-  lines = [f"# {card['objective']} / {card['model'].get('name')}: {card['part']}", "",
-           f"- Part: `{card['part']}` of model `{card['model'].get('name')}` ({card['part_description']})"
+  from egoexo_jax import pretrained  # pylint: disable=g-import-not-at-top
+  lines = [f"# {card['objective']} / {pretrained.model_name(card)}: {card['part']}", "",
+           f"- Part: `{card['part']}` of model `{pretrained.model_name(card)}` ({card['part_description']})"
            + (f", backbone `{card['backbone']}` {card['backbone_args'] or ''}" if card.get("backbone") else ""),
            f"- Parameters: {card['num_parameters']:,} ({card['dtype']})",
            f"- Trained: step {training['step']} of {training['num_train_steps']}, global batch "

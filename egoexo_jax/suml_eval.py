@@ -108,7 +108,7 @@ def evaluate(config, workdir: str, output: str | None = None) -> dict:
   """Stage (c): evaluates the newest checkpoint of `config.eval.checkpoint` (default: `workdir`) on
   `config.eval.records` (default: the ego manifest converted into the workdir) and writes JSON."""
   workdir = os.path.abspath(workdir)
-  model = build_model(config.model)
+  model = build_model(config.model, "suml")
   variables, step_dir = load_ego_variables(model, config, config.eval.checkpoint or workdir)
   pattern = config.eval.records or suml_pipeline.prepare_records(config, workdir, "ego")
   logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, config.eval.batch_size)

@@ -1,7 +1,12 @@
-"""The training loop: one trainer; the objective comes from the config.
+"""The training loop: one trainer; the method is an Objective (egoexo_jax/objectives/) resolved once.
 
-Sections: data -> model and optimiser -> sharded state (restored if a checkpoint exists) ->
-jitted step -> loop with logging, checkpoints and a stop on non-finite losses.
+setup(config, workdir) -> Run: the objective and its model, data, optimiser, the state's layout (computed
+once), the state (restored, or initialised sharded), the jitted step. loop(run, stop_signals): steps with
+logging (LogWindow), checks of the loss, evaluation between steps, checkpoints and a stop on signals.
+
+The step (train_step): the trainer applies the objective's model to `objective.model_inputs(batch)` (video
+clips normalised here, BatchNorm statistics updated here: apply_model) and differentiates
+`objective.loss(outputs, batch, ...)`.
 
 Batches come from the objective's Grain stream with a timeout (config.data.batch_timeout_s); their
 host-only keys (pipelines.HOST_KEYS: record ids, skipped-record counts) stay on the host, and name the
@@ -11,6 +16,7 @@ records of a batch whose loss is not finite.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -25,8 +31,9 @@ import optax
 from absl import logging
 
 from egoexo_jax import checkpointing, lr_policy, metrics, monitoring, objectives, processes, run_lock, sharding
-from egoexo_jax.input import pipelines, sources
-from egoexo_jax.models import build_model
+from egoexo_jax.input import pipelines, sources, transforms
+from egoexo_jax.objectives import Objective
+from egoexo_jax.optimizer import make_optimizer
 
 
 @flax.struct.dataclass
@@ -41,45 +48,94 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when a step's loss is NaN or infinite; the message names the step and the terms."""
 
 
-# --------------------------------------------------------------------------- model and optimiser
+# --------------------------------------------------------------------------- model, state and step
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Learning rate per step.
+def apply_model(objective: Objective, params, batch_stats, batch: dict, *, config, rng: jax.Array | None,
+                train: bool = True):
+  """The objective's model on `objective.model_inputs(batch)`, uint8 inputs (video clips) normalised to
+  config.model.dtype. train: dropout from `rng` and updated BatchNorm statistics; returns (outputs,
+  new batch_stats). Otherwise (inference, `rng` unused) returns (outputs, batch_stats)."""
+  inputs = [transforms.normalize_clips(x, jnp.dtype(config.model.dtype)) if x is not None and x.dtype == jnp.uint8
+            else x for x in objective.model_inputs(batch)]
+  variables = {"params": params, "batch_stats": batch_stats}
+  if not train:
+    return objective.model.apply(variables, *inputs, train=False), batch_stats
+  outputs, updates = objective.model.apply(variables, *inputs, train=True, rngs={"dropout": rng},
+                                           mutable=["batch_stats"])
+  return outputs, updates.get("batch_stats", batch_stats)
 
-  With `optimizer.lr_policy` ('cosine', 'steps_with_relative_lrs'): PySlowFast's policy, in epochs when
-  config.epochs > 0 (egoexo_jax/lr_policy.py; resolve_run_length first sets num_train_steps). Otherwise,
-  linear warm-up from `warmup_start_fraction` of the peak to the peak, then `optimizer.schedule`:
-  'cosine' (to zero at num_train_steps; the default) or 'steps' (the peak multiplied by `decay_factor` at
-  each step of `decay_steps`, as EPIC-Kitchens fine-tuning).
 
-  The peak is `base_learning_rate`, scaled linearly with the global batch when
-  `reference_batch_size` (default 64, PySlowFast's convention) is non-zero.
+def step_rngs(objective: Objective, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dropout key, loss key) of a step's key (objectives.Objective.split_rng)."""
+  if objective.split_rng:
+    dropout_rng, loss_rng = jax.random.split(rng)
+    return dropout_rng, loss_rng
+  return rng, rng
+
+
+def init_variables(objective: Objective, config, rng: jax.Array) -> dict:
+  """{'params', 'batch_stats'?}: the model initialised on zero inputs shaped as the objective's example
+  batch (one example; clips as float32)."""
+  example = {k: jnp.zeros(v.shape, jnp.float32 if v.dtype == jnp.uint8 else v.dtype)
+             for k, v in objective.example_batch(config, 1).items()}
+  return objective.model.init({"params": rng, "dropout": rng}, *objective.model_inputs(example), train=False)
+
+
+def init_state(objective: Objective, optimizer, config, rng: jax.Array) -> TrainState:
+  """The initial variables (init_variables) and the optimiser's state."""
+  variables = init_variables(objective, config, rng)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, objective: Objective, optimizer, schedule, config,
+               mesh, rng: jax.Array) -> tuple[TrainState, Any, dict[str, jax.Array]]:
+  """One optimiser step on the global batch. Returns the new state, CLU metrics and the scalars
+  (losses per term, accuracies) of the objective."""
+  dropout_rng, loss_rng = step_rngs(objective, jax.random.fold_in(rng, state.step))
+
+  def loss_fn(params):
+    outputs, batch_stats = apply_model(objective, params, state.batch_stats, batch, config=config, rng=dropout_rng)
+    total, scalars = objective.loss(outputs, batch, config=config, rng=loss_rng, mesh=mesh)
+    return total, (scalars, batch_stats)
+
+  (_, (scalars, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics.train_metrics(scalars, schedule(state.step)), scalars
+
+
+def make_step_fn(objective: Objective, optimizer, schedule, config, mesh, state_shardings):
+  """The jitted, sharded train step: state in `state_shardings`, batch split over `data`, state donated."""
+  step = functools.partial(train_step, objective=objective, optimizer=optimizer, schedule=schedule, config=config,
+                           mesh=mesh, rng=jax.random.key(config.seed + 1))
+  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def abstract_state(objective: Objective, optimizer, config, mesh):
+  """The state's shapes, dtypes and shardings, computed without initialising anything.
+
+  Returns (a pytree of ShapeDtypeStructs carrying the shardings, the pytree of shardings).
   """
-  opt = config.optimizer
-  if opt.get("lr_policy", ""):
-    try:
-      return lr_policy.make_schedule(config, lr_policy.plan(config))
-    except lr_policy.RecordCountUnknown as e:  # restoring for evaluation needs only the optimiser's structure
-      return lr_policy.unresolved_schedule(e)
-  if not 0 <= opt.warmup_steps < config.num_train_steps:
-    raise ValueError(f"config optimizer.warmup_steps ({opt.warmup_steps}) must be in [0, num_train_steps) "
-                     f"(num_train_steps is {config.num_train_steps})")
-  reference = opt.get("reference_batch_size", 64)
-  peak = opt.base_learning_rate * (config.global_batch_size / reference if reference else 1.0)
-  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
-  kind = opt.get("schedule", "cosine")
-  if kind == "cosine":
-    main = optax.cosine_decay_schedule(peak, config.num_train_steps - opt.warmup_steps)
-  elif kind == "steps":
-    boundaries = [int(b) - opt.warmup_steps for b in opt.decay_steps]
-    if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
-      raise ValueError(f"config optimizer.decay_steps {tuple(opt.decay_steps)} must increase and come after "
-                       f"warm-up ({opt.warmup_steps} steps)")
-    main = optax.piecewise_constant_schedule(peak, {b: opt.decay_factor for b in boundaries})
-  else:
-    raise ValueError(f"unknown config optimizer.schedule '{kind}': use 'cosine' or 'steps'")
-  return optax.join_schedules([warmup, main], [opt.warmup_steps])
+  abstract = jax.eval_shape(functools.partial(init_state, objective, optimizer, config), jax.random.key(config.seed))
+  # Parameters and optimiser state fully sharded over `fsdp` (replicated when fsdp = 1); BatchNorm replicated.
+  state_shardings = sharding.train_state_shardings(
+      abstract, mesh, config.mesh.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
+  return checkpointing.abstract_with_shardings(abstract, state_shardings), state_shardings
+
+
+def create_sharded_state(objective: Objective, optimizer, config, mesh, state_shardings=None):
+  """Initialises the state directly in its shardings (no host copy); returns (state, shardings).
+  `state_shardings` from abstract_state when the caller has them (else computed here)."""
+  if state_shardings is None:
+    _, state_shardings = abstract_state(objective, optimizer, config, mesh)
+  init = jax.jit(functools.partial(init_state, objective, optimizer, config), out_shardings=state_shardings)
+  return init(jax.random.key(config.seed)), state_shardings
 
 
 def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -108,118 +164,6 @@ def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_co
   return config
 
 
-def is_normalization_module(name: str) -> bool:
-  """PySlowFast's test, "'bn' in the parameter's name", on one module name of our trees ('bn', 'bn_a',
-  'shortcut_bn', 'bn1', 'BatchNorm_0'), extended to LayerNorm-style names ('norm', 'ln_1')."""
-  tokens = [t.rstrip("0123456789") for t in name.lower().split("_")]
-  return "norm" in name.lower() or "bn" in tokens or "ln" in tokens
-
-
-def weight_decay_mask(weight_decay_on: str):
-  """params -> pytree of bools: which parameters weight decay applies to (make_optimizer)."""
-  if weight_decay_on == "kernels":
-    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  if weight_decay_on == "all_but_batchnorm":
-    def mask(params):
-      return jax.tree_util.tree_map_with_path(
-          lambda path, _: not any(is_normalization_module(str(getattr(k, "key", k))) for k in path[:-1]), params)
-    return mask
-  raise ValueError(f"unknown config optimizer.weight_decay_on '{weight_decay_on}': use 'kernels' or "
-                   "'all_but_batchnorm'")
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimiser of `config.optimizer` and its learning-rate schedule (make_schedule).
-
-  optimizer.name: 'sgd' (default; momentum, nesterov, L2 weight decay added to the gradient, as
-  PySlowFast), 'adam' (beta1, beta2; L2 weight decay when non-zero) or 'adamw' (decoupled weight
-  decay). optimizer.weight_decay_on: 'kernels' (default; arrays of 2 or more dimensions, not BatchNorm,
-  LayerNorm or biases) or 'all_but_batchnorm' (PySlowFast's optimizer: every parameter outside a
-  normalisation layer, biases included; see is_normalization_module). optimizer.frozen lists top-level
-  parameter names (e.g. 'exo_backbone') that receive no updates at all.
-  """
-  opt = config.optimizer
-  schedule = make_schedule(config)
-  decay_mask = weight_decay_mask(opt.get("weight_decay_on", "kernels"))
-  name = opt.get("name", "sgd")
-  if name == "sgd":
-    optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
-                            optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
-  elif name == "adam":
-    optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
-                            optax.adam(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999)))
-  elif name == "adamw":
-    optimizer = optax.adamw(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
-                            weight_decay=opt.weight_decay, mask=decay_mask)
-  else:
-    raise ValueError(f"unknown config optimizer.name '{name}': use 'sgd', 'adam' or 'adamw'")
-  frozen = tuple(opt.get("frozen", ()))
-  if frozen:
-    def labels(params):
-      unknown = sorted(set(frozen) - set(params))
-      if unknown:
-        raise ValueError(f"config optimizer.frozen names {unknown}, which are not top-level parameters "
-                         f"(they are {sorted(params)})")
-      return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "trained", v) for k, v in params.items()}
-    optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
-  return optimizer, schedule
-
-
-def init_state(model, optimizer, config, rng: jax.Array) -> TrainState:
-  variables = objectives.get_objective(config.objective).init_variables(model, config, rng)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
-
-
-# --------------------------------------------------------------------------- step
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimizer, schedule, config, mesh,
-               rng: jax.Array) -> tuple[TrainState, Any, dict[str, jax.Array]]:
-  """One optimiser step on the global batch. Returns the new state, CLU metrics and the scalars
-  (losses per term, accuracies) of the objective."""
-  objective = objectives.get_objective(config.objective)
-  step_rng = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params):
-    return objective.loss(model, params, state.batch_stats, batch, config=config, rng=step_rng, mesh=mesh)
-
-  (_, (scalars, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, metrics.train_metrics(scalars, schedule(state.step)), scalars
-
-
-def make_step_fn(model, optimizer, schedule, config, mesh, state_shardings):
-  """The jitted, sharded train step: state in `state_shardings`, batch split over `data`, state donated."""
-  step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, config=config,
-                           mesh=mesh, rng=jax.random.key(config.seed + 1))
-  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
-                 donate_argnums=0)
-
-
-def abstract_state(model, optimizer, config, mesh):
-  """The state's shapes, dtypes and shardings, computed without initialising anything.
-
-  Returns (a pytree of ShapeDtypeStructs carrying the shardings, the pytree of shardings).
-  """
-  abstract = jax.eval_shape(functools.partial(init_state, model, optimizer, config), jax.random.key(config.seed))
-  # Parameters and optimiser state fully sharded over `fsdp` (replicated when fsdp = 1); BatchNorm replicated.
-  state_shardings = sharding.train_state_shardings(
-      abstract, mesh, config.mesh.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
-  return checkpointing.abstract_with_shardings(abstract, state_shardings), state_shardings
-
-
-def create_sharded_state(model, optimizer, config, mesh):
-  """Initialises the state directly in its shardings (no host copy); returns (state, shardings)."""
-  _, state_shardings = abstract_state(model, optimizer, config, mesh)
-  init = jax.jit(functools.partial(init_state, model, optimizer, config), out_shardings=state_shardings)
-  return init(jax.random.key(config.seed)), state_shardings
-
-
 def parse_init_from(init_from: str) -> dict[str, tuple[str, str]]:
   """`config.init_from` -> {this run's parameter subtree: (checkpoint path, subtree there)}.
 
@@ -241,7 +185,7 @@ def parse_init_from(init_from: str) -> dict[str, tuple[str, str]]:
   return mapping
 
 
-def initialise_from_checkpoints(state: TrainState, config, state_shardings) -> TrainState:
+def initialize_from_checkpoints(state: TrainState, config, state_shardings) -> TrainState:
   """Replaces parameter subtrees (and their BatchNorm statistics) by those of earlier runs, per
   `config.init_from` (parse_init_from). Other parameters, the heads of a new task, stay as initialised."""
   mapping = parse_init_from(config.get("init_from", ""))
@@ -296,23 +240,117 @@ def global_sum(value: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
+# --------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run is made of, built once by setup (and what a start banner or a summary reads)."""
+  config: ml_collections.ConfigDict  # with the run length resolved (resolve_run_length)
+  workdir: str
+  objective: Objective
+  mesh: jax.sharding.Mesh
+  writer: Any  # clu metric writer
+  data_iterator: Any
+  describe_record: Any  # record index -> 'file#n (id ...)', or None
+  checkpoints: checkpointing.CheckpointWriter
+  state: TrainState
+  state_shardings: Any
+  start_step: int
+  step_fn: Any
+  schedule: optax.Schedule
+  param_count: int
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Builds the run: objective, data, optimiser, the state's layout (once), the state (restored from the
+  newest checkpoint, else initialised in its shardings and from `config.init_from`) and the jitted step."""
+  # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
+  # images), which the step functions above, the benches and the tests of the step do not need.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_divisible(config.global_batch_size, mesh)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+
+  objective = objectives.resolve(config)
+  dataset = objective.make_dataset(config, workdir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  data_iterator = iter(dataset)
+  data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
+  config = resolve_run_length(config, workdir)  # epoch-based runs: num_train_steps from the record count
+
+  optimizer, schedule = make_optimizer(config)
+  checkpoints = checkpointing.CheckpointWriter(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                               async_save=config.async_checkpointing, data_stream=data_stream)
+  abstract, state_shardings = abstract_state(objective, optimizer, config, mesh)
+  checkpointing.check_free_space(checkpoints.directory, checkpointing.state_bytes(abstract))
+  restored = checkpointing.restore_latest(checkpoints.manager, abstract, data_stream)
+  if restored is not None:
+    state, start_step = restored
+    logging.info("Resumed from step %d (state and data iterator).", start_step)
+  else:
+    state, _ = create_sharded_state(objective, optimizer, config, mesh, state_shardings)
+    start_step = 0
+    state = initialize_from_checkpoints(state, config, state_shardings)
+  param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+  logging.info("Objective %s: %.2fM parameters; mesh %s; global batch %d.", objective.name, param_count / 1e6,
+               dict(mesh.shape), config.global_batch_size)
+  return Run(config=config, workdir=workdir, objective=objective, mesh=mesh, writer=writer,
+             data_iterator=data_iterator, describe_record=getattr(dataset, "describe_record", None),
+             checkpoints=checkpoints, state=state, state_shardings=state_shardings, start_step=start_step,
+             step_fn=make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings), schedule=schedule,
+             param_count=param_count)
+
+
 # --------------------------------------------------------------------------- loop
 
 
-def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
-                  data_wait: float, extra: dict[str, float] | None = None) -> None:
+class LogWindow:
+  """The steps since the last log line: merged CLU metrics, steps, seconds waiting for data, skipped
+  records. `eta(step)` extrapolates from the windows after the first (which holds the compilation)."""
+
+  def __init__(self, num_train_steps: int):
+    self.num_train_steps, self.steady_steps, self.steady_seconds, self.first = num_train_steps, 0, 0.0, True
+    self.reset()
+
+  def reset(self) -> None:
+    self.metrics, self.steps, self.data_wait, self.skipped, self.start = None, 0, 0.0, 0, time.perf_counter()
+
+  def add(self, step_metrics, data_wait: float, skipped: int) -> None:
+    self.metrics = step_metrics if self.metrics is None else self.metrics.merge(step_metrics)
+    self.steps, self.data_wait, self.skipped = self.steps + 1, self.data_wait + data_wait, self.skipped + skipped
+
+  def close(self) -> float:
+    """Ends the window (call before writing it): its elapsed seconds, counted for the ETA unless first."""
+    elapsed = time.perf_counter() - self.start
+    if not self.first:
+      self.steady_steps, self.steady_seconds = self.steady_steps + self.steps, self.steady_seconds + elapsed
+    self.first = False
+    return elapsed
+
+  def eta(self, step: int) -> float | None:
+    """Seconds to num_train_steps at the speed of the windows after the first; None before there is one."""
+    if not self.steady_steps:
+      return None
+    return (self.num_train_steps - step) * self.steady_seconds / self.steady_steps
+
+
+def write_summary(writer, step: int, config, window: LogWindow, extra: dict[str, float] | None = None) -> None:
   """Writes the window's metrics, speed and `extra` scalars (skipped records, memory) to TensorBoard
   and logs one progress line."""
-  values = {k: float(v) for k, v in train_metrics.compute().items()}
-  speed = {"steps_per_sec": window_steps / elapsed,
-           "clips_per_sec": window_steps * config.global_batch_size / elapsed,
-           "data_wait_fraction": data_wait / elapsed}
+  elapsed = window.close()
+  values = {k: float(v) for k, v in window.metrics.compute().items()}
+  speed = {"steps_per_sec": window.steps / elapsed,
+           "clips_per_sec": window.steps * config.global_batch_size / elapsed,
+           "data_wait_fraction": window.data_wait / elapsed}
   writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed, **(extra or {})}.items()})
-  eta = (config.num_train_steps - step) / speed["steps_per_sec"]
+  eta = window.eta(step)
   terms = "  ".join(f"{k} {values[k]:.4f}" for k in sorted(values) if k not in ("loss", "learning_rate"))
-  logging.info("step %d/%d  loss %.4f  %s  lr %.4g  %.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %dm%02ds  %s",
+  logging.info("step %d/%d  loss %.4f  %s  lr %.4g  %.2f steps/s  %.1f clips/s  data wait %.0f%%  ETA %s  %s",
                step, config.num_train_steps, values["loss"], terms, values["learning_rate"], speed["steps_per_sec"],
-               speed["clips_per_sec"], 100 * speed["data_wait_fraction"], eta // 60, eta % 60,
+               speed["clips_per_sec"], 100 * speed["data_wait_fraction"],
+               "--" if eta is None else f"{int(eta) // 60}m{int(eta) % 60:02d}s",
                "  ".join(f"{k} {v:.4g}" for k, v in sorted((extra or {}).items())))
 
 
@@ -327,88 +365,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = os.path.abspath(workdir)
   lock = run_lock.RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, monitoring.StopSignals() as stop_signals:
-    return _train(config, workdir, stop_signals)
+    run = setup(config, workdir)
+    return loop(run, stop_signals)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monitoring.StopSignals) -> TrainState:
-  # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
-  # images), which the step functions above, the benches and the tests of the step do not need.
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  mesh = sharding.mesh_from_config(config.mesh)
-  sharding.check_batch_divisible(config.global_batch_size, mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-
-  model = build_model(config.model)
-  objective = objectives.get_objective(config.objective)
-  dataset = objective.make_train_dataset(config, workdir, model, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-  data_iterator = iter(dataset)
-  describe_record = getattr(dataset, "describe_record", None)  # names records in NonFiniteLossError
-  data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
-  config = resolve_run_length(config, workdir)  # epoch-based runs: num_train_steps from the record count
-
-  optimizer, schedule = make_optimizer(config)
-  checkpoints = checkpointing.CheckpointWriter(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                               async_save=config.async_checkpointing, data_stream=data_stream)
-  manager = checkpoints.manager
-  abstract, state_shardings = abstract_state(model, optimizer, config, mesh)
-  checkpointing.check_free_space(checkpoints.directory, checkpointing.state_bytes(abstract))
-  restored = checkpointing.restore_latest(manager, abstract, data_stream)
-  if restored is not None:
-    state, start_step = restored
-    logging.info("Resumed from step %d (state and data iterator).", start_step)
-  else:
-    state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
-    start_step = 0
-    state = initialise_from_checkpoints(state, config, state_shardings)
-  param_count = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Objective %s, model %s: %.2fM parameters; mesh %s; global batch %d.", config.objective,
-               config.model.name, param_count / 1e6, dict(mesh.shape), config.global_batch_size)
-
-  step_fn = make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
-  train_metrics, previous = None, None
-  window_start, window_steps, data_wait, skipped = time.perf_counter(), 0, 0.0, 0
-  batch_timeout_s = config.data.get("batch_timeout_s", 0)
-  profile = monitoring.ProfileWindow(config.get("profile_steps", ()), workdir)
+def loop(run: Run, stop_signals: monitoring.StopSignals) -> TrainState:
+  """Trains `run` from its start step to config.num_train_steps; returns the final state."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (TensorFlow: see setup)
   from egoexo_jax import train_eval  # pylint: disable=g-import-not-at-top  (it imports evaluate, which imports train)
-  between_steps = train_eval.TrainingEvaluation(config, workdir, model, mesh, state_shardings)
-
+  config, state, checkpoints, objective = run.config, run.state, run.checkpoints, run.objective
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=run.writer)
+  profile = monitoring.ProfileWindow(config.get("profile_steps", ()), run.workdir)
+  between_steps = train_eval.TrainingEvaluation(config, run.workdir, objective, run.mesh, run.state_shardings)
+  window, previous = LogWindow(config.num_train_steps), None
   try:
-    for step in range(start_step + 1, config.num_train_steps + 1):
+    for step in range(run.start_step + 1, config.num_train_steps + 1):
       tick = time.perf_counter()
-      batch, host = split_host_keys(monitoring.next_batch(data_iterator, batch_timeout_s, step))
-      batch = sharding.host_batch_to_global(batch, mesh)
-      data_wait += time.perf_counter() - tick
-      skipped += int(np.sum(host.get(pipelines.SKIPPED_RECORDS, 0)))
+      batch, host = split_host_keys(monitoring.next_batch(run.data_iterator, config.data.get("batch_timeout_s", 0),
+                                                          step))
+      batch = sharding.host_batch_to_global(batch, run.mesh)
+      data_wait = time.perf_counter() - tick
       profile.before_step(step)
-      state, step_metrics, terms = step_fn(state, batch)
+      state, step_metrics, terms = run.step_fn(state, batch)
       profile.after_step(step, terms)
-      # Check the previous step's loss only now, so the host never stalls the device queue.
-      if previous is not None:
+      if previous is not None:  # the previous step's loss only now, so the host never stalls the device queue
         check_finite(*previous)
-      previous = (step, terms, host.get(pipelines.RECORD_INDEX), describe_record)
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      window_steps += 1
+      previous = (step, terms, host.get(pipelines.RECORD_INDEX), run.describe_record)
+      window.add(step_metrics, data_wait, int(np.sum(host.get(pipelines.SKIPPED_RECORDS, 0))))
       report_progress(step)
+      last = step == config.num_train_steps
 
-      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      if step % config.log_every_steps == 0 or last:
         check_finite(*previous)
-        extra = {"skipped_records": global_sum(skipped), **monitoring.memory_metrics()}
-        if hasattr(objective, "evaluate"):  # an objective's optional held-out metrics (objectives/__init__.py)
-          extra.update(objective.evaluate(model, state.params, config, workdir))
-        write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start, window_steps,
-                      data_wait, extra)
-        train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0
-
+        extra = {"skipped_records": global_sum(window.skipped), **monitoring.memory_metrics()}
+        if objective.evaluate is not None:  # an objective's optional held-out metrics
+          extra.update(objective.evaluate(state.params, config, run.workdir))
+        write_summary(run.writer, step, config, window, extra)
+        window.reset()
       state = between_steps(step, state)  # precise BatchNorm statistics, periodic evaluation, best checkpoint
-
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+      if step % config.checkpoint_every_steps == 0 or last:
         check_finite(*previous)
         checkpoints.save(step, state)
       checkpoints.check()  # a failed async save stops the run now, not one interval later
-      if stop_signals.requested(step) and step < config.num_train_steps:
+      if stop_signals.requested(step) and not last:
         check_finite(*previous)
         checkpoints.save_now(step, state)
         raise stop_signals.stopped(step, checkpoints.directory)
@@ -416,8 +415,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
     profile.close()
     between_steps.close()
     checkpoints.close()  # an async save in flight completes even when training fails
-    if hasattr(data_iterator, "close"):
-      data_iterator.close()  # stops Grain worker processes
+    if hasattr(run.data_iterator, "close"):
+      run.data_iterator.close()  # stops Grain worker processes
     processes.release_shared_memory()
-    writer.flush()
+    run.writer.flush()
   return state

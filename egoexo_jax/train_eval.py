@@ -74,9 +74,9 @@ class TrainingEvaluation:
   """Precise BN and periodic evaluation for one run (module docstring). `__call__(step, state)` returns
   the state, with recomputed batch_stats at evaluation steps and the last step when precise BN is on."""
 
-  def __init__(self, config, workdir: str, model, mesh, state_shardings):
-    self.config, self.workdir, self.model, self.mesh = config, os.path.abspath(workdir), model, mesh
-    self.precise_bn = PreciseBatchNorm(config, workdir, model, mesh, state_shardings)
+  def __init__(self, config, workdir: str, objective, mesh, state_shardings):
+    self.config, self.workdir, self.model, self.mesh = config, os.path.abspath(workdir), objective.model, mesh
+    self.precise_bn = PreciseBatchNorm(config, workdir, objective, mesh, state_shardings)
     self.records = config.data.get("eval_records", "")
     asked = config.get("train_eval", {})
     if not self.records and (asked.get("every_steps", 0) or asked.get("every_epochs", 0)):

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from egoexo_jax import checkpointing, train
+from egoexo_jax import checkpointing, objectives, train
 from egoexo_jax.input import convert, finetune_pipeline, pipelines, records
 from egoexo_jax.models import build_model
+from egoexo_jax.objectives import egoexo as egoexo_objective
 from egoexo_jax.objectives import finetune as finetune_objective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -119,14 +120,14 @@ def test_configs_carry_the_released_recipes():
 
 def test_model_has_one_head_per_label_set_and_an_optional_interaction_head():
   config = tiny_finetune_config(arg="small,star")
-  model = build_model(config.model)
+  model = objectives.resolve(config).model
   clips = jnp.zeros((2, 4, 64, 64, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), clips, train=False))
   outputs = jax.eval_shape(lambda v: model.apply(v, clips, train=False), variables)
   assert outputs["verb"].shape == (2, 97) and outputs["noun"].shape == (2, 300)
-  assert outputs["interaction"].shape == (2, *pipelines.feature_grid(config), 2)
+  assert outputs["interaction"].shape == (2, *egoexo_objective.interaction_grid(model, config), 2)
   assert sorted(variables["params"]) == ["backbone", "interaction_head", "noun_head", "verb_head"]
-  charades = build_model(tiny_finetune_config("finetune_charades_ego").model)
+  charades = objectives.resolve(tiny_finetune_config("finetune_charades_ego")).model
   params = jax.eval_shape(lambda: charades.init(jax.random.key(0), clips, train=False))["params"]
   assert sorted(params) == ["action_head", "backbone"]  # Ego-Exo's names: init_from finds the backbone
 
@@ -152,7 +153,7 @@ def test_fully_convolutional_test_forward_matches_numpy(name="finetune_epic100")
   from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
 
   config = tiny_finetune_config(name)
-  model = build_model(config.model)
+  model = objectives.resolve(config).model
   frames = np.stack(decode_real_frames("cup.mp4", 4, 96))
   views = np.stack([frames[:, :96, :96], frames[:, -96:, -96:]])  # a 96 test crop, training crop 64
   variables = model.init(jax.random.key(1), jnp.zeros((1, 4, 64, 64, 3)), train=False)
@@ -227,7 +228,8 @@ def test_train_examples_have_fixed_shapes_and_maps_in_star_mode():
   example = transform.random_map(record, np.random.default_rng(0))
   assert example["clips"].shape == (4, 64, 64, 3) and example["clips"].dtype == np.uint8
   np.testing.assert_array_equal(example["labels"], [23, 13])
-  assert example["interaction_map"].shape == (*pipelines.feature_grid(config), 2)
+  assert example["interaction_map"].shape == (*egoexo_objective.interaction_grid(build_model(config.model, "finetune"),
+                                                                                  config), 2)
   assert example["has_interaction"] == 1 and example["interaction_map"][..., 0].max() == pytest.approx(0.8)
 
 
@@ -318,8 +320,8 @@ def test_finetune_starts_from_the_pretrained_backbone_with_new_heads(pretrained_
     seen["terms"].append({k: float(v) for k, v in jax.device_get(terms).items()})
     real_check_finite(step, terms, *args)
 
-  real_initialise, real_check_finite = train.initialise_from_checkpoints, train.check_finite
-  monkeypatch.setattr(train, "initialise_from_checkpoints", record_initialisation)
+  real_initialise, real_check_finite = train.initialize_from_checkpoints, train.check_finite
+  monkeypatch.setattr(train, "initialize_from_checkpoints", record_initialisation)
   monkeypatch.setattr(train, "check_finite", record_terms)
   final = train.train_and_evaluate(config, str(tmp_path))  # 3 steps through the one trainer
 

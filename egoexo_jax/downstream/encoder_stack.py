@@ -29,7 +29,7 @@ PROTOCOLS = ("frozen", "finetune")
 
 def encoder_from_config(model_config: ml_collections.ConfigDict) -> SequenceEncoder:
   """The SequenceEncoder of an EVGAP pre-training config's `model` (models/evgap.py's fields)."""
-  if model_config.get("name") != "evgap":
+  if model_config.get("name", "evgap") != "evgap":  # configs before config.objective alone named the model
     raise ValueError(f"the encoder config's model.name is '{model_config.get('name')}', not 'evgap'")
   return SequenceEncoder(width=model_config.width, num_layers=model_config.num_layers,
                          num_heads=model_config.num_heads, mlp_dim=model_config.mlp_dim,
