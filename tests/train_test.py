@@ -399,3 +399,23 @@ def test_too_little_disk_for_one_checkpoint_refuses_to_start_and_a_locked_workdi
             f'"process_start": {parent.create_time()}}}')
   with pytest.raises(run_lock.WorkdirLockedError, match=f"pid {parent.pid}"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+# --------------------------------------------------------------------------- checkpoint compatibility (issue 14)
+
+
+@pytest.mark.parametrize("entry", ["egoexo:small", "finetune_charades_ego:small,star", "suml:small", "evgap_group:small"])
+def test_state_tree_is_the_one_checkpoints_of_c06fec5_hold(entry):
+  """The TrainState's key paths, shapes and dtypes per method equal those the trainer of commit c06fec5 (before
+  the Objective) computed (tests/testdata/state_trees_c06fec5.json), so its checkpoints restore unchanged."""
+  import importlib
+  import json
+  with open(os.path.join(os.path.dirname(__file__), "testdata", "state_trees_c06fec5.json")) as f:
+    want = json.load(f)["states"][entry]
+  name, arg = entry.split(":")
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  objective = objectives.resolve(config)
+  optimizer, _ = train.make_optimizer(config)
+  abstract, _ = train.abstract_state(objective, optimizer, config, sharding.make_mesh(1))
+  got = {jax.tree_util.keystr(k): [list(v.shape), str(v.dtype)] for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  assert got == want
