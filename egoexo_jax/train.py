@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from egoexo_jax import checkpointing, lr_policy, metrics, monitoring, objectives, processes, run_lock, sharding
-from egoexo_jax.input import pipelines, sources, transforms
+from egoexo_jax import checkpointing, metrics, monitoring, objectives, processes, run_lock, sharding
+from egoexo_jax.input import pipelines, transforms
+from egoexo_jax.lr_policy import resolve_run_length
 from egoexo_jax.objectives import Objective
 from egoexo_jax.optimizer import make_optimizer
 
@@ -51,16 +52,12 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------- model, state and step
 
 
-def apply_model(objective: Objective, params, batch_stats, batch: dict, *, config, rng: jax.Array | None,
-                train: bool = True):
-  """The objective's model on `objective.model_inputs(batch)`, uint8 inputs (video clips) normalised to
-  config.model.dtype. train: dropout from `rng` and updated BatchNorm statistics; returns (outputs,
-  new batch_stats). Otherwise (inference, `rng` unused) returns (outputs, batch_stats)."""
+def apply_model(objective: Objective, params, batch_stats, batch: dict, *, config, rng: jax.Array):
+  """The objective's model in train mode on `objective.model_inputs(batch)`, uint8 inputs (video clips)
+  normalised to config.model.dtype, dropout from `rng`. Returns (outputs, updated batch_stats)."""
   inputs = [transforms.normalize_clips(x, jnp.dtype(config.model.dtype)) if x is not None and x.dtype == jnp.uint8
             else x for x in objective.model_inputs(batch)]
   variables = {"params": params, "batch_stats": batch_stats}
-  if not train:
-    return objective.model.apply(variables, *inputs, train=False), batch_stats
   outputs, updates = objective.model.apply(variables, *inputs, train=True, rngs={"dropout": rng},
                                            mutable=["batch_stats"])
   return outputs, updates.get("batch_stats", batch_stats)
@@ -136,32 +133,6 @@ def create_sharded_state(objective: Objective, optimizer, config, mesh, state_sh
     _, state_shardings = abstract_state(objective, optimizer, config, mesh)
   init = jax.jit(functools.partial(init_state, objective, optimizer, config), out_shardings=state_shardings)
   return init(jax.random.key(config.seed)), state_shardings
-
-
-def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """The run's length in steps, from epochs where the config gives epochs: with an lr_policy, num_train_steps =
-  ceil(epochs x records / global batch) when epoch-based, and one log line describing the schedule. Records:
-  data.num_train_examples, else counted in the training records, which is done too when periodic evaluation
-  is given in epochs (train_eval.every_epochs with data.eval_records); the count goes into
-  data.num_train_examples of the returned copy, where egoexo_jax/train_eval.py (and precise BN's one-epoch
-  cap) read it. Otherwise `config` unchanged."""
-  settings = config.get("train_eval", ml_collections.ConfigDict())
-  eval_in_epochs = bool(config.data.get("eval_records", "")) and not settings.get("every_steps", 0) and \
-      settings.get("every_epochs", 0) > 0
-  policy = bool(config.optimizer.get("lr_policy", ""))
-  num_records = 0
-  if ((policy and lr_policy.is_epoch_based(config)) or eval_in_epochs) and not lr_policy.epoch_records(config):
-    pattern = config.data.train_records or os.path.join(workdir, "records", "train.tfrecord-*")
-    num_records = len(sources.open_records(pattern))
-  if policy:
-    config, plan = lr_policy.resolve(config, num_records)
-    logging.info("%s", plan.describe(config))
-  if num_records and not lr_policy.epoch_records(config):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.num_train_examples = num_records
-    logging.info("Counted %d training records per epoch (data.num_train_examples was 0).", num_records)
-  return config
 
 
 def parse_init_from(init_from: str) -> dict[str, tuple[str, str]]:
@@ -251,6 +222,7 @@ class Run:
   objective: Objective
   mesh: jax.sharding.Mesh
   writer: Any  # clu metric writer
+  dataset: Any  # the objective's Grain stream (describe_record, when it has one, names records)
   data_iterator: Any
   describe_record: Any  # record index -> 'file#n (id ...)', or None
   checkpoints: checkpointing.CheckpointWriter
@@ -296,7 +268,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
   logging.info("Objective %s: %.2fM parameters; mesh %s; global batch %d.", objective.name, param_count / 1e6,
                dict(mesh.shape), config.global_batch_size)
-  return Run(config=config, workdir=workdir, objective=objective, mesh=mesh, writer=writer,
+  return Run(config=config, workdir=workdir, objective=objective, mesh=mesh, writer=writer, dataset=dataset,
              data_iterator=data_iterator, describe_record=getattr(dataset, "describe_record", None),
              checkpoints=checkpoints, state=state, state_shardings=state_shardings, start_step=start_step,
              step_fn=make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings), schedule=schedule,

@@ -419,3 +419,20 @@ def test_state_tree_is_the_one_checkpoints_of_c06fec5_hold(entry):
   abstract, _ = train.abstract_state(objective, optimizer, config, sharding.make_mesh(1))
   got = {jax.tree_util.keystr(k): [list(v.shape), str(v.dtype)] for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   assert got == want
+
+
+def test_log_window_eta_leaves_out_the_first_window_which_compiles(monkeypatch):
+  class Merged:  # stands in for the CLU metrics of a step
+    def merge(self, other):
+      return self
+
+  clock = iter([0.0, 100.0, 100.0, 110.0])  # window 1: one step in 100 s (compiling); window 2: ten steps in 10 s
+  monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+  window = train.LogWindow(num_train_steps=111)
+  window.add(Merged(), 0.5, 2)
+  assert (window.steps, window.data_wait, window.skipped) == (1, 0.5, 2)
+  assert window.close() == 100.0 and window.eta(1) is None
+  window.reset()
+  for _ in range(10):
+    window.add(Merged(), 0.0, 0)
+  assert window.close() == 10.0 and window.eta(11) == 100.0  # 100 steps left at 1 s per step, not 10 s

@@ -62,7 +62,7 @@ def resolve(config) -> Objective:
 
 
 # The registry imports the objective modules, which import Objective above.
-from egoexo_jax.objectives import egoexo, evgap, finetune, suml  # pylint: disable=g-import-not-at-top,wrong-import-position
+from egoexo_jax.objectives import egoexo, evgap, finetune, suml  # pylint: disable=wrong-import-position
 
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
     "egoexo": egoexo.objective,

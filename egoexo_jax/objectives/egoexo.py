@@ -78,7 +78,8 @@ def check_interaction_shape(outputs, batch) -> None:
 
 def loss(outputs, batch, *, config, rng: jax.Array, mesh):
   """Eq. 7 on the global batch. Scalars: loss, loss_action, loss_ego, loss_object, loss_interaction
-  (unweighted terms, L_int as its BCE per cell; a term whose weight is 0 is reported as 0) and accuracy (action top-1)."""
+  (unweighted terms, L_int as its BCE per cell; a term whose weight is 0 is reported as 0) and accuracy
+  (action top-1)."""
   del rng, mesh  # the global batch is one array; XLA inserts the cross-device reductions
   loss_weights = {"ego": config.loss.weight_ego, "object": config.loss.weight_object,
                   "interaction": config.loss.weight_interaction}

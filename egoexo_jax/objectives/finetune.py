@@ -71,7 +71,8 @@ def classification_terms(logits: Sequence[jax.Array], labels: jax.Array, label_k
     bounds = [0]
     for head in logits:
       bounds.append(bounds[-1] + head.shape[-1])
-    return sum(losses.multi_label_bce(head, labels[:, bounds[i]:bounds[i + 1]]) for i, head in enumerate(logits)), [], []
+    total = sum(losses.multi_label_bce(head, labels[:, bounds[i]:bounds[i + 1]]) for i, head in enumerate(logits))
+    return total, [], []
   terms = [losses.softmax_cross_entropy(head, labels[:, i]) for i, head in enumerate(logits)]
   correct = [jnp.argmax(head, -1) == labels[:, i] for i, head in enumerate(logits)]
   return sum(terms), terms, correct
