@@ -124,7 +124,7 @@ def compute_metrics(scores: dict[str, np.ndarray], labels: np.ndarray, heads, mu
 
 
 def eval_settings(config) -> ml_collections.ConfigDict:
-  """`config.evaluate`, with PySlowFast's Kinetics test defaults for configs without one
+  """`config.eval`, with PySlowFast's Kinetics test defaults for configs without one
   (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip placement, mean, global pooling).
 
   `fully_convolutional`: the heads run at every window position of the test crop's res5 grid (window =
@@ -133,7 +133,7 @@ def eval_settings(config) -> ml_collections.ConfigDict:
   defaults = dict(manifest="", num_clips=10, num_crops=3, short_side=config.data.min_short_side,
                   crop_size=config.data.min_short_side, placement="kinetics", ensemble="mean", batch_size=30,
                   fully_convolutional=False)
-  given = config.get("evaluate", ml_collections.ConfigDict()).to_dict()
+  given = config.get("eval", ml_collections.ConfigDict()).to_dict()
   return ml_collections.ConfigDict({**defaults, **given})
 
 
@@ -276,7 +276,7 @@ def score_records(config, model, variables, mesh, pattern: str, settings) -> dic
   import grain  # pylint: disable=g-import-not-at-top
 
   heads = finetune_pipeline.head_sizes(config)
-  multi_label = bool(config.data.get("multi_label", False))
+  multi_label = config.data.get("label_kind", "single") == "multi_label"
   batch_size = -(-settings.batch_size // mesh.size) * mesh.size
   window_crop = config.data.crop_size if settings.fully_convolutional else None
   forward = make_forward(model, variables, mesh, jnp.dtype(config.model.dtype), heads, multi_label, window_crop)

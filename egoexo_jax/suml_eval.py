@@ -4,7 +4,7 @@ r"""SUM-L stage (c): the ego encoder f_f and task head g_f of a SUM-L run, evalu
 
 Only the ego side of the checkpoint is read ('ego_backbone' or the shared 'backbone', 'ego_head_<i>');
 the exo encoder, projections and discriminator are ignored. Protocol, deliberately minimal: one centre
-clip and centre crop per record (ClipSampler with rng None). Metrics, by `data.ego_labels`:
+clip and centre crop per record (ClipSampler with rng None). Metrics, by `data.ego_label_kind`:
   'single'       per head 'top1_<i>' and 'top5_<i>' (top-5 only for heads of more than 5 classes), and
                  'top1' = every head right (EPIC-Kitchens' action accuracy; with one head, plain top-1).
   'multi_label'  'mAP': mean over classes with at least one positive of the average precision
@@ -97,7 +97,7 @@ def predict(model, variables, source, config, batch_size: int) -> tuple[list[np.
     pad = batch_size - len(batch)  # a fixed batch shape compiles once
     outputs = forward(np.concatenate([clips, np.zeros((pad, *clips.shape[1:]), clips.dtype)]))
     logits.append([np.asarray(head)[:len(batch)] for head in outputs])
-    targets += [suml_pipeline.encode_labels(r.labels, tuple(config.model.ego_num_classes), config.data.ego_labels,
+    targets += [suml_pipeline.encode_labels(r.labels, tuple(config.model.ego_num_classes.values()), config.data.ego_label_kind,
                                             f"ego record '{r.video_id}'") for r in batch]
     ids += [r.video_id for r in batch]
   per_head = [np.concatenate([chunk[h] for chunk in logits]) for h in range(len(logits[0]))]
@@ -112,8 +112,8 @@ def evaluate(config, workdir: str, output: str | None = None) -> dict:
   variables, step_dir = load_ego_variables(model, config, config.eval.checkpoint or workdir)
   pattern = config.eval.records or suml_pipeline.prepare_records(config, workdir, "ego")
   logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, config.eval.batch_size)
-  result = {"metrics": classification_metrics(logits, targets, config.data.ego_labels), "num_records": len(ids),
-            "checkpoint": step_dir, "records": pattern, "labels": config.data.ego_labels,
+  result = {"metrics": classification_metrics(logits, targets, config.data.ego_label_kind), "num_records": len(ids),
+            "checkpoint": step_dir, "records": pattern, "labels": config.data.ego_label_kind,
             "protocol": "1 centre clip x 1 centre crop"}
   output = output or os.path.join(workdir, "suml_eval.json")
   with atomic_files.atomic_write(output, "w") as f:

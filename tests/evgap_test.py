@@ -28,7 +28,7 @@ def tiny(name, prefix, **overrides):
   config.data.feature_records = prefix
   # No dropout: its random bits double the step's compile time on CPU; the :small runs keep it.
   config.model.update(width=8, num_layers=2, num_heads=2, mlp_dim=16, embed_dim=8, max_length=16, dropout_rate=0.0)
-  config.update(global_batch_size=16 if config.loss.step == "pair" else 8, num_train_steps=4, log_every_steps=2,
+  config.update(global_batch_size=16 if config.stage == "pair" else 8, num_train_steps=4, log_every_steps=2,
                 checkpoint_every_steps=4, async_checkpointing=False)
   config.optimizer.warmup_steps = 1
   config.init_from = ""

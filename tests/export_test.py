@@ -65,7 +65,7 @@ def test_pyslowfast_export_round_trips_and_gives_pyslowfast_outputs(arch, ego_he
   with torch.no_grad():
     want, _ = torch_model(pack_pathways(frames, slowfast))
   got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, frames.numpy().transpose(0, 2, 3, 4, 1))
-  assert set(want) == ({"action", "ego", "object", "interaction"} if ego_heads else {"action"})
+  assert set(want) == ({"action", "ego_score", "object", "interaction"} if ego_heads else {"action"})
   for name, value in want.items():
     error = float(np.max(np.abs(np.asarray(got[name]) - value.numpy())))
     print(f"{arch} {name}: max |error| {error:.2e}, |value| up to {np.abs(value.numpy()).max():.2f}")

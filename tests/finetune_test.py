@@ -159,7 +159,7 @@ def test_fully_convolutional_test_forward_matches_numpy(name="finetune_epic100")
   variables = model.init(jax.random.key(1), jnp.zeros((1, 4, 64, 64, 3)), train=False)
   variables = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), variables)
   heads = finetune_pipeline.head_sizes(config)
-  multi_label = bool(config.data.multi_label)
+  multi_label = config.data.label_kind == "multi_label"
   mesh = sharding.make_mesh(1)
   on_mesh = jax.device_put(variables, sharding.replicated(mesh))
   got = evaluate.make_forward(model, on_mesh, mesh, jnp.float32, heads, multi_label, window_crop=64)(views)
@@ -268,7 +268,7 @@ def test_classification_loss_matches_numpy():
   verb, noun = rng.normal(size=(6, 5)), rng.normal(size=(6, 7))
   labels = np.stack([rng.integers(0, 5, 6), rng.integers(0, 7, 6)], axis=1)
   total, scalars = finetune_objective.classification_loss(
-      {"verb": jnp.asarray(verb), "noun": jnp.asarray(noun)}, jnp.asarray(labels), (("verb", 5), ("noun", 7)), False)
+      {"verb": jnp.asarray(verb), "noun": jnp.asarray(noun)}, jnp.asarray(labels), (("verb", 5), ("noun", 7)), "single")
   rows = np.arange(6)
   expected_verb = -np_log_softmax(verb)[rows, labels[:, 0]].mean()
   expected_noun = -np_log_softmax(noun)[rows, labels[:, 1]].mean()
@@ -277,7 +277,7 @@ def test_classification_loss_matches_numpy():
   assert float(scalars["accuracy_action"]) == pytest.approx(both.mean())
   logits, targets = rng.normal(size=(4, 9)), (rng.uniform(size=(4, 9)) < 0.3).astype(np.float32)
   bce, scalars = finetune_objective.classification_loss({"action": jnp.asarray(logits)}, jnp.asarray(targets),
-                                                        (("action", 9),), True)
+                                                        (("action", 9),), "multi_label")
   p = 1 / (1 + np.exp(-logits))
   assert float(bce) == pytest.approx(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(), rel=1e-5)
   assert float(scalars["top1_precision"]) == pytest.approx(targets[np.arange(4), logits.argmax(1)].mean())

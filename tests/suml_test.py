@@ -231,7 +231,7 @@ def synthetic_batch(size=32, seed=0):
   base = rng.normal(size=(size, 48))
   text = {v: np_normalize(base + rng.normal(size=(size, 48))).astype(np.float32) for v in ("ego", "exo")}
   batch = {"ego_clips": clips["ego"], "exo_clips": clips["exo"], "ego_text": text["ego"], "exo_text": text["exo"],
-           "ego_label": np.zeros((size, 1), np.int32), "exo_label": np.zeros((size, 1), np.int32)}
+           "ego_labels": np.zeros((size, 1), np.int32), "exo_labels": np.zeros((size, 1), np.int32)}
   z = {v: np_normalize(((clips[v].reshape(size, -1) / 255.0 - 0.45) / 0.225)) for v in ("ego", "exo")}
   return batch, z["ego"], z["exo"]
 

@@ -55,11 +55,11 @@ def example_batch(config, batch_size: int, grid: tuple[int, int, int]) -> dict[s
   data, (t, h, w) = config.data, grid
   return {
       "clips": jax.ShapeDtypeStruct((batch_size, data.clip_length, data.crop_size, data.crop_size, 3), jnp.uint8),
-      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-      "ego_logits": jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
+      "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+      "ego_score_logits": jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
       "object_logits": jax.ShapeDtypeStruct((batch_size, config.model.num_object_classes), jnp.float32),
       "interaction_map": jax.ShapeDtypeStruct((batch_size, t, h, w, 2), jnp.float32),
-      "has_ego": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
+      "has_ego_score": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
       "has_object": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
       "has_interaction": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
   }
@@ -77,11 +77,11 @@ def check_interaction_shape(outputs, batch) -> None:
 
 
 def loss(outputs, batch, *, config, rng: jax.Array, mesh):
-  """Eq. 7 on the global batch. Scalars: loss, loss_action, loss_ego, loss_object, loss_interaction
+  """Eq. 7 on the global batch. Scalars: loss, loss_action, loss_ego_score, loss_object, loss_interaction
   (unweighted terms, L_int as its BCE per cell; a term whose weight is 0 is reported as 0) and accuracy
   (action top-1)."""
   del rng, mesh  # the global batch is one array; XLA inserts the cross-device reductions
-  loss_weights = {"ego": config.loss.weight_ego, "object": config.loss.weight_object,
+  loss_weights = {"ego_score": config.loss.weight_ego_score, "object": config.loss.weight_object,
                   "interaction": config.loss.weight_interaction}
   check_interaction_shape(outputs, batch)
   missing = sorted(k for k, w in loss_weights.items() if w and k not in outputs)
@@ -93,5 +93,5 @@ def loss(outputs, batch, *, config, rng: jax.Array, mesh):
                                     action_weight=config.loss.get("weight_action", 1.0),
                                     interaction_reduction=config.loss.get("interaction_reduction", "mean"))
   scalars = {"loss" if name == "total" else f"loss_{name}": value for name, value in terms.items()}
-  scalars["accuracy"] = jnp.mean(jnp.argmax(outputs["action"], -1) == batch["label"]).astype(jnp.float32)
+  scalars["accuracy"] = jnp.mean(jnp.argmax(outputs["action"], -1) == batch["labels"]).astype(jnp.float32)
   return total, scalars

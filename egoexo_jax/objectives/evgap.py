@@ -1,4 +1,4 @@
-"""EVGAP pre-training on per-frame feature sequences, both steps (config.loss.step):
+"""EVGAP pre-training on per-frame feature sequences, both steps (config.stage):
 
   'pair'  (step 1): batches of B synchronised ego-exo window pairs, G = 10 per recording (hard
           negatives); CLIP pair loss on every layer's embedding, scale exp(params['pair_log_scale']).
@@ -43,9 +43,9 @@ STEPS = (feature_pipeline.PAIR, feature_pipeline.GROUP)
 
 
 def _step(config) -> str:
-  step = config.loss.step
+  step = config.stage
   if step not in STEPS:
-    raise ValueError(f"unknown EVGAP config loss.step '{step}': use 'pair' (step 1) or 'group' (step 2)")
+    raise ValueError(f"unknown EVGAP config stage '{step}': use 'pair' (step 1) or 'group' (step 2)")
   return step
 
 
@@ -86,7 +86,7 @@ def objective(config) -> Objective:
   step, model = _step(config), build_model(config.model, "evgap")
 
   def model_inputs(batch) -> tuple:
-    views = (batch["ego"], batch["exo"])
+    views = (batch["ego_features"], batch["exo_features"])
     if step == feature_pipeline.PAIR:
       return (jnp.stack(views),)  # (2, B, T, C): one encoder pass for both views
     return (jnp.concatenate(views, axis=1),)  # (B, M + N, T, C)
@@ -111,7 +111,8 @@ def example_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     ego, exo = (batch_size, *window), (batch_size, *window)
   else:
     ego, exo = (batch_size, data.ego_views_per_group, *window), (batch_size, data.exo_views_per_group, *window)
-  return {"ego": jax.ShapeDtypeStruct(ego, jnp.float32), "exo": jax.ShapeDtypeStruct(exo, jnp.float32)}
+  return {"ego_features": jax.ShapeDtypeStruct(ego, jnp.float32),
+          "exo_features": jax.ShapeDtypeStruct(exo, jnp.float32)}
 
 
 def _layer_losses(per_layer: list[jax.Array], config) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -135,7 +136,7 @@ def loss(outputs, batch, *, config, rng: jax.Array, mesh):
     scalars["logit_scale"] = jnp.exp(jnp.minimum(log_scale, losses.CLIP_MAX_LOG_SCALE))
     return total, scalars
 
-  m = batch["ego"].shape[1]
+  m = batch["ego_features"].shape[1]
   ego_layers, exo_layers = embeddings[:, :, :m], embeddings[:, :, m:]
   bias = outputs["group_bias"] if config.loss.use_group_bias else jnp.zeros((), jnp.float32)
   per_layer = [losses.siglip_group_loss_sharded(ego, exo, outputs["group_log_scale"], bias,

@@ -46,7 +46,7 @@ def objective(config) -> Objective:
 def example_batch(config, batch_size: int, grid: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of one fine-tuning batch (finetune_pipeline.FinetuneTrainTransform)."""
   data, heads = config.data, finetune_pipeline.head_sizes(config)
-  labels = (jax.ShapeDtypeStruct((batch_size, heads[0][1]), jnp.float32) if data.multi_label
+  labels = (jax.ShapeDtypeStruct((batch_size, heads[0][1]), jnp.float32) if data.label_kind == "multi_label"
             else jax.ShapeDtypeStruct((batch_size, len(heads)), jnp.int32))
   batch = {"clips": jax.ShapeDtypeStruct((batch_size, data.clip_length, data.crop_size, data.crop_size, 3), jnp.uint8),
            "labels": labels}
@@ -78,7 +78,7 @@ def classification_terms(logits: Sequence[jax.Array], labels: jax.Array, label_k
   return sum(terms), terms, correct
 
 
-def classification_loss(outputs, labels, heads, multi_label: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+def classification_loss(outputs, labels, heads, label_kind: str) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L_cls (module docstring, classification_terms) and its scalars.
 
   labels: (B, K) 0/1 float (multi-label) or (B, H) int (per head). Scalars: multi-label 'loss_bce' and
@@ -86,8 +86,8 @@ def classification_loss(outputs, labels, heads, multi_label: bool) -> tuple[jax.
   'accuracy_<h>' (top-1), and 'accuracy_action' (every head right) when there are several heads.
   """
   logits = [outputs[name] for name, _ in heads]
-  total, terms, correct = classification_terms(logits, labels, "multi_label" if multi_label else "single")
-  if multi_label:
+  total, terms, correct = classification_terms(logits, labels, label_kind)
+  if label_kind == "multi_label":
     top = jnp.take_along_axis(labels, jnp.argmax(logits[0], -1)[:, None], axis=1)[:, 0]
     return total, {"loss_bce": total, "top1_precision": jnp.mean(top).astype(jnp.float32)}
   scalars = {}
@@ -103,7 +103,7 @@ def loss(outputs, batch, *, config, rng: jax.Array, mesh):
   'loss' and, with the interaction head, 'loss_interaction' (the BCE per cell)."""
   del rng, mesh  # one global batch array; XLA inserts the cross-device reductions
   total, scalars = classification_loss(outputs, batch["labels"], finetune_pipeline.head_sizes(config),
-                                       bool(config.data.multi_label))
+                                       config.data.label_kind)
   weight = config.loss.get("weight_interaction", 0.0)
   if weight and "interaction" not in outputs:
     raise ValueError("config.loss.weight_interaction is non-zero but model.use_interaction_head is False")

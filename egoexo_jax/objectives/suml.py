@@ -199,14 +199,14 @@ def loss(outputs, batch, *, config, rng: jax.Array, mesh):
   align_rng, with_exo = rng, "exo_clips" in batch
   terms, scalars = {}, {}
   if with_exo:
-    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_label"], config.data.exo_labels, "exo",
-                                            config.loss.multi_label_reduction)
+    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_labels"], config.data.exo_label_kind,
+                                            "exo", config.loss.multi_label_reduction)
     scalars.update(accuracy)
   if config.stage == "exo":
     total = terms["exo_task"]
   else:
-    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_label"], config.data.ego_labels, "ego",
-                                            config.loss.multi_label_reduction)
+    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_labels"], config.data.ego_label_kind,
+                                            "ego", config.loss.multi_label_reduction)
     scalars.update(accuracy)
     if with_exo:
       arrays = {k: outputs[k] for k in ("ego_embedding", "exo_embedding")}
