@@ -40,10 +40,8 @@ import numpy as np
 
 import input_pipeline  # the peer, the record conversion and the CPU-time helpers (and their flags)
 from configs import egoexo as egoexo_config
-from egoexo_jax import sharding, train
+from egoexo_jax import objectives, sharding, train
 from egoexo_jax.input import convert, pipelines, transforms
-from egoexo_jax.models import build_model
-from egoexo_jax.objectives import egoexo as egoexo_objective
 
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype; default bfloat16 on GPU, float32 on CPU.")
 flags.DEFINE_integer("step_only_steps", None, "Timed steps of the step-only row; default 30 on GPU, 5 on CPU.")
@@ -52,7 +50,8 @@ FLAGS = flags.FLAGS
 
 def teacher_free_batch(config, clips: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
   """A batch of the Ego-Exo step's shapes from clips and labels only (teacher targets 0, masks 0)."""
-  batch = {k: np.zeros(v.shape, v.dtype) for k, v in egoexo_objective.example_batch(config, len(clips)).items()}
+  shapes = objectives.resolve(config).example_batch(config, len(clips))
+  batch = {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
   batch["clips"], batch["labels"] = clips, labels.astype(np.int32) % config.model.num_classes["action"]
   return batch
 
@@ -107,10 +106,10 @@ def main(argv):
   data = config.data
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
-  state, state_shardings = train.create_sharded_state(model, optimizer, config, mesh)
-  step_fn = train.make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
+  state, state_shardings = train.create_sharded_state(objective, optimizer, config, mesh)
+  step_fn = train.make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings)
   devices = jax.devices()
   print(f"{len(devices)} x {devices[0].device_kind}; {config.model.backbone} ({config.model.dtype}), clips "
         f"{data.clip_length} x {data.crop_size}^2, batch {FLAGS.batch_size}; {os.cpu_count()} CPU cores, load "
@@ -118,7 +117,7 @@ def main(argv):
 
   # Step only: one batch that stays on the device.
   rng = np.random.default_rng(0)
-  spec = egoexo_objective.example_batch(config, FLAGS.batch_size)["clips"]
+  spec = objective.example_batch(config, FLAGS.batch_size)["clips"]
   resident = sharding.host_batch_to_global(teacher_free_batch(
       config, rng.integers(0, 256, spec.shape, np.uint8), rng.integers(0, 5, FLAGS.batch_size)), mesh)
   tick = time.perf_counter()

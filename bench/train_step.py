@@ -43,10 +43,9 @@ import torch
 
 import torch_slow_resnet
 from configs import egoexo as egoexo_config
-from egoexo_jax import sharding, train
-from egoexo_jax.objectives import egoexo as egoexo_objective
+from egoexo_jax import objectives, sharding, train
 from egoexo_jax.input import transforms
-from egoexo_jax.models import backbones, build_model
+from egoexo_jax.models import backbones
 from egoexo_jax.models.resnet3d import STAGE_SPATIAL_STRIDES
 
 flags.DEFINE_enum("size", None, ["small", "r50"], "Model size; default r50 on GPU, small on CPU.")
@@ -151,7 +150,7 @@ def measure(builders, steps: int, warmup: int, interleave: bool) -> list[dict]:
 def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
   """A batch shaped like `objectives.egoexo.example_batch`: random clips, labels and teacher targets, all signals present."""
   batch = {}
-  for key, spec in egoexo_objective.example_batch(config, batch_size).items():
+  for key, spec in objectives.resolve(config).example_batch(config, batch_size).items():
     if key == "clips":
       batch[key] = rng.integers(0, 256, spec.shape, np.uint8)
     elif key == "labels":
@@ -169,10 +168,10 @@ def build_jax(config):
   """egoexo_jax's own train step, compiled ahead of time; info carries compile time and XLA's FLOP count."""
   mesh = sharding.make_mesh(config.mesh.num_devices)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
-  state, state_shardings = train.create_sharded_state(model, optimizer, config, mesh)
-  step_fn = train.make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
+  state, state_shardings = train.create_sharded_state(objective, optimizer, config, mesh)
+  step_fn = train.make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings)
   batch = sharding.host_batch_to_global(random_batch(config, config.global_batch_size, np.random.default_rng(0)),
                                         mesh)
   tick = time.perf_counter()

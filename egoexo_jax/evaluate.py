@@ -41,12 +41,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from egoexo_jax import atomic_files, checkpointing, processes, run_config, sharding, train
+from egoexo_jax import atomic_files, checkpointing, objectives, processes, run_config, sharding, train
 from egoexo_jax.eval_metrics import (  # re-exported: callers and tests use evaluate.<metric>
     action_top_k_accuracy, aggregate_views, average_precision, compute_metrics, mean_average_precision,
     per_class_metrics, top_k_accuracy)
 from egoexo_jax.input import finetune_pipeline, sources, transforms
-from egoexo_jax.models import build_model
 
 # --------------------------------------------------------------------------- model and views
 
@@ -82,9 +81,10 @@ def restore_variables(config, workdir: str, mesh, checkpoint: str = "", step: in
   if pretrained.is_export(workdir):
     model, variables, step = pretrained.load_for_config(workdir, config)
     return model, jax.device_put(variables, sharding.replicated(mesh)), step
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
+  model = objective.model
   optimizer, _ = train.make_optimizer(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, mesh)
+  abstract, _ = train.abstract_state(objective, optimizer, config, mesh)
   if checkpoint == "" and is_imported_folder(workdir):
     checkpoint = workdir
   if checkpoint not in ("", "best"):

@@ -142,7 +142,7 @@ def export(workdir: str, output_dir: str, *, config: ml_collections.ConfigDict |
     checkpointer.wait_until_finished()
     checkpointer.close()
     model_dict = config.model.to_dict()
-    module = pretrained.part_module(model_dict, part)
+    module = pretrained.part_module(model_dict, part, config.objective)
     unwrapped = variables if part == "model" else {c: v[part] for c, v in variables.items()}
     batch_input = model_card.input_spec(config, part, forward_batch)["shape"]
     forward_info = None

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-EGO_TERMS = ("ego", "object", "interaction")
+EGO_TERMS = ("ego_score", "object", "interaction")
 
 
 def _weighted_mean(per_example: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -80,28 +80,29 @@ def egoexo_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
   'sum' as released. The reported 'interaction' term is interaction_map_bce (per cell, whatever the
   reduction), so it compares across recipes.
 
-  outputs: egoexo.Model outputs 'action' (B, K_act), 'ego' (B, 2), 'object' (B, K_obj), 'interaction'
+  outputs: egoexo.Model outputs 'action' (B, K_act), 'ego_score' (B, 2), 'object' (B, K_obj), 'interaction'
     (B, t, h, w, 2); a term's output is only read when its weight is non-zero.
-  batch: 'label' (B,) int; teacher signals 'ego_logits' (B, 2), 'object_logits' (B, K_obj),
-    'interaction_map' (B, t, h, w, 2) in [0, 1]; 0/1 masks 'has_ego', 'has_object', 'has_interaction' (B,).
-  weights: Python floats keyed by 'ego', 'object', 'interaction'. A missing key or a weight of 0 skips
+  batch: 'labels' (B,) int; teacher signals 'ego_score_logits' (B, 2), 'object_logits' (B, K_obj),
+    'interaction_map' (B, t, h, w, 2) in [0, 1]; 0/1 masks 'has_ego_score', 'has_object', 'has_interaction' (B,).
+  weights: Python floats keyed by 'ego_score', 'object', 'interaction'. A missing key or a weight of 0 skips
     the term: it is not computed and is reported as 0. Any other key is an error.
 
-  Returns (total, terms): terms holds the unweighted 'action', 'ego', 'object', 'interaction' losses and
+  Returns (total, terms): terms holds the unweighted 'action', 'ego_score', 'object', 'interaction' losses and
   the weighted 'total', all float32 scalars.
   """
   unknown = set(weights) - set(EGO_TERMS)
   if unknown:
     raise ValueError(f"unknown loss weights {sorted(unknown)}; expected a subset of {EGO_TERMS}")
   compute_term = {
-      "ego": lambda: soft_target_kl(outputs["ego"], batch["ego_logits"], temperature_ego, batch["has_ego"]),
+      "ego_score": lambda: soft_target_kl(outputs["ego_score"], batch["ego_score_logits"], temperature_ego,
+                                          batch["has_ego_score"]),
       "object": lambda: soft_target_kl(outputs["object"], batch["object_logits"], temperature_object,
                                        batch["has_object"]),
       "interaction": lambda: interaction_map_bce(outputs["interaction"], batch["interaction_map"],
                                                  batch["has_interaction"]),
   }
-  scale = {"ego": 1.0, "object": 1.0, "interaction": interaction_term_scale(interaction_reduction)}
-  terms = {"action": softmax_cross_entropy(outputs["action"], batch["label"])}
+  scale = {"ego_score": 1.0, "object": 1.0, "interaction": interaction_term_scale(interaction_reduction)}
+  terms = {"action": softmax_cross_entropy(outputs["action"], batch["labels"])}
   total = action_weight * terms["action"]
   for name in EGO_TERMS:
     weight = weights.get(name, 0.0)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 POLICIES = ("cosine", "steps_with_relative_lrs")
 
@@ -137,3 +139,30 @@ def make_schedule(config, the_plan: Plan):
     return jnp.where(epoch < warmup, warm, policy(epoch))
 
   return schedule
+
+
+def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The run's length in steps, from epochs where the config gives epochs: with an lr_policy, num_train_steps =
+  ceil(epochs x records / global batch) when epoch-based, and one log line describing the schedule. Records:
+  data.num_train_examples, else counted in the training records, which is done too when periodic evaluation
+  is given in epochs (train_eval.every_epochs with data.eval_records); the count goes into
+  data.num_train_examples of the returned copy, where egoexo_jax/train_eval.py (and precise BN's one-epoch
+  cap) read it. Otherwise `config` unchanged."""
+  settings = config.get("train_eval", ml_collections.ConfigDict())
+  eval_in_epochs = bool(config.data.get("eval_records", "")) and not settings.get("every_steps", 0) and \
+      settings.get("every_epochs", 0) > 0
+  policy = bool(config.optimizer.get("lr_policy", ""))
+  num_records = 0
+  if ((policy and is_epoch_based(config)) or eval_in_epochs) and not epoch_records(config):
+    pattern = config.data.train_records or os.path.join(workdir, "records", "train.tfrecord-*")
+    from egoexo_jax.input import sources  # pylint: disable=g-import-not-at-top  (configs import this module)
+    num_records = len(sources.open_records(pattern))
+  if policy:
+    config, plan = resolve(config, num_records)
+    logging.info("%s", plan.describe(config))
+  if num_records and not epoch_records(config):
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.num_train_examples = num_records
+    logging.info("Counted %d training records per epoch (data.num_train_examples was 0).", num_records)
+  return config

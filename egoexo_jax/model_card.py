@@ -251,8 +251,9 @@ def _version(package: str) -> str:
 def card_markdown(card: Mapping[str, Any]) -> str:
   """A short human-readable rendering of the card."""
   spec, training, metrics = card["input"], card["training"], card["metrics"]
-  lines = [f"# {card['objective']}: {card['part']}", "",
-           f"- Part: `{card['part']}` of the `{card['objective']}` model ({card['part_description']})"
+  from egoexo_jax import pretrained  # pylint: disable=g-import-not-at-top
+  lines = [f"# {card['objective']} / {pretrained.model_name(card)}: {card['part']}", "",
+           f"- Part: `{card['part']}` of model `{pretrained.model_name(card)}` ({card['part_description']})"
            + (f", backbone `{card['backbone']}` {card['backbone_args'] or ''}" if card.get("backbone") else ""),
            f"- Parameters: {card['num_parameters']:,} ({card['dtype']})",
            f"- Trained: step {training['step']} of {training['num_train_steps']}, global batch "

@@ -8,8 +8,8 @@ statistics normalise), the parameters fixed, the running mean := mean over batch
 and the running variance := mean over batches of the batch variances. The released EPIC-Kitchens
 fine-tuning yamls turn it on (Ego-Exo configs/ego-exo/epic-kitchen-{55,100}/Ego_Exo_SLOWFAST_8x8_R50.yaml).
 
-Here: the objective's own training loss (`objectives.<name>.loss`, which runs the model in train mode and
-returns the updated `batch_stats`) is evaluated with the running statistics set to zero, so the update
+Here: the trainer's model application (train.apply_model: the objective's model in train mode on its
+inputs, returning the updated `batch_stats`) is evaluated with the running statistics set to zero, so the update
 m * 0 + (1 - m) * s leaves (1 - m) * s, s the batch statistic; a forward-mode derivative with respect to
 the running statistics gives m for every leaf in the same pass, so s = update / (1 - m) needs no
 knowledge of each layer's momentum. Leaves the train-mode pass does not update (m = 1: a frozen,
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from egoexo_jax import objectives, sharding
+from egoexo_jax import sharding, train
 
 
 def num_batches(config) -> int:
@@ -49,15 +49,13 @@ def num_batches(config) -> int:
   return requested
 
 
-def make_batch_statistics_fn(model, config, mesh, state_shardings):
+def make_batch_statistics_fn(objective, config, mesh, state_shardings):
   """Jitted (params, batch_stats, global batch) -> the batch's own statistics, shaped as batch_stats."""
-  objective = objectives.get_objective(config.objective)
+  dropout_rng, _ = train.step_rngs(objective, jax.random.key(config.seed))
 
   def batch_statistics(params, batch_stats, batch):
     def updated(running):
-      _, (_, new) = objective.loss(model, params, running, batch, config=config, rng=jax.random.key(config.seed),
-                                   mesh=mesh)
-      return new
+      return train.apply_model(objective, params, running, batch, config=config, rng=dropout_rng)[1]
 
     zeros = jax.tree.map(jnp.zeros_like, batch_stats)
     update, momentum = jax.jvp(updated, (zeros,), (jax.tree.map(jnp.ones_like, zeros),))
@@ -87,14 +85,12 @@ def _running_mean(average, statistics, count):
   return jax.tree.map(lambda a, s: a + (s - a) / count, average, statistics)
 
 
-def training_batches(config, workdir: str, model, mesh, step: int, count: int):
+def training_batches(config, workdir: str, objective, mesh, step: int, count: int):
   """`count` global batches of a fresh training stream seeded by config.seed + 1 + step (module docstring)."""
-  from egoexo_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module's users)
-
   stream_config = config.copy_and_resolve_references()
   stream_config.seed = int(config.seed) + 1 + int(step)
-  dataset = objectives.get_objective(config.objective).make_train_dataset(
-      stream_config, workdir, model, process_index=jax.process_index(), process_count=jax.process_count())
+  dataset = objective.make_dataset(stream_config, workdir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
   iterator = iter(dataset)
   try:
     for _ in range(count):
@@ -110,16 +106,17 @@ class PreciseBatchNorm:
   function compiles once. Does nothing when config.precise_bn.num_batches is 0 or the model has no
   BatchNorm."""
 
-  def __init__(self, config, workdir: str, model, mesh, state_shardings):
-    self.config, self.workdir, self.model, self.mesh = config, workdir, model, mesh
+  def __init__(self, config, workdir: str, objective, mesh, state_shardings):
+    self.config, self.workdir, self.objective, self.mesh = config, workdir, objective, mesh
     self.num_batches = num_batches(config)
-    self.statistics_fn = make_batch_statistics_fn(model, config, mesh, state_shardings) if self.num_batches else None
+    self.statistics_fn = (make_batch_statistics_fn(objective, config, mesh, state_shardings) if self.num_batches
+                          else None)
 
   def __call__(self, state, step: int):
     if not self.num_batches or not jax.tree.leaves(state.batch_stats):
       return state
     start = time.perf_counter()
-    batches = training_batches(self.config, self.workdir, self.model, self.mesh, step, self.num_batches)
+    batches = training_batches(self.config, self.workdir, self.objective, self.mesh, step, self.num_batches)
     batch_stats, count = average_statistics(self.statistics_fn, state.params, state.batch_stats, batches)
     logging.info("Step %d: precise BatchNorm statistics from %d training batches (%.1f s).", step, count,
                  time.perf_counter() - start)

@@ -45,7 +45,7 @@ PART_DESCRIPTIONS = {
 # config.model fields each part depends on; 'model' compares every field but these (compute-only).
 _PART_FIELDS = {**{p: ("backbone", "backbone_args") for p in VIDEO_BACKBONE_PARTS},
                 "encoder": ("width", "num_layers", "num_heads", "mlp_dim", "max_length", "norm_first")}
-_NOT_COMPARED = ("dtype", "param_dtype", "dropout_rate")
+_NOT_COMPARED = ("dtype", "param_dtype", "dropout_rate", "name")  # 'name': cards before config.objective alone
 
 
 class ExportMismatchError(ValueError):
@@ -104,10 +104,9 @@ def check_config(card: Mapping[str, Any], config: ml_collections.ConfigDict, *, 
   part = part or card["part"]
   saved, given = dict(card["model"]), config.model.to_dict()
   if part == "model":
-    made_by = card.get("objective") or saved.get("name")  # cards before config.objective named model.name
-    if made_by != config.get("objective"):
-      raise ExportMismatchError(f"{where} holds a '{made_by}' model, the config's objective is "
-                                f"'{config.get('objective')}'")
+    if model_name(card) != config.objective:
+      raise ExportMismatchError(f"{where} holds a '{model_name(card)}' model, the config's objective is "
+                                f"'{config.objective}'")
     # Fields of both: a field only one side has is a default added or dropped since (same network).
     fields = sorted((set(saved) & set(given)) - set(_NOT_COMPARED))
   else:
@@ -139,14 +138,20 @@ def _differences(name: str, was: Any, now: Any):
     yield name, (was, now)
 
 
-def part_module(model_config: Mapping[str, Any], part: str):
-  """The flax module of `part` (PARTS) of the network `model_config` (config.model as a dict)."""
+def model_name(card: Mapping[str, Any]) -> str:
+  """The models/ module of the card's network: its objective's (objectives/), or model.name on older cards."""
+  return card["model"].get("name") or card["objective"]
+
+
+def part_module(model_config: Mapping[str, Any], part: str, name: str = ""):
+  """The flax module of `part` (PARTS) of the network `model_config` (config.model as a dict), `name` the
+  models/ module of the whole network (model_name; needed for part 'model')."""
   from egoexo_jax.models import backbones, build_model, transformer  # pylint: disable=g-import-not-at-top
 
   model_config = dict(model_config)
   dtypes = {k: jnp.dtype(model_config[k]) for k in ("dtype", "param_dtype") if k in model_config}
   if part == "model":
-    return build_model(ml_collections.ConfigDict(model_config))
+    return build_model(ml_collections.ConfigDict(model_config), name or None)
   if part in VIDEO_BACKBONE_PARTS:
     return backbones.build_backbone(model_config["backbone"], model_config.get("backbone_args"), name=None, **dtypes)
   if part == "encoder":
@@ -175,7 +180,7 @@ def load_pretrained(path: str, *, dtype: Any = None) -> tuple[Any, dict[str, Any
     variables = {collection: tree[part] for collection, tree in variables.items() if part in tree}
   if dtype is not None:
     variables = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
-  return part_module(card["model"], part), variables
+  return part_module(card["model"], part, model_name(card)), variables
 
 
 def load_for_config(path: str, config: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any], int]:
@@ -186,12 +191,11 @@ def load_for_config(path: str, config: ml_collections.ConfigDict) -> tuple[Any, 
     raise ExportMismatchError(f"{path} holds only part '{card['part']}' of a model; this needs a whole-model "
                               "export (python -m egoexo_jax.export ... --part=model)")
   check_config(card, config, where=path)
-  from egoexo_jax import objectives  # pylint: disable=g-import-not-at-top
-  from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from egoexo_jax import objectives, train  # pylint: disable=g-import-not-at-top
   variables = restore_variables(path)
-  model = build_model(config.model)
-  expected = jax.eval_shape(lambda: objectives.get_objective(config.objective).init_variables(
-      model, config, jax.random.key(0)))
+  objective = objectives.resolve(config)
+  model = objective.model
+  expected = jax.eval_shape(lambda: train.init_variables(objective, config, jax.random.key(0)))
   _check_shapes(path, variables, {c: expected.get(c, {}) for c in variables})
   param_dtype = jnp.dtype(config.model.get("param_dtype", "float32"))
   variables = jax.tree.map(lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,

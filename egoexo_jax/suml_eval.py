@@ -131,7 +131,7 @@ def evaluate(config, workdir: str, output: str | None = None, step: int | None =
   settings = eval_settings(config)
   if settings["checkpoint"]:
     logging.warning("config eval.checkpoint is deprecated: name the run with --workdir (and --step).")
-  model = build_model(config.model)
+  model = build_model(config.model, "suml")
   variables, step_dir = load_ego_variables(model, config, settings["checkpoint"] or workdir, step)
   pattern = settings["records"] or suml_pipeline.prepare_records(config, workdir, "ego")
   logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, settings["batch_size"])

@@ -1,16 +1,22 @@
-"""The training loop: one trainer; the objective comes from the config.
+"""The training loop: one trainer; the method is an Objective (egoexo_jax/objectives/) resolved once.
 
-Sections: data -> model and optimiser -> sharded state (restored if a checkpoint exists) ->
-jitted step -> loop with logging, checkpoints and a stop on non-finite losses.
+setup(config, workdir) -> Run: the objective and its model, data, optimiser, the state's layout (computed
+once), the state (restored, or initialised sharded), the jitted step. loop(run, stop_signals): steps with
+logging (LogWindow), checks of the loss, evaluation between steps, checkpoints and a stop on signals.
+
+The step (train_step): the trainer applies the objective's model to `objective.model_inputs(batch)` (video
+clips normalised here, BatchNorm statistics updated here: apply_model) and differentiates
+`objective.loss(outputs, batch, ...)`.
 
 Batches come from the objective's Grain stream with a timeout (config.data.batch_timeout_s); their
-host-only keys (pipelines.HOST_KEYS: record ids, skipped-record counts) stay on the host, and name the
+host-only keys (stream.HOST_KEYS: record ids, skipped-record counts) stay on the host, and name the
 records of a batch whose loss is not finite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -24,10 +30,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from egoexo_jax import (checkpointing, console, lr_policy, metrics, monitoring, objectives, processes, run_config,
-                        run_lock, sharding)
-from egoexo_jax.input import pipelines, sources
-from egoexo_jax.models import build_model
+from egoexo_jax import checkpointing, console, metrics, monitoring, objectives, processes, run_config, run_lock, sharding
+from egoexo_jax.input import stream, transforms
+from egoexo_jax.lr_policy import resolve_run_length
+from egoexo_jax.objectives import Objective
+from egoexo_jax.optimizer import make_optimizer
+from egoexo_jax.train_log import LogWindow, banner, write_summary
 
 
 @flax.struct.dataclass
@@ -42,151 +50,54 @@ class NonFiniteLossError(FloatingPointError):
   """Raised when a step's loss is NaN or infinite; the message names the step and the terms."""
 
 
-# --------------------------------------------------------------------------- model and optimiser
+# --------------------------------------------------------------------------- model, state and step
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Learning rate per step.
-
-  With `optimizer.lr_policy` ('cosine', 'steps_with_relative_lrs'): PySlowFast's policy, in epochs when
-  config.epochs > 0 (egoexo_jax/lr_policy.py; resolve_run_length first sets num_train_steps). Otherwise,
-  linear warm-up from `warmup_start_fraction` of the peak to the peak, then `optimizer.schedule`:
-  'cosine' (to zero at num_train_steps; the default) or 'steps' (the peak multiplied by `decay_factor` at
-  each step of `decay_steps`, as EPIC-Kitchens fine-tuning).
-
-  The peak is `base_learning_rate`, scaled linearly with the global batch when
-  `reference_batch_size` (default 64, PySlowFast's convention) is non-zero.
-  """
-  opt = config.optimizer
-  if opt.get("lr_policy", ""):
-    try:
-      return lr_policy.make_schedule(config, lr_policy.plan(config))
-    except lr_policy.RecordCountUnknown as e:  # restoring for evaluation needs only the optimiser's structure
-      return lr_policy.unresolved_schedule(e)
-  if not 0 <= opt.warmup_steps < config.num_train_steps:
-    raise ValueError(f"config optimizer.warmup_steps ({opt.warmup_steps}) must be in [0, num_train_steps) "
-                     f"(num_train_steps is {config.num_train_steps})")
-  reference = opt.get("reference_batch_size", 64)
-  peak = opt.base_learning_rate * (config.global_batch_size / reference if reference else 1.0)
-  kind = opt.get("schedule", "cosine")
-  if kind == "cosine":
-    main = optax.cosine_decay_schedule(peak, config.num_train_steps - opt.warmup_steps)
-  elif kind == "steps":
-    boundaries = [int(b) - opt.warmup_steps for b in opt.decay_steps]
-    if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
-      raise ValueError(f"config optimizer.decay_steps {tuple(opt.decay_steps)} must increase and come after "
-                       f"warm-up ({opt.warmup_steps} steps)")
-    main = optax.piecewise_constant_schedule(peak, {b: opt.decay_factor for b in boundaries})
-  else:
-    raise ValueError(f"unknown config optimizer.schedule '{kind}': use 'cosine' or 'steps'")
-  if not opt.warmup_steps:
-    return main  # no zero-length warm-up schedule (optax: "non-positive transition_steps")
-  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
-  return optax.join_schedules([warmup, main], [opt.warmup_steps])
+def apply_model(objective: Objective, params, batch_stats, batch: dict, *, config, rng: jax.Array):
+  """The objective's model in train mode on `objective.model_inputs(batch)`, uint8 inputs (video clips)
+  normalised to config.model.dtype, dropout from `rng`. Returns (outputs, updated batch_stats)."""
+  inputs = [transforms.normalize_clips(x, jnp.dtype(config.model.dtype)) if x is not None and x.dtype == jnp.uint8
+            else x for x in objective.model_inputs(batch)]
+  variables = {"params": params, "batch_stats": batch_stats}
+  outputs, updates = objective.model.apply(variables, *inputs, train=True, rngs={"dropout": rng},
+                                           mutable=["batch_stats"])
+  return outputs, updates.get("batch_stats", batch_stats)
 
 
-def resolve_run_length(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """The run's length in steps, from epochs where the config gives epochs: with an lr_policy, num_train_steps =
-  ceil(epochs x records / global batch) when epoch-based, and one log line describing the schedule. Records:
-  data.num_train_examples, else counted in the training records, which is done too when periodic evaluation
-  is given in epochs (train_eval.every_epochs with data.eval_records); the count goes into
-  data.num_train_examples of the returned copy, where egoexo_jax/train_eval.py (and precise BN's one-epoch
-  cap) read it. Otherwise `config` unchanged."""
-  settings = config.get("train_eval", ml_collections.ConfigDict())
-  eval_in_epochs = bool(config.data.get("eval_records", "")) and not settings.get("every_steps", 0) and \
-      settings.get("every_epochs", 0) > 0
-  policy = bool(config.optimizer.get("lr_policy", ""))
-  num_records = 0
-  if ((policy and lr_policy.is_epoch_based(config)) or eval_in_epochs) and not lr_policy.epoch_records(config):
-    pattern = config.data.train_records or os.path.join(workdir, "records", "train.tfrecord-*")
-    num_records = len(sources.open_records(pattern))
-  if policy:
-    config, plan = lr_policy.resolve(config, num_records)
-    logging.info("%s", plan.describe(config))
-  if num_records and not lr_policy.epoch_records(config):
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.num_train_examples = num_records
-    logging.info("Counted %d training records per epoch (data.num_train_examples was 0).", num_records)
-  return config
+def step_rngs(objective: Objective, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dropout key, loss key) of a step's key (objectives.Objective.split_rng)."""
+  if objective.split_rng:
+    dropout_rng, loss_rng = jax.random.split(rng)
+    return dropout_rng, loss_rng
+  return rng, rng
 
 
-def is_normalization_module(name: str) -> bool:
-  """PySlowFast's test, "'bn' in the parameter's name", on one module name of our trees ('bn', 'bn_a',
-  'shortcut_bn', 'bn1', 'BatchNorm_0'), extended to LayerNorm-style names ('norm', 'ln_1')."""
-  tokens = [t.rstrip("0123456789") for t in name.lower().split("_")]
-  return "norm" in name.lower() or "bn" in tokens or "ln" in tokens
+def init_variables(objective: Objective, config, rng: jax.Array) -> dict:
+  """{'params', 'batch_stats'?}: the model initialised on zero inputs shaped as the objective's example
+  batch (one example; clips as float32)."""
+  example = {k: jnp.zeros(v.shape, jnp.float32 if v.dtype == jnp.uint8 else v.dtype)
+             for k, v in objective.example_batch(config, 1).items()}
+  return objective.model.init({"params": rng, "dropout": rng}, *objective.model_inputs(example), train=False)
 
 
-def weight_decay_mask(weight_decay_on: str):
-  """params -> pytree of bools: which parameters weight decay applies to (make_optimizer)."""
-  if weight_decay_on == "kernels":
-    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  if weight_decay_on == "all_but_batchnorm":
-    def mask(params):
-      return jax.tree_util.tree_map_with_path(
-          lambda path, _: not any(is_normalization_module(str(getattr(k, "key", k))) for k in path[:-1]), params)
-    return mask
-  raise ValueError(f"unknown config optimizer.weight_decay_on '{weight_decay_on}': use 'kernels' or "
-                   "'all_but_batchnorm'")
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimiser of `config.optimizer` and its learning-rate schedule (make_schedule).
-
-  optimizer.name: 'sgd' (default; momentum, nesterov, L2 weight decay added to the gradient, as
-  PySlowFast), 'adam' (beta1, beta2; L2 weight decay when non-zero) or 'adamw' (decoupled weight
-  decay). optimizer.weight_decay_on: 'kernels' (default; arrays of 2 or more dimensions, not BatchNorm,
-  LayerNorm or biases) or 'all_but_batchnorm' (PySlowFast's optimizer: every parameter outside a
-  normalisation layer, biases included; see is_normalization_module). optimizer.frozen lists top-level
-  parameter names (e.g. 'exo_backbone') that receive no updates at all.
-  """
-  opt = config.optimizer
-  schedule = make_schedule(config)
-  decay_mask = weight_decay_mask(opt.get("weight_decay_on", "kernels"))
-  name = opt.get("name", "sgd")
-  if name == "sgd":
-    optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
-                            optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
-  elif name == "adam":
-    optimizer = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
-                            optax.adam(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999)))
-  elif name == "adamw":
-    optimizer = optax.adamw(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
-                            weight_decay=opt.weight_decay, mask=decay_mask)
-  else:
-    raise ValueError(f"unknown config optimizer.name '{name}': use 'sgd', 'adam' or 'adamw'")
-  frozen = tuple(opt.get("frozen", ()))
-  if frozen:
-    def labels(params):
-      unknown = sorted(set(frozen) - set(params))
-      if unknown:
-        raise ValueError(f"config optimizer.frozen names {unknown}, which are not top-level parameters "
-                         f"(they are {sorted(params)})")
-      return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "trained", v) for k, v in params.items()}
-    optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
-  return optimizer, schedule
-
-
-def init_state(model, optimizer, config, rng: jax.Array) -> TrainState:
-  variables = objectives.get_objective(config.objective).init_variables(model, config, rng)
+def init_state(objective: Objective, optimizer, config, rng: jax.Array) -> TrainState:
+  """The initial variables (init_variables) and the optimiser's state."""
+  variables = init_variables(objective, config, rng)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=optimizer.init(params))
 
 
-# --------------------------------------------------------------------------- step
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimizer, schedule, config, mesh,
-               rng: jax.Array) -> tuple[TrainState, Any, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, objective: Objective, optimizer, schedule, config,
+               mesh, rng: jax.Array) -> tuple[TrainState, Any, dict[str, jax.Array]]:
   """One optimiser step on the global batch. Returns the new state, CLU metrics and the scalars
   (losses per term, accuracies) of the objective."""
-  objective = objectives.get_objective(config.objective)
-  step_rng = jax.random.fold_in(rng, state.step)
+  dropout_rng, loss_rng = step_rngs(objective, jax.random.fold_in(rng, state.step))
 
   def loss_fn(params):
-    return objective.loss(model, params, state.batch_stats, batch, config=config, rng=step_rng, mesh=mesh)
+    outputs, batch_stats = apply_model(objective, params, state.batch_stats, batch, config=config, rng=dropout_rng)
+    total, scalars = objective.loss(outputs, batch, config=config, rng=loss_rng, mesh=mesh)
+    return total, (scalars, batch_stats)
 
   (_, (scalars, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -195,31 +106,33 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimiz
   return new_state, metrics.train_metrics(scalars, schedule(state.step)), scalars
 
 
-def make_step_fn(model, optimizer, schedule, config, mesh, state_shardings):
+def make_step_fn(objective: Objective, optimizer, schedule, config, mesh, state_shardings):
   """The jitted, sharded train step: state in `state_shardings`, batch split over `data`, state donated."""
-  step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, config=config,
+  step = functools.partial(train_step, objective=objective, optimizer=optimizer, schedule=schedule, config=config,
                            mesh=mesh, rng=jax.random.key(config.seed + 1))
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)
 
 
-def abstract_state(model, optimizer, config, mesh):
+def abstract_state(objective: Objective, optimizer, config, mesh):
   """The state's shapes, dtypes and shardings, computed without initialising anything.
 
   Returns (a pytree of ShapeDtypeStructs carrying the shardings, the pytree of shardings).
   """
-  abstract = jax.eval_shape(functools.partial(init_state, model, optimizer, config), jax.random.key(config.seed))
+  abstract = jax.eval_shape(functools.partial(init_state, objective, optimizer, config), jax.random.key(config.seed))
   # Parameters and optimiser state fully sharded over `fsdp` (replicated when fsdp = 1); BatchNorm replicated.
   state_shardings = sharding.train_state_shardings(
       abstract, mesh, config.mesh.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
   return checkpointing.abstract_with_shardings(abstract, state_shardings), state_shardings
 
 
-def create_sharded_state(model, optimizer, config, mesh):
-  """Initialises the state directly in its shardings (no host copy); returns (state, shardings)."""
-  _, state_shardings = abstract_state(model, optimizer, config, mesh)
-  init = jax.jit(functools.partial(init_state, model, optimizer, config), out_shardings=state_shardings)
+def create_sharded_state(objective: Objective, optimizer, config, mesh, state_shardings=None):
+  """Initialises the state directly in its shardings (no host copy); returns (state, shardings).
+  `state_shardings` from abstract_state when the caller has them (else computed here)."""
+  if state_shardings is None:
+    _, state_shardings = abstract_state(objective, optimizer, config, mesh)
+  init = jax.jit(functools.partial(init_state, objective, optimizer, config), out_shardings=state_shardings)
   return init(jax.random.key(config.seed)), state_shardings
 
 
@@ -244,7 +157,7 @@ def parse_init_from(init_from: str) -> dict[str, tuple[str, str]]:
   return mapping
 
 
-def initialise_from_checkpoints(state: TrainState, config, state_shardings) -> TrainState:
+def initialize_from_checkpoints(state: TrainState, config, state_shardings) -> TrainState:
   """Replaces parameter subtrees (and their BatchNorm statistics) by those of earlier runs, per
   `config.init_from` (parse_init_from). Other parameters, the heads of a new task, stay as initialised."""
   mapping = parse_init_from(config.get("init_from", ""))
@@ -286,8 +199,8 @@ def check_finite(step: int, scalars: dict[str, jax.Array], record_ids: np.ndarra
 
 
 def split_host_keys(batch: dict) -> tuple[dict, dict]:
-  """(device part, host part) of a host batch: pipelines.HOST_KEYS stay on the host."""
-  host = {k: batch.pop(k) for k in pipelines.HOST_KEYS if k in batch}
+  """(device part, host part) of a host batch: stream.HOST_KEYS stay on the host."""
+  host = {k: batch.pop(k) for k in stream.HOST_KEYS if k in batch}
   return batch, host
 
 
@@ -299,23 +212,71 @@ def global_sum(value: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
+# --------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run is made of, built once by setup (and what a start banner or a summary reads)."""
+  config: ml_collections.ConfigDict  # with the run length resolved (resolve_run_length)
+  workdir: str
+  objective: Objective
+  mesh: jax.sharding.Mesh
+  writer: Any  # clu metric writer
+  dataset: Any  # the objective's Grain stream (describe_record, when it has one, names records)
+  data_iterator: Any
+  describe_record: Any  # record index -> 'file#n (id ...)', or None
+  checkpoints: checkpointing.CheckpointWriter
+  state: TrainState
+  state_shardings: Any
+  start_step: int
+  step_fn: Any
+  schedule: optax.Schedule
+  param_count: int
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Builds the run: objective, data, optimiser, the state's layout (once), the state (restored from the
+  newest checkpoint, else initialised in its shardings and from `config.init_from`) and the jitted step."""
+  # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
+  # images), which the step functions above, the benches and the tests of the step do not need.
+  mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_divisible(config.global_batch_size, mesh)
+  writer = console.tensorboard_writer(workdir, jax.process_index())  # no second copy of each metric line
+  changed = run_config.save(config, workdir)  # <workdir>/config.json + commands.txt (process 0); readers use it
+  if changed:
+    logging.warning("This start changes config %s from the previous start of this run.", ", ".join(changed))
+  writer.write_hparams(run_config.flat_hparams(config))  # every config leaf, dotted names
+
+  objective = objectives.resolve(config)
+  dataset = objective.make_dataset(config, workdir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  data_iterator = iter(dataset)
+  data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
+  config = resolve_run_length(config, workdir)  # epoch-based runs: num_train_steps from the record count
+
+  optimizer, schedule = make_optimizer(config)
+  checkpoints = checkpointing.CheckpointWriter(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                               async_save=config.async_checkpointing, data_stream=data_stream)
+  abstract, state_shardings = abstract_state(objective, optimizer, config, mesh)
+  checkpointing.check_free_space(checkpoints.directory, checkpointing.state_bytes(abstract))
+  restored = checkpointing.restore_latest(checkpoints.manager, abstract, data_stream)
+  if restored is not None:
+    state, start_step = restored
+    logging.info("Resumed from step %d (state and data iterator).", start_step)
+  else:
+    state, _ = create_sharded_state(objective, optimizer, config, mesh, state_shardings)
+    start_step = 0
+    state = initialize_from_checkpoints(state, config, state_shardings)
+  param_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+  return Run(config=config, workdir=workdir, objective=objective, mesh=mesh, writer=writer, dataset=dataset,
+             data_iterator=data_iterator, describe_record=getattr(dataset, "describe_record", None),
+             checkpoints=checkpoints, state=state, state_shardings=state_shardings, start_step=start_step,
+             step_fn=make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings), schedule=schedule,
+             param_count=param_count)
+
+
 # --------------------------------------------------------------------------- loop
-
-
-def write_summary(writer, step: int, config, train_metrics, elapsed: float, window_steps: int,
-                  data_wait: float, extra: dict[str, float] | None = None) -> dict[str, float]:
-  """Writes the window's metrics, speed and `extra` scalars (skipped records, memory) to TensorBoard
-  and logs one progress line (console.progress_line); returns the window's metrics. `window_steps` 0: the
-  window held only the first step, with compilation: its speed is that one step's, and there is no ETA."""
-  values = {k: float(v) for k, v in train_metrics.compute().items()}
-  counted = window_steps or 1
-  speed = {"steps_per_sec": counted / elapsed,
-           "clips_per_sec": counted * config.global_batch_size / elapsed,
-           "data_wait_fraction": data_wait / elapsed}
-  writer.write_scalars(step, {f"train/{k}": v for k, v in {**values, **speed, **(extra or {})}.items()})
-  eta = console.eta_seconds(config.num_train_steps - step, elapsed, window_steps)  # None for window_steps 0
-  logging.info("%s", console.progress_line(step, config.num_train_steps, values, eta=eta, extra=extra, **speed))
-  return values
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -329,115 +290,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = os.path.abspath(workdir)
   lock = run_lock.RunLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, monitoring.StopSignals() as stop_signals:
-    return _train(config, workdir, stop_signals)
+    run = setup(config, workdir)
+    return loop(run, stop_signals)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monitoring.StopSignals) -> TrainState:
-  # Imported here, not at module level: clu's writers import TensorFlow (slow, and absent on some GPU
-  # images), which the step functions above, the benches and the tests of the step do not need.
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  mesh = sharding.mesh_from_config(config.mesh)
-  sharding.check_batch_divisible(config.global_batch_size, mesh)
-  writer = console.tensorboard_writer(workdir, jax.process_index())  # no second copy of each metric line
-  changed = run_config.save(config, workdir)  # <workdir>/config.json + commands.txt (process 0); readers use it
-  if changed:
-    logging.warning("This start changes config %s from the previous start of this run.", ", ".join(changed))
-  writer.write_hparams(run_config.flat_hparams(config))  # every config leaf, dotted names
-
-  model = build_model(config.model)
-  objective = objectives.get_objective(config.objective)
-  dataset = objective.make_train_dataset(config, workdir, model, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-  data_iterator = iter(dataset)
-  describe_record = getattr(dataset, "describe_record", None)  # names records in NonFiniteLossError
-  data_stream = checkpointing.DataStream(data_iterator, config.global_batch_size)  # checkpoints record the layout
-  config = resolve_run_length(config, workdir)  # epoch-based runs: num_train_steps from the record count
-
-  optimizer, schedule = make_optimizer(config)
-  checkpoints = checkpointing.CheckpointWriter(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                               async_save=config.async_checkpointing, data_stream=data_stream)
-  manager = checkpoints.manager
-  abstract, state_shardings = abstract_state(model, optimizer, config, mesh)
-  checkpointing.check_free_space(checkpoints.directory, checkpointing.state_bytes(abstract))
-  restored = checkpointing.restore_latest(manager, abstract, data_stream)
-  if restored is not None:
-    state, start_step = restored
-    logging.info("Resumed from step %d (state and data iterator).", start_step)
-  else:
-    state, state_shardings = create_sharded_state(model, optimizer, config, mesh)
-    start_step = 0
-    state = initialise_from_checkpoints(state, config, state_shardings)
-  if start_step >= config.num_train_steps:
-    logging.info("%s", console.already_complete(start_step, config.num_train_steps,
-                                                         os.path.join(checkpoints.directory, str(start_step))))
-    checkpoints.close()
-    if hasattr(data_iterator, "close"):
-      data_iterator.close()
-    writer.close()
-    return state
-  param_count = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("%s", console.banner(
-      objective=config.objective, model=config.model.get("name", config.objective), num_params=param_count,
-      mesh=dict(mesh.shape), num_devices=mesh.size,
-      records=config.data.get("train_records", "") or os.path.join(workdir, "records"),
-      num_records=config.data.get("num_train_examples", 0), global_batch_size=config.global_batch_size,
-      num_steps=config.num_train_steps, start_step=start_step, epochs=config.get("epochs", 0.0), workdir=workdir))
-  run_start, last_values = time.perf_counter(), {}
-
-  step_fn = make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
-  train_metrics, previous = None, None
-  window_start, window_steps, data_wait, skipped = time.perf_counter(), 0, 0.0, 0
-  batch_timeout_s = config.data.get("batch_timeout_s", 0)
-  profile = monitoring.ProfileWindow(config.get("profile_steps", ()), workdir)
+def loop(run: Run, stop_signals: monitoring.StopSignals) -> TrainState:
+  """Trains `run` from its start step to config.num_train_steps; returns the final state."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (TensorFlow: see setup)
   from egoexo_jax import train_eval  # pylint: disable=g-import-not-at-top  (it imports evaluate, which imports train)
-  between_steps = train_eval.TrainingEvaluation(config, workdir, model, mesh, state_shardings)
-
+  config, state, checkpoints, objective = run.config, run.state, run.checkpoints, run.objective
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=run.writer)
+  profile = monitoring.ProfileWindow(config.get("profile_steps", ()), run.workdir)
+  between_steps = train_eval.TrainingEvaluation(config, run.workdir, objective, run.mesh, run.state_shardings)
+  window, previous, final_metrics, run_start = LogWindow(config.num_train_steps), None, {}, time.perf_counter()
   try:
-    for step in range(start_step + 1, config.num_train_steps + 1):
+    if run.start_step >= config.num_train_steps:
+      logging.info("%s", console.already_complete(run.start_step, config.num_train_steps,
+                                                  os.path.join(checkpoints.directory, str(run.start_step))))
+      return state
+    logging.info("%s", banner(run))
+    for step in range(run.start_step + 1, config.num_train_steps + 1):
       tick = time.perf_counter()
-      batch, host = split_host_keys(monitoring.next_batch(data_iterator, batch_timeout_s, step))
-      if step == start_step + 1 and jax.process_index() == 0:  # a few input clips with their targets
-        from egoexo_jax import pictures  # pylint: disable=g-import-not-at-top
-        pictures.write_input_clips(writer, step, batch)
+      batch, host = split_host_keys(monitoring.next_batch(run.data_iterator, config.data.get("batch_timeout_s", 0),
+                                                          step))
+      first = step == run.start_step + 1
+      if first and jax.process_index() == 0:  # a few input clips with their targets, in TensorBoard
+        from egoexo_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib)
+        pictures.write_input_clips(run.writer, step, batch)
         logging.info("Compiling the train step (the first step's time is left out of the speed and ETA).")
-      batch = sharding.host_batch_to_global(batch, mesh)
-      data_wait += time.perf_counter() - tick
-      skipped += int(np.sum(host.get(pipelines.SKIPPED_RECORDS, 0)))
+      batch = sharding.host_batch_to_global(batch, run.mesh)
+      data_wait = time.perf_counter() - tick
       profile.before_step(step)
-      state, step_metrics, terms = step_fn(state, batch)
+      state, step_metrics, terms = run.step_fn(state, batch)
       profile.after_step(step, terms)
-      # Check the previous step's loss only now, so the host never stalls the device queue.
-      if previous is not None:
+      if previous is not None:  # the previous step's loss only now, so the host never stalls the device queue
         check_finite(*previous)
-      previous = (step, terms, host.get(pipelines.RECORD_INDEX), describe_record)
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      window_steps += 1
+      previous = (step, terms, host.get(stream.RECORD_INDEX), run.describe_record)
+      window.add(step_metrics, data_wait, int(np.sum(host.get(stream.SKIPPED_RECORDS, 0))))
       report_progress(step)
-      log_now = step % config.log_every_steps == 0 or step == config.num_train_steps
-      if step == start_step + 1:  # the compiled step is not counted in the speed and ETA (write_summary)
+      last = step == config.num_train_steps
+      log_now = step % config.log_every_steps == 0 or last
+      if first:
         jax.block_until_ready(terms)
         logging.info("Step %d done (compilation included) in %.1f s.", step, time.perf_counter() - tick)
-        window_steps = 0
         if not log_now:
-          window_start, data_wait = time.perf_counter(), 0.0
+          window.exclude_compilation()
 
       if log_now:
         check_finite(*previous)
-        extra = {"skipped_records": global_sum(skipped), **monitoring.memory_metrics()}
-        if hasattr(objective, "evaluate"):  # an objective's optional held-out metrics (objectives/__init__.py)
-          extra.update(objective.evaluate(model, state.params, config, workdir))
-        last_values = write_summary(writer, step, config, train_metrics, time.perf_counter() - window_start,
-                                    window_steps, data_wait, extra)
-        train_metrics, window_start, window_steps, data_wait, skipped = None, time.perf_counter(), 0, 0.0, 0
-
+        extra = {"skipped_records": global_sum(window.skipped), **monitoring.memory_metrics()}
+        if objective.evaluate is not None:  # an objective's optional held-out metrics
+          extra.update(objective.evaluate(state.params, config, run.workdir))
+        final_metrics = write_summary(run.writer, step, config, window, extra)
+        window.reset()
       state = between_steps(step, state)  # precise BatchNorm statistics, periodic evaluation, best checkpoint
-
-      if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+      if step % config.checkpoint_every_steps == 0 or last:
         check_finite(*previous)
         checkpoints.save(step, state)
       checkpoints.check()  # a failed async save stops the run now, not one interval later
-      if stop_signals.requested(step) and step < config.num_train_steps:
+      if stop_signals.requested(step) and not last:
         check_finite(*previous)
         checkpoints.save_now(step, state)
         raise stop_signals.stopped(step, checkpoints.directory)
@@ -445,14 +356,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_signals: monito
     profile.close()
     between_steps.close()
     checkpoints.close()  # an async save in flight completes even when training fails
-    if hasattr(data_iterator, "close"):
-      data_iterator.close()  # stops Grain worker processes
+    if hasattr(run.data_iterator, "close"):
+      run.data_iterator.close()  # stops Grain worker processes
     processes.release_shared_memory()
-    writer.flush()
+    run.writer.flush()
   best, best_metric = console.read_best(between_steps.best_file)
   logging.info("%s", console.end_summary(
-      final_metrics=last_values, wall_seconds=time.perf_counter() - run_start,
-      steps_run=config.num_train_steps - start_step, num_steps=config.num_train_steps,
+      final_metrics=final_metrics, wall_seconds=time.perf_counter() - run_start,
+      steps_run=config.num_train_steps - run.start_step, num_steps=config.num_train_steps,
       last_checkpoint=os.path.join(checkpoints.directory, str(config.num_train_steps)),
       best_checkpoint=best, best_metric=best_metric))
   return state
+

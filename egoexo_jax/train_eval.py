@@ -12,7 +12,7 @@ Here (`TrainingEvaluation`, called once per step by train.py):
   - evaluation every `train_eval.every_steps` steps (or, when that is 0, every `train_eval.every_epochs`
     epochs of data.num_train_examples records, counted at start when 0: train.resolve_run_length) and at
     the last step, on `data.eval_records` with
-    `egoexo_jax.evaluate`'s forward and metrics (`evaluate.score_records`; `config.evaluate`'s views,
+    `egoexo_jax.evaluate`'s forward and metrics (`evaluate.score_records`; `config.eval`'s views,
     except `train_eval.num_clips` x `train_eval.num_crops`: 1 x 1 by default, PySlowFast's 'val' mode
     view count); scalars 'eval/<metric>' in <workdir>/eval;
   - the best state by `train_eval.best_metric` (higher is better; '' picks mAP for multi-label,
@@ -64,7 +64,7 @@ def best_metric_name(config) -> str:
   name = config.get("train_eval", {}).get("best_metric", "")
   if name:
     return name
-  if config.data.get("multi_label", False):
+  if config.data.get("label_kind", "single") == "multi_label":
     return "mAP"
   heads = [h for h, _ in finetune_pipeline.head_sizes(config)]
   return "action_top1" if {"verb", "noun"} <= set(heads) else f"{heads[0]}_top1"
@@ -74,9 +74,9 @@ class TrainingEvaluation:
   """Precise BN and periodic evaluation for one run (module docstring). `__call__(step, state)` returns
   the state, with recomputed batch_stats at evaluation steps and the last step when precise BN is on."""
 
-  def __init__(self, config, workdir: str, model, mesh, state_shardings):
-    self.config, self.workdir, self.model, self.mesh = config, os.path.abspath(workdir), model, mesh
-    self.precise_bn = PreciseBatchNorm(config, workdir, model, mesh, state_shardings)
+  def __init__(self, config, workdir: str, objective, mesh, state_shardings):
+    self.config, self.workdir, self.model, self.mesh = config, os.path.abspath(workdir), objective.model, mesh
+    self.precise_bn = PreciseBatchNorm(config, workdir, objective, mesh, state_shardings)
     self.records = config.data.get("eval_records", "")
     asked = config.get("train_eval", {})
     if not self.records and (asked.get("every_steps", 0) or asked.get("every_epochs", 0)):

@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from egoexo_jax import checkpointing, sharding, train
-from egoexo_jax.models import build_model
+from egoexo_jax import checkpointing, objectives, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def saved_state(config, workdir):
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
-  state, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  state, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   manager = checkpointing.make_manager(str(workdir), max_to_keep=2, async_save=False)
   checkpointing.save(manager, 7, state)
   manager.wait_until_finished()
@@ -30,9 +29,9 @@ def saved_state(config, workdir):
 
 
 def fresh_state(config):
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
-  state, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  state, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   return state
 
 
@@ -143,17 +142,17 @@ def grain_batches(num_workers: int):
 
 def random_train_state(config, mesh):
   """A train state of the tiny model's shapes filled with random numbers, in the mesh's shardings."""
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
-  abstract, shardings = train.abstract_state(model, optimizer, config, mesh)
+  abstract, shardings = train.abstract_state(objective, optimizer, config, mesh)
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), abstract)
-  return jax.device_put(state, shardings), model, optimizer
+  return jax.device_put(state, shardings), objective, optimizer
 
 
 def test_fsdp_checkpoint_on_8_devices_resumes_on_1_device_and_the_data_position_moves_to_2_workers(tmp_path):
   config = tiny_config(**{"mesh.fsdp": 8, "mesh.fsdp_min_size": 0})
-  state, model, optimizer = random_train_state(config, sharding.mesh_from_config(config.mesh))
+  state, objective, optimizer = random_train_state(config, sharding.mesh_from_config(config.mesh))
   assert sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)) > 10  # fully sharded
   drawn = grain_batches(0)
   for _ in range(3):
@@ -163,7 +162,7 @@ def test_fsdp_checkpoint_on_8_devices_resumes_on_1_device_and_the_data_position_
   manager.close()
 
   one_device = sharding.make_mesh(1)
-  abstract, _ = train.abstract_state(model, optimizer, tiny_config(**{"mesh.num_devices": 1}), one_device)
+  abstract, _ = train.abstract_state(objective, optimizer, tiny_config(**{"mesh.num_devices": 1}), one_device)
   resumed = grain_batches(2)
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2, async_save=False)
   restored, step = checkpointing.restore_latest(manager, abstract, checkpointing.DataStream(resumed, 4))

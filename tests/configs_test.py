@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from egoexo_jax import objectives
 from egoexo_jax.objectives import egoexo as egoexo_objective
-from egoexo_jax.input import pipelines
-from egoexo_jax.models import build_model
 
 CONFIG_FILE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "egoexo.py"
 
@@ -24,9 +23,10 @@ def load(arg):
 @pytest.mark.parametrize("arg,grid", [("", (8, 7, 7)), ("small", (8, 4, 4))])
 def test_interaction_targets_match_the_model_grid(arg, grid):
   config = load(arg)
-  assert pipelines.feature_grid(config) == grid
-  model = build_model(config.model)
-  clips = egoexo_objective.example_batch(config, 2)["clips"]
+  objective = objectives.resolve(config)
+  model = objective.model
+  assert egoexo_objective.interaction_grid(model, config) == grid
+  clips = objective.example_batch(config, 2)["clips"]
   shapes = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
                           jax.ShapeDtypeStruct(clips.shape, jnp.float32))
   assert shapes["interaction"].shape == (2, *grid, 2)

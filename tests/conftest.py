@@ -265,7 +265,7 @@ class VideoResNet(tnn.Module):
       return {"action": self.head.projection(pooled)}, x
     action, ego, obj = (projection(pooled) for projection in self.head.projections)
     interaction = self.handobjhead.score_projection(torch.relu(self.handobjhead.pathway0_conv_fcn0(x[0])))
-    return {"action": action, "ego": ego, "object": obj, "interaction": interaction.permute(0, 2, 3, 4, 1)}, x
+    return {"action": action, "ego_score": ego, "object": obj, "interaction": interaction.permute(0, 2, 3, 4, 1)}, x
 
 
 def randomise(model, seed=0):

@@ -10,10 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from egoexo_jax import checkpointing
+from egoexo_jax import checkpointing, objectives, train
 from egoexo_jax.downstream import anticipation, annotations, extract, loop, metrics, mstcn, segmentation
-from egoexo_jax.models import build_model
-from egoexo_jax.objectives import evgap as evgap_objective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "evgap"
@@ -185,8 +183,9 @@ def test_window_plan():
 
 def test_extraction_writes_the_encoder_features_of_every_view(tmp_path):
   config = tiny_evgap_config()
-  model = build_model(config.model)
-  params = jax.jit(lambda r: evgap_objective.init_variables(model, config, r))(jax.random.key(3))["params"]
+  objective = objectives.resolve(config)
+  model = objective.model
+  params = jax.jit(lambda r: train.init_variables(objective, config, r))(jax.random.key(3))["params"]
   manager = checkpointing.make_manager(str(tmp_path / "run"), max_to_keep=1, async_save=False)
   checkpointing.save(manager, 1, {"params": params, "batch_stats": {}})
   manager.close()

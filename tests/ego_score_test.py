@@ -13,7 +13,7 @@ import numpy as np
 
 from conftest import tiny_config
 from egoexo_jax.input import convert, sources, transforms
-from egoexo_jax.models import build_model
+from egoexo_jax import objectives
 from egoexo_jax.pseudo_labels import ego_score
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def test_batched_scores_equal_the_mean_of_per_clip_logits(real_record_pattern):
   config = tiny_config(real_record_pattern, **{"model.num_classes": {"action": 2}, "model.use_ego_heads": False})
-  model = build_model(config.model)
+  model = objectives.resolve(config).model
   clips = np.zeros((1, 4, 64, 64, 3), np.float32)
   variables = model.init(jax.random.key(3), clips, train=False)
   logits_fn = ego_score.make_logits_fn(model, variables, jnp.float32)

@@ -10,12 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from egoexo_jax import checkpointing, run_config
+from egoexo_jax import checkpointing, objectives, run_config, train
 from egoexo_jax.downstream import (anticipation, asformer, c2ftcn, encoder_stack, loop, ltcontext, mstcn, segmentation,
                                    tempagg)
-from egoexo_jax.models import build_model
 from egoexo_jax.models.transformer import SequenceEncoder
-from egoexo_jax.objectives import evgap as evgap_objective
 
 ENCODER = SequenceEncoder(width=8, num_layers=1, num_heads=2, mlp_dim=16, max_length=8, dropout_rate=0.1)
 
@@ -115,8 +113,9 @@ DEMO = pathlib.Path(__file__).resolve().parent.parent / "data" / "evgap"
 def pretrained_run(tmp_path_factory):
   """A checkpoint of the `:small` EVGAP model (initial weights), as a pre-training run leaves one."""
   config = encoder_stack.load_config(str(DEMO.parent.parent / "configs" / "evgap_pair.py") + ":small")
-  model = build_model(config.model)
-  params = jax.jit(lambda r: evgap_objective.init_variables(model, config, r))(jax.random.key(3))["params"]
+  objective = objectives.resolve(config)
+  model = objective.model
+  params = jax.jit(lambda r: train.init_variables(objective, config, r))(jax.random.key(3))["params"]
   workdir = tmp_path_factory.mktemp("pretrained")
   manager = checkpointing.make_manager(str(workdir), max_to_keep=1, async_save=False)
   checkpointing.save(manager, 1, {"params": params, "batch_stats": {}})

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from egoexo_jax import checkpointing, cli, evaluate, run_config, sharding, train
+from egoexo_jax import checkpointing, cli, evaluate, objectives, run_config, sharding, train
 from egoexo_jax.input import convert
-from egoexo_jax.models import build_model
 from testlib import TINY_FLAGS, tiny_finetune_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -175,9 +174,9 @@ def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
   previous = jax.config.jax_default_prng_impl
   jax.config.update("jax_default_prng_impl", "rbg")  # compiles the initialisation faster on CPU
   try:
-    model = build_model(config.model)
+    objective = objectives.resolve(config)
     optimizer, _ = train.make_optimizer(config)
-    state, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+    state, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   finally:
     jax.config.update("jax_default_prng_impl", previous)
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=1, async_save=False)
@@ -236,10 +235,10 @@ def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
 
 def test_a_checkpoint_of_another_num_classes_is_a_one_line_error_naming_the_parameter(tmp_path):
   config = tiny_finetune_config("finetune_charades_ego")
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
   mesh = sharding.make_mesh(1)
-  abstract, _ = train.abstract_state(model, optimizer, config, mesh)
+  abstract, _ = train.abstract_state(objective, optimizer, config, mesh)
   state = jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype), abstract)  # the values do not matter here
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=1, async_save=False)
   checkpointing.save(manager, 3, state)

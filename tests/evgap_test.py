@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from egoexo_jax import checkpointing, run_config, train
+from egoexo_jax import checkpointing, objectives, run_config, train
 from egoexo_jax.downstream import extract
 from egoexo_jax.input import feature_pipeline, feature_records, records
-from egoexo_jax.models import build_model
 from egoexo_jax.objectives import evgap as evgap_objective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -218,8 +217,9 @@ def test_group_retrieval_top1_matches_numpy():
 def test_heldout_evaluation_embeds_every_window_of_every_view(demo_prefix, tmp_path):
   config = tiny("evgap_group", demo_prefix, **{"data.heldout_recordings": "box_r3,bikes_r1",
                                                "data.heldout_fraction": 0.25})
-  model = build_model(config.model)
-  params = evgap_objective.init_variables(model, config, jax.random.key(1))["params"]
+  objective = objectives.resolve(config)
+  model = objective.model
+  params = train.init_variables(objective, config, jax.random.key(1))["params"]
   got = evgap_objective.evaluate(model, params, config, str(tmp_path))
   # By hand: the nominal windows (every 10 frames, 8 long) of box_r3 and bikes_r1, and of the last quarter
   # of every other recording, each view embedded alone.
@@ -282,8 +282,9 @@ def test_stream_is_deterministic_resumable_and_split_over_hosts(demo_prefix):
 
 def test_model_outputs_and_parameters(demo_prefix):
   config = tiny("evgap_group", demo_prefix)
-  model = build_model(config.model)
-  variables = jax.jit(lambda rng: evgap_objective.init_variables(model, config, rng))(jax.random.key(0))
+  objective = objectives.resolve(config)
+  model = objective.model
+  variables = jax.jit(lambda rng: train.init_variables(objective, config, rng))(jax.random.key(0))
   params = variables["params"]
   assert sorted(params) == ["encoder", "group_bias", "group_log_scale", "heads", "pair_log_scale"]
   assert sorted(params["heads"]) == ["projection_0", "projection_1"]

@@ -20,9 +20,9 @@ import torch
 
 import egoexo_jax
 from conftest import ROOT, VideoResNet, pack_pathways, random_variables, tiny_config, write_checkpoint
-from egoexo_jax import checkpointing, export, pretrained
+from egoexo_jax import checkpointing, export, objectives, pretrained
 from egoexo_jax.input import transforms
-from egoexo_jax.models import build_model, egoexo, export_weights, import_weights
+from egoexo_jax.models import egoexo, export_weights, import_weights
 from egoexo_jax.models.resnet2d import WeightImportError
 
 TINY_BLOCKS = (1, 1, 1, 1)
@@ -65,7 +65,7 @@ def test_pyslowfast_export_round_trips_and_gives_pyslowfast_outputs(arch, ego_he
   with torch.no_grad():
     want, _ = torch_model(pack_pathways(frames, slowfast))
   got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, frames.numpy().transpose(0, 2, 3, 4, 1))
-  assert set(want) == ({"action", "ego", "object", "interaction"} if ego_heads else {"action"})
+  assert set(want) == ({"action", "ego_score", "object", "interaction"} if ego_heads else {"action"})
   for name, value in want.items():
     error = float(np.max(np.abs(np.asarray(got[name]) - value.numpy())))
     print(f"{arch} {name}: max |error| {error:.2e}, |value| up to {np.abs(value.numpy()).max():.2f}")
@@ -100,7 +100,7 @@ def trained_run(tmp_path_factory):
   (records / "train.tfrecord-00000-of-00001").write_bytes(b"\0" * 1000)
   (records / "train.json").write_text(json.dumps({"manifest": "videos.csv", "num_records": 6}))
   config = tiny_config(str(records / "train.tfrecord-*"))
-  model = build_model(config.model)
+  model = objectives.resolve(config).model
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                           jax.ShapeDtypeStruct((1, 4, 64, 64, 3), jnp.float32))
   for step in (2, 4):
@@ -169,7 +169,7 @@ def test_export_holds_the_inference_variables_a_card_and_a_forward_function(trai
   # One-call loading gives the trained model's outputs.
   clips = np.random.default_rng(0).integers(0, 256, (1, 4, 64, 64, 3), dtype=np.uint8)
   normalised = transforms.normalize_clips(clips, jnp.float32)
-  want = jax.jit(lambda v, x: build_model(config.model).apply(v, x, train=False))(
+  want = jax.jit(lambda v, x: objectives.resolve(config).model.apply(v, x, train=False))(
       {"params": training["params"], "batch_stats": training["batch_stats"]}, normalised)
   model, variables = egoexo_jax.load_pretrained(output)
   got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, normalised)

@@ -13,9 +13,10 @@ from PIL import Image
 
 from conftest import tiny_config
 from testlib import load_config, tiny_finetune_config
-from egoexo_jax import checkpointing, train
-from egoexo_jax.input import convert, egoexo_pipeline, finetune_pipeline, records, stream
+from egoexo_jax import checkpointing, objectives, train
+from egoexo_jax.input import convert, finetune_pipeline, records, stream
 from egoexo_jax.models import build_model
+from egoexo_jax.objectives import egoexo as egoexo_objective
 from egoexo_jax.objectives import finetune as finetune_objective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -81,14 +82,14 @@ def test_configs_carry_the_released_recipes():
 
 def test_model_has_one_head_per_label_set_and_an_optional_interaction_head():
   config = tiny_finetune_config(arg="small,star")
-  model = build_model(config.model)
+  model = objectives.resolve(config).model
   clips = jnp.zeros((2, 4, 64, 64, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), clips, train=False))
   outputs = jax.eval_shape(lambda v: model.apply(v, clips, train=False), variables)
   assert outputs["verb"].shape == (2, 97) and outputs["noun"].shape == (2, 300)
-  assert outputs["interaction"].shape == (2, *egoexo_pipeline.feature_grid(config), 2)
+  assert outputs["interaction"].shape == (2, *egoexo_objective.interaction_grid(model, config), 2)
   assert sorted(variables["params"]) == ["backbone", "interaction_head", "noun_head", "verb_head"]
-  charades = build_model(tiny_finetune_config("finetune_charades_ego").model)
+  charades = objectives.resolve(tiny_finetune_config("finetune_charades_ego")).model
   params = jax.eval_shape(lambda: charades.init(jax.random.key(0), clips, train=False))["params"]
   assert sorted(params) == ["action_head", "backbone"]  # Ego-Exo's names: init_from finds the backbone
 
@@ -114,7 +115,7 @@ def test_fully_convolutional_test_forward_matches_numpy(name="finetune_epic100")
   from egoexo_jax.input import transforms  # pylint: disable=g-import-not-at-top
 
   config = tiny_finetune_config(name)
-  model = build_model(config.model)
+  model = objectives.resolve(config).model
   frames = np.stack(decode_real_frames("cup.mp4", 4, 96))
   views = np.stack([frames[:, :96, :96], frames[:, -96:, -96:]])  # a 96 test crop, training crop 64
   variables = model.init(jax.random.key(1), jnp.zeros((1, 4, 64, 64, 3)), train=False)
@@ -189,7 +190,8 @@ def test_train_examples_have_fixed_shapes_and_maps_in_star_mode():
   example = transform.random_map(record, np.random.default_rng(0))
   assert example["clips"].shape == (4, 64, 64, 3) and example["clips"].dtype == np.uint8
   np.testing.assert_array_equal(example["labels"], [23, 13])
-  assert example["interaction_map"].shape == (*egoexo_pipeline.feature_grid(config), 2)
+  assert example["interaction_map"].shape == (*egoexo_objective.interaction_grid(build_model(config.model, "finetune"),
+                                                                                  config), 2)
   assert example["has_interaction"] == 1 and example["interaction_map"][..., 0].max() == pytest.approx(0.8)
 
 
@@ -228,7 +230,7 @@ def test_classification_loss_matches_numpy():
   verb, noun = rng.normal(size=(6, 5)), rng.normal(size=(6, 7))
   labels = np.stack([rng.integers(0, 5, 6), rng.integers(0, 7, 6)], axis=1)
   total, scalars = finetune_objective.classification_loss(
-      {"verb": jnp.asarray(verb), "noun": jnp.asarray(noun)}, jnp.asarray(labels), (("verb", 5), ("noun", 7)), False)
+      {"verb": jnp.asarray(verb), "noun": jnp.asarray(noun)}, jnp.asarray(labels), (("verb", 5), ("noun", 7)), "single")
   rows = np.arange(6)
   expected_verb = -np_log_softmax(verb)[rows, labels[:, 0]].mean()
   expected_noun = -np_log_softmax(noun)[rows, labels[:, 1]].mean()
@@ -237,7 +239,7 @@ def test_classification_loss_matches_numpy():
   assert float(scalars["accuracy_action"]) == pytest.approx(both.mean())
   logits, targets = rng.normal(size=(4, 9)), (rng.uniform(size=(4, 9)) < 0.3).astype(np.float32)
   bce, scalars = finetune_objective.classification_loss({"action": jnp.asarray(logits)}, jnp.asarray(targets),
-                                                        (("action", 9),), True)
+                                                        (("action", 9),), "multi_label")
   p = 1 / (1 + np.exp(-logits))
   assert float(bce) == pytest.approx(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(), rel=1e-5)
   assert float(scalars["top1_precision"]) == pytest.approx(targets[np.arange(4), logits.argmax(1)].mean())
@@ -280,8 +282,8 @@ def test_finetune_starts_from_the_pretrained_backbone_with_new_heads(pretrained_
     seen["terms"].append({k: float(v) for k, v in jax.device_get(terms).items()})
     real_check_finite(step, terms, *args)
 
-  real_initialise, real_check_finite = train.initialise_from_checkpoints, train.check_finite
-  monkeypatch.setattr(train, "initialise_from_checkpoints", record_initialisation)
+  real_initialise, real_check_finite = train.initialize_from_checkpoints, train.check_finite
+  monkeypatch.setattr(train, "initialize_from_checkpoints", record_initialisation)
   monkeypatch.setattr(train, "check_finite", record_terms)
   final = train.train_and_evaluate(config, str(tmp_path))  # 3 steps through the one trainer
 

@@ -84,7 +84,7 @@ def test_egoexo_multitask_and_interaction_heads_import(tmp_path):
   assert (model_args["num_object_classes"], model_args["interaction_channels"]) == (12, 32)
   frames = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(3))
   want, _, got, _ = run_both(torch_model, "slowfast_r50", variables, model_args, frames, backbone_args)
-  for name in ("action", "ego", "object", "interaction"):
+  for name in ("action", "ego_score", "object", "interaction"):
     assert max_error(got[name], want[name]) < 1e-5, name
 
 

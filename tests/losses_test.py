@@ -119,21 +119,21 @@ def test_bfloat16_logits_give_float32_losses():
 def egoexo_example(seed=0):
   x = random_inputs(seed)
   rng = np.random.default_rng(seed + 1)
-  outputs = {"action": x["logits"], "ego": rng.normal(0, 2, (B, 2)).astype(np.float32),
+  outputs = {"action": x["logits"], "ego_score": rng.normal(0, 2, (B, 2)).astype(np.float32),
              "object": rng.normal(0, 2, (B, 20)).astype(np.float32), "interaction": x["map_logits"]}
-  batch = {"label": x["labels"], "ego_logits": rng.normal(0, 2, (B, 2)).astype(np.float32),
+  batch = {"labels": x["labels"], "ego_score_logits": rng.normal(0, 2, (B, 2)).astype(np.float32),
            "object_logits": rng.normal(0, 2, (B, 20)).astype(np.float32), "interaction_map": x["map_targets"],
-           "has_ego": MASK, "has_object": np.ones(B, np.float32), "has_interaction": MASK[::-1].copy()}
+           "has_ego_score": MASK, "has_object": np.ones(B, np.float32), "has_interaction": MASK[::-1].copy()}
   return outputs, batch
 
 
 def test_egoexo_loss_total_is_the_weighted_sum_of_the_terms():
   outputs, batch = egoexo_example()
-  weights = {"ego": 0.1, "object": 0.5, "interaction": 1.0}
+  weights = {"ego_score": 0.1, "object": 0.5, "interaction": 1.0}
   total, terms = losses.egoexo_loss(outputs, batch, weights, temperature_ego=2.0, temperature_object=4.0)
   want = {
-      "action": np_cross_entropy(outputs["action"], batch["label"], None),
-      "ego": np_soft_target_kl(outputs["ego"], batch["ego_logits"], 2.0, batch["has_ego"]),
+      "action": np_cross_entropy(outputs["action"], batch["labels"], None),
+      "ego_score": np_soft_target_kl(outputs["ego_score"], batch["ego_score_logits"], 2.0, batch["has_ego_score"]),
       "object": np_soft_target_kl(outputs["object"], batch["object_logits"], 4.0, batch["has_object"]),
       "interaction": np_bce(outputs["interaction"], batch["interaction_map"], batch["has_interaction"]),
   }
@@ -149,15 +149,15 @@ def test_egoexo_loss_released_recipe_sums_the_hand_and_object_map_means():
   # Released: 0.5 CE + 0.1 KL_ego + 0.5 KL_obj + 1.0 (BCE mean of the hand map + BCE mean of the object map),
   # each map's mean taken on its own over the clips that carry boxes (handobj_models.cal_handobj_loss).
   outputs, batch = egoexo_example()
-  weights = {"ego": 0.1, "object": 0.5, "interaction": 1.0}
+  weights = {"ego_score": 0.1, "object": 0.5, "interaction": 1.0}
   total, terms = losses.egoexo_loss(outputs, batch, weights, 1.0, 1.0, action_weight=0.5,
                                     interaction_reduction="sum")
   keep = batch["has_interaction"] > 0
   logits, targets = outputs["interaction"][keep].astype(np.float64), batch["interaction_map"][keep]
   bce = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
   hand, obj = bce[..., 0].mean(), bce[..., 1].mean()
-  want = (0.5 * np_cross_entropy(outputs["action"], batch["label"], None)
-          + 0.1 * np_soft_target_kl(outputs["ego"], batch["ego_logits"], 1.0, batch["has_ego"])
+  want = (0.5 * np_cross_entropy(outputs["action"], batch["labels"], None)
+          + 0.1 * np_soft_target_kl(outputs["ego_score"], batch["ego_score_logits"], 1.0, batch["has_ego_score"])
           + 0.5 * np_soft_target_kl(outputs["object"], batch["object_logits"], 1.0, batch["has_object"])
           + 1.0 * (hand + obj))
   np.testing.assert_allclose(total, want, rtol=1e-5)
@@ -170,12 +170,12 @@ def test_egoexo_loss_released_recipe_sums_the_hand_and_object_map_means():
 def test_egoexo_loss_skips_zero_weight_terms():
   outputs, batch = egoexo_example()
   action_only = {"action": outputs["action"]}  # a computed ego term would raise KeyError
-  total, terms = losses.egoexo_loss(action_only, batch, {"ego": 0.0, "object": 0.0}, 2.0, 4.0)
-  assert set(terms) == {"action", "ego", "object", "interaction", "total"}
-  assert terms["ego"] == terms["object"] == terms["interaction"] == 0.0
+  total, terms = losses.egoexo_loss(action_only, batch, {"ego_score": 0.0, "object": 0.0}, 2.0, 4.0)
+  assert set(terms) == {"action", "ego_score", "object", "interaction", "total"}
+  assert terms["ego_score"] == terms["object"] == terms["interaction"] == 0.0
   np.testing.assert_allclose(total, terms["action"])
   with pytest.raises(KeyError):
-    losses.egoexo_loss(action_only, batch, {"ego": 0.1}, 2.0, 4.0)
+    losses.egoexo_loss(action_only, batch, {"ego_score": 0.1}, 2.0, 4.0)
   with pytest.raises(ValueError, match="unknown loss weights"):
     losses.egoexo_loss(outputs, batch, {"interation": 1.0}, 2.0, 4.0)
 
@@ -183,7 +183,7 @@ def test_egoexo_loss_skips_zero_weight_terms():
 def test_egoexo_loss_gradients_are_finite_under_jit():
   outputs, batch = egoexo_example()
   outputs = {k: 30.0 * v for k, v in outputs.items()}  # saturated logits
-  weights = {"ego": 0.1, "object": 0.5, "interaction": 1.0}
+  weights = {"ego_score": 0.1, "object": 0.5, "interaction": 1.0}
 
   @jax.jit
   def loss_fn(outputs):

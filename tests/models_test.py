@@ -73,7 +73,7 @@ def test_tiny_model_output_shapes(tiny):
   _, clips, variables, apply = tiny
   outputs, _ = apply(variables, clips, jax.random.key(2), train=True)
   assert {k: v.shape for k, v in outputs.items()} == {
-      "action": (2, 5), "ego": (2, 2), "object": (2, 7), "interaction": (2, 4, 2, 2, 2), "features": (2, 256)}
+      "action": (2, 5), "ego_score": (2, 2), "object": (2, 7), "interaction": (2, 4, 2, 2, 2), "features": (2, 256)}
   assert all(v.dtype == jnp.float32 for v in outputs.values())
 
   action_only = egoexo.Model(**TINY, use_ego_heads=False)

@@ -17,8 +17,7 @@ import orbax.checkpoint as ocp
 
 from conftest import assert_trees_close, tiny_config
 from testlib import override_flags
-from egoexo_jax import sharding, train
-from egoexo_jax.models import build_model
+from egoexo_jax import objectives, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,9 +45,9 @@ def run_two_processes(config, workdir) -> None:
 
 def saved_state(workdir, step, config):
   """The train state of a checkpoint, read onto 1 device of this process."""
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, sharding.make_mesh(1))
+  abstract, _ = train.abstract_state(objective, optimizer, config, sharding.make_mesh(1))
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"), abstract)
   return jax.device_get((state.params, state.batch_stats, state.opt_state))
 

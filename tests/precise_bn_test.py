@@ -11,9 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import assert_trees_close
-from egoexo_jax import checkpointing, evaluate, precise_bn, sharding, train, train_eval
+from egoexo_jax import checkpointing, evaluate, objectives, precise_bn, sharding, train, train_eval
 from egoexo_jax.input import convert
-from egoexo_jax.models import build_model
 from testlib import tiny_finetune_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,16 +48,17 @@ def bn_inputs_by_numpy(model, variables, clips):
 
 def test_precise_statistics_are_the_average_of_each_batch_statistics():
   config = tiny_finetune_config("finetune_epic100", **{"mesh.num_devices": 2})
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
+  model = objective.model
   mesh = sharding.mesh_from_config(config.mesh)
   optimizer, _ = train.make_optimizer(config)
-  state, shardings = train.create_sharded_state(model, optimizer, config, mesh)
+  state, shardings = train.create_sharded_state(objective, optimizer, config, mesh)
   # Running statistics far from any batch's: the result must not depend on them.
   state = state.replace(batch_stats=jax.tree.map(lambda x: x + 5.0, state.batch_stats))
   rng = np.random.default_rng(0)
   batches = [{"clips": rng.integers(0, 256, (4, 4, 64, 64, 3), dtype=np.uint8) // (k + 1),
               "labels": rng.integers(0, 5, (4, 2)).astype(np.int32)} for k in range(3)]
-  statistics_fn = precise_bn.make_batch_statistics_fn(model, config, mesh, shardings)
+  statistics_fn = precise_bn.make_batch_statistics_fn(objective, config, mesh, shardings)
   got, count = precise_bn.average_statistics(statistics_fn, state.params, state.batch_stats,
                                              (sharding.host_batch_to_global(b, mesh) for b in batches))
   assert count == 3
@@ -177,6 +177,7 @@ def test_training_evaluates_periodically_keeps_the_best_and_saves_precise_statis
   assert restored_step == best["step"]
   settings = evaluate.eval_settings(config)
   settings.num_clips, settings.num_crops = 1, 1
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
+  model = objective.model
   again = evaluate.score_records(config, model, variables, mesh, epic_record_sets["validation"], settings)["metrics"]
   assert again["action_top1"] == pytest.approx(best["value"])

@@ -20,15 +20,14 @@ from configs import suml as suml_config
 from conftest import random_variables, tiny_config, write_checkpoint
 from egoexo_jax import checkpointing, evaluate, export, objectives, pretrained, sharding, train
 from egoexo_jax.downstream import extract
-from egoexo_jax.models import backbones, build_model, transformer
+from egoexo_jax.models import backbones, transformer
 from egoexo_jax.pseudo_labels import ego_score
 
 
 def synthetic_run(config, workdir, seed=0):
   """(workdir with one checkpoint of random variables of config's model, those variables)."""
-  model = build_model(config.model)
-  shapes = jax.eval_shape(lambda: objectives.get_objective(config.objective).init_variables(
-      model, config, jax.random.key(0)))
+  objective = objectives.resolve(config)
+  shapes = jax.eval_shape(lambda: train.init_variables(objective, config, jax.random.key(0)))
   variables = random_variables(shapes, seed)
   return write_checkpoint(workdir, variables), variables
 
@@ -51,7 +50,7 @@ def egoexo_export(tmp_path_factory):
 def test_init_from_starts_a_new_task_from_an_export(egoexo_export):
   config, variables, output = egoexo_export
   assert train.parse_init_from(output) == {"backbone": (output, "backbone")}
-  new_task = build_model(tiny_config(**{"model.num_classes": {"action": 7}, "model.use_ego_heads": False}).model)
+  new_task = objectives.resolve(tiny_config(**{"model.num_classes": {"action": 7}, "model.use_ego_heads": False})).model
   fresh = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), jax.eval_shape(
       lambda x: new_task.init(jax.random.key(0), x, train=False), jax.ShapeDtypeStruct((1, 4, 64, 64, 3), jnp.float32)))
   params, batch_stats = checkpointing.load_backbone(output, fresh["params"], fresh["batch_stats"])
@@ -64,7 +63,7 @@ def test_evaluate_reads_an_export_and_names_a_mismatched_field(egoexo_export):
   config, variables, output = egoexo_export
   mesh = sharding.make_mesh(8)
   model, restored, step = evaluate.restore_variables(config, output, mesh)
-  assert step == 7 and model == build_model(config.model)
+  assert step == 7 and model == objectives.resolve(config).model
   assert_same(restored, variables)
   assert restored["params"]["backbone"]["stem"]["conv"]["kernel"].sharding.is_fully_replicated
 
@@ -97,7 +96,7 @@ def test_ego_score_teacher_reads_an_export(tmp_path):
   workdir, variables = synthetic_run(config, tmp_path / "classifier", seed=1)
   export.export(workdir, str(tmp_path / "export"), config=config, forward=False)
   model, restored = ego_score.load_classifier(config, str(tmp_path / "export"))
-  assert model == build_model(config.model)
+  assert model == objectives.resolve(config).model
   assert_same(restored, variables)
 
 

@@ -2,6 +2,7 @@
 PySlowFast LR policies against their formulas re-derived here in NumPy, the released clip sampler and
 SlowFast target frames against hand-worked examples, and each recipe's loss total against NumPy."""
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -14,9 +15,8 @@ import pytest
 
 from conftest import tiny_config
 from configs import common_recipe, recipe_egoexo
-from egoexo_jax import lr_policy, train
+from egoexo_jax import lr_policy, objectives, train
 from egoexo_jax.input import transforms
-from egoexo_jax.objectives import egoexo as egoexo_objective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_NAMES = sorted({name for row in recipe_egoexo.ROWS for name in row.configs})
@@ -269,7 +269,7 @@ class PooledHeads(nn.Module):
   def __call__(self, clips, *, train):
     x = nn.BatchNorm(use_running_average=not train)(jnp.mean(clips, axis=(1, 2)).reshape(clips.shape[0], -1))
     maps = nn.Dense(int(np.prod(self.grid)) * 2)(x).reshape(x.shape[0], *self.grid, 2)
-    return {"action": nn.Dense(self.num_classes)(x), "ego": nn.Dense(2)(x),
+    return {"action": nn.Dense(self.num_classes)(x), "ego_score": nn.Dense(2)(x),
             "object": nn.Dense(self.num_object_classes)(x), "interaction": maps}
 
 
@@ -278,30 +278,32 @@ def test_egoexo_objective_total_per_recipe_against_numpy(recipe):
   config = tiny_config()
   common_recipe.apply_recipe(config, recipe_egoexo.ROWS, recipe, "egoexo", small=True)
   rng = np.random.default_rng(1)
-  shapes = egoexo_objective.example_batch(config, 4)
+  shapes = objectives.resolve(config).example_batch(config, 4)
   model = PooledHeads(shapes["interaction_map"].shape[1:4], config.model.num_classes["action"],
                       config.model.num_object_classes)
+  objective = dataclasses.replace(objectives.resolve(config), model=model)  # the trainer's path with the stand-in
   batch = {k: (rng.integers(0, 255, s.shape).astype(np.uint8) if k == "clips" else
-               rng.integers(0, config.model.num_classes["action"], s.shape).astype(np.int32) if k == "label" else
+               rng.integers(0, config.model.num_classes["action"], s.shape).astype(np.int32) if k == "labels" else
                rng.uniform(size=s.shape).astype(np.float32) if k == "interaction_map" else
                np.ones(s.shape, np.float32) if k.startswith("has_") else rng.normal(size=s.shape).astype(np.float32))
            for k, s in shapes.items()}
   batch["has_interaction"][1] = 0.0  # one clip without detector output
-  variables = egoexo_objective.init_variables(model, config, jax.random.key(0))
-  total, (scalars, _) = egoexo_objective.loss(model, variables["params"], variables["batch_stats"], batch,
-                                              config=config, rng=jax.random.key(2), mesh=None)
+  variables = train.init_variables(objective, config, jax.random.key(0))
+  model_outputs, _ = train.apply_model(objective, variables["params"], variables["batch_stats"], batch, config=config,
+                                       rng=jax.random.key(2))
+  total, scalars = objective.loss(model_outputs, batch, config=config, rng=jax.random.key(2), mesh=None)
   outputs, _ = model.apply(variables, transforms.normalize_clips(batch["clips"], jnp.float32), train=True,
                            mutable=["batch_stats"])
   out = {k: np.asarray(v, np.float64) for k, v in outputs.items()}
   logits = out["action"]
-  ce = np.mean(np.log(np.sum(np.exp(logits), -1)) - logits[np.arange(4), batch["label"]])
+  ce = np.mean(np.log(np.sum(np.exp(logits), -1)) - logits[np.arange(4), batch["labels"]])
   per_map = []
   keep = batch["has_interaction"] > 0
   for c in range(2):  # hand, object: each a BCE mean over the cells of the clips with boxes
     per_map.append(np.mean(bce(out["interaction"][keep, ..., c], batch["interaction_map"][keep, ..., c])))
   l_int = per_map[0] + per_map[1] if recipe == "released" else (per_map[0] + per_map[1]) / 2
   w_act = 0.5 if recipe == "released" else 1.0
-  want = (w_act * ce + 0.1 * np.mean(kl(out["ego"], batch["ego_logits"]))
+  want = (w_act * ce + 0.1 * np.mean(kl(out["ego_score"], batch["ego_score_logits"]))
           + 0.5 * np.mean(kl(out["object"], batch["object_logits"])) + 1.0 * l_int)
   assert float(total) == pytest.approx(want, rel=1e-4)
   assert float(scalars["loss_interaction"]) == pytest.approx((per_map[0] + per_map[1]) / 2, rel=1e-4)

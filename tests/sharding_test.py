@@ -6,9 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
-from egoexo_jax import sharding, train
+from egoexo_jax import objectives, sharding, train
 from egoexo_jax.input import pipelines
-from egoexo_jax.models import build_model
 
 
 def test_fsdp_spec_shards_the_largest_divisible_dimension():
@@ -57,19 +56,19 @@ def assert_fully_sharded(state):
 def test_fully_sharded_training_equals_single_device_training(real_record_pattern):
   """data 2 x fsdp 4 and data 1 x fsdp 8 (every array that divides sharded) against one device, 2 steps."""
   config = tiny_config(real_record_pattern, **{"mesh.fsdp_min_size": 0})
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
   iterator = iter(pipelines.make_train_dataset(config, real_record_pattern))
   batches = [train.split_host_keys(next(iterator))[0] for _ in range(2)]
-  initial, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  initial, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   initial = jax.device_get(initial)  # one initialisation (a long compile on CPU), placed on each mesh
   results = []
   for mesh in (sharding.make_mesh(1), sharding.make_mesh(data=2, fsdp=4), sharding.make_mesh(data=1, fsdp=8)):
-    _, state_shardings = train.abstract_state(model, optimizer, config, mesh)
+    _, state_shardings = train.abstract_state(objective, optimizer, config, mesh)
     state = jax.device_put(initial, state_shardings)
     if mesh.shape["fsdp"] == 8:
       assert_fully_sharded(state)
-    step_fn = train.make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
+    step_fn = train.make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings)
     for batch in batches:
       global_batch = sharding.host_batch_to_global(batch, mesh)
       assert len(global_batch["clips"].addressable_shards) == mesh.size

@@ -19,9 +19,8 @@ from configs import recipe_suml
 from configs import suml as suml_config
 from configs import suml_eval as suml_eval_config
 from configs import suml_exo as suml_exo_config
-from egoexo_jax import run_config, sharding, suml_eval, train
+from egoexo_jax import objectives, run_config, sharding, suml_eval, train
 from egoexo_jax.input import pair_files, suml_pipeline
-from egoexo_jax.models import build_model
 from egoexo_jax.models import suml as suml_model
 from egoexo_jax.objectives import suml as objective
 from egoexo_jax.pseudo_labels import narration_pairs
@@ -149,7 +148,7 @@ def test_true_pair_csv_gives_each_ego_clip_its_declared_exo_clip():
 def test_fpv_only_reads_no_exo_clips_and_no_pair_file(suml_records, tmp_path):
   config = tiny(suml_records, arg="small,fpv_only", **{"data.pairs": "/nonexistent.npz"})
   assert not objective.needs_exo(config) and not objective.needs_text(config)
-  dataset = objective.make_train_dataset(config, str(tmp_path), None, process_index=0, process_count=1)
+  dataset = objective.make_dataset(config, str(tmp_path), process_index=0, process_count=1)
   assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_labels"}
 
 
@@ -165,21 +164,21 @@ def test_model_subtrees_outputs_and_switches():
   ego, exo = model_inputs()
   config = tiny()
   shapes = lambda model: jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), ego, exo, train=False))
-  outputs, variables = shapes(build_model(config.model))
+  outputs, variables = shapes(objectives.resolve(config).model)
   assert set(variables["params"]) == {"ego_backbone", "exo_backbone", "ego_projection", "exo_projection",
                                       "ego_head_0", "exo_head_0"}
   assert outputs["ego_embedding"].shape == outputs["exo_embedding"].shape == (2, 384)
   assert outputs["ego_logits"][0].shape == (2, 2) and outputs["exo_logits"][0].shape == (2, 3)
   config.model.share_backbone = True
-  _, variables = shapes(build_model(config.model))
+  _, variables = shapes(objectives.resolve(config).model)
   assert {"backbone", "ego_projection", "exo_projection"} <= set(variables["params"])
   assert not {"ego_backbone", "exo_backbone"} & set(variables["params"])
   config.model.share_backbone, config.model.discriminator_width = False, 16
-  outputs, variables = shapes(build_model(config.model))
+  outputs, variables = shapes(objectives.resolve(config).model)
   assert outputs["domain_logits"].shape == (4, 2) and "domain_discriminator" in variables["params"]
   config.model.update(share_backbone=True, freeze_exo_backbone=True)
   with pytest.raises(ValueError, match="freeze_exo_backbone needs separate encoders"):
-    shapes(build_model(config.model))
+    shapes(objectives.resolve(config).model)
 
 
 def test_projection_is_unit_norm():
@@ -222,7 +221,7 @@ def synthetic_batch(size=32, seed=0):
   base = rng.normal(size=(size, 48))
   text = {v: np_normalize(base + rng.normal(size=(size, 48))).astype(np.float32) for v in ("ego", "exo")}
   batch = {"ego_clips": clips["ego"], "exo_clips": clips["exo"], "ego_text": text["ego"], "exo_text": text["exo"],
-           "ego_label": np.zeros((size, 1), np.int32), "exo_label": np.zeros((size, 1), np.int32)}
+           "ego_labels": np.zeros((size, 1), np.int32), "exo_labels": np.zeros((size, 1), np.int32)}
   z = {v: np_normalize(((clips[v].reshape(size, -1) / 255.0 - 0.45) / 0.225)) for v in ("ego", "exo")}
   return batch, z["ego"], z["exo"]
 
@@ -230,9 +229,14 @@ def synthetic_batch(size=32, seed=0):
 def run_objective(config, batch, num_devices=8):
   mesh = sharding.make_mesh(num_devices)
   global_batch = sharding.host_batch_to_global(batch, mesh)
-  fn = jax.jit(lambda b: objective.loss(EmbeddingsFromClips(), {}, {}, b, config=config, rng=jax.random.key(3),
-                                        mesh=mesh)[1][0])
-  return jax.device_get(fn(global_batch))
+  stand_in = dataclasses.replace(objectives.resolve(config), model=EmbeddingsFromClips())
+
+  def scalars(b):  # the trainer's path: train.apply_model, then the objective's loss
+    dropout_rng, loss_rng = train.step_rngs(stand_in, jax.random.key(3))
+    outputs, _ = train.apply_model(stand_in, {}, {}, b, config=config, rng=dropout_rng)
+    return stand_in.loss(outputs, b, config=config, rng=loss_rng, mesh=mesh)[1]
+
+  return jax.device_get(jax.jit(scalars)(global_batch))
 
 
 def test_global_negatives_span_the_batch_and_per_device_negatives_each_slice():
@@ -295,18 +299,18 @@ def test_baseline_alignment_terms_match_numpy(baseline):
 def test_sharded_step_equals_single_device_step(suml_records):
   """Real model and clips; L_aw and L_m over the global batch: 8 devices = 1 device."""
   config = tiny(suml_records)
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
   dataset = suml_pipeline.make_paired_dataset(config, *suml_records, with_exo=True, with_text=True)
   batch, _ = train.split_host_keys(next(iter(dataset)))
-  initial, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  initial, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   initial = jax.device_get(initial)
   results = []
   for num_devices in (1, 8):
     mesh = sharding.make_mesh(num_devices)
     state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), initial)
     state = jax.device_put(initial, state_shardings)
-    step_fn = train.make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
+    step_fn = train.make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings)
     state, _, terms = step_fn(state, sharding.host_batch_to_global(batch, mesh))
     results.append(jax.device_get((state.params, state.batch_stats, terms)))
   single, sharded = results

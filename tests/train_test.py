@@ -8,23 +8,22 @@ import numpy as np
 import pytest
 
 from conftest import assert_trees_close, tiny_config
-from egoexo_jax import checkpointing, sharding, train
+from egoexo_jax import checkpointing, objectives, sharding, train
 from egoexo_jax.input import pipelines
-from egoexo_jax.models import build_model
 
 
 def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern):
   assert jax.device_count() == 8
   config = tiny_config(real_record_pattern)
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
   iterator = iter(pipelines.make_train_dataset(config, real_record_pattern))
   batches = [next(iterator) for _ in range(2)]
   results = []
   for num_devices in (1, 8):
     mesh = sharding.make_mesh(num_devices)
-    state, state_shardings = train.create_sharded_state(model, optimizer, config, mesh)
-    step_fn = train.make_step_fn(model, optimizer, schedule, config, mesh, state_shardings)
+    state, state_shardings = train.create_sharded_state(objective, optimizer, config, mesh)
+    step_fn = train.make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings)
     for batch in batches:
       global_batch = sharding.host_batch_to_global(batch, mesh)
       assert len(global_batch["clips"].addressable_shards) == num_devices
@@ -131,24 +130,24 @@ def test_adam_variants_and_frozen_subtrees(name):
 
 def test_init_from_maps_subtrees_between_runs(tmp_path):
   config = tiny_config()
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
   mesh = sharding.make_mesh(1)
-  saved, _ = train.create_sharded_state(model, optimizer, config, mesh)
+  saved, _ = train.create_sharded_state(objective, optimizer, config, mesh)
   manager = checkpointing.make_manager(str(tmp_path / "source"), max_to_keep=1, async_save=False)
   checkpointing.save(manager, 7, saved)
   manager.close()
-  fresh, shardings = train.create_sharded_state(model, optimizer, tiny_config(seed=5), mesh)
+  fresh, shardings = train.create_sharded_state(objective, optimizer, tiny_config(seed=5), mesh)
   # The backbone comes from the other run; the heads stay new.
   config.init_from = f"backbone={tmp_path / 'source'}:backbone"
-  loaded = train.initialise_from_checkpoints(fresh, config, shardings)
+  loaded = train.initialize_from_checkpoints(fresh, config, shardings)
   assert_trees_close(loaded.params["backbone"], saved.params["backbone"], 0, 0)
   assert_trees_close(loaded.batch_stats["backbone"], saved.batch_stats["backbone"], 0, 0)
   assert_trees_close(loaded.params["action_head"], fresh.params["action_head"], 0, 0)
   assert not np.allclose(loaded.params["action_head"]["linear"]["kernel"], saved.params["action_head"]["linear"]["kernel"])
   config.init_from = f"backbone={tmp_path / 'source'}:ego_backbone"
   with pytest.raises(KeyError, match="has no 'params/ego_backbone'"):
-    train.initialise_from_checkpoints(fresh, config, shardings)
+    train.initialize_from_checkpoints(fresh, config, shardings)
   assert train.parse_init_from("runs/a") == {"backbone": ("runs/a", "backbone")}
   assert train.parse_init_from("ego_backbone=runs/k,exo_backbone=runs/x:exo_backbone") == {
       "ego_backbone": ("runs/k", "backbone"), "exo_backbone": ("runs/x", "exo_backbone")}
@@ -347,10 +346,10 @@ def test_a_failed_save_stops_the_run_at_once_keeping_the_last_good_checkpoint(re
 def test_too_little_disk_for_one_checkpoint_refuses_to_start_and_a_locked_workdir_too(real_record_pattern,
                                                                                       tmp_path, monkeypatch):
   config = tiny_config(real_record_pattern)
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, sharding.make_mesh(1))
-  state, _ = train.create_sharded_state(model, optimizer, config, sharding.make_mesh(1))
+  abstract, _ = train.abstract_state(objective, optimizer, config, sharding.make_mesh(1))
+  state, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   needed = checkpointing.state_bytes(abstract)
   assert needed == sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) > 100_000
   import shutil
@@ -369,3 +368,40 @@ def test_too_little_disk_for_one_checkpoint_refuses_to_start_and_a_locked_workdi
             f'"process_start": {parent.create_time()}}}')
   with pytest.raises(run_lock.WorkdirLockedError, match=f"pid {parent.pid}"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+# --------------------------------------------------------------------------- checkpoint compatibility (issue 14)
+
+
+@pytest.mark.parametrize("entry", ["egoexo:small", "finetune_charades_ego:small,star", "suml:small", "evgap_group:small"])
+def test_state_tree_is_the_one_checkpoints_of_c06fec5_hold(entry):
+  """The TrainState's key paths, shapes and dtypes per method equal those the trainer of commit c06fec5 (before
+  the Objective) computed (tests/testdata/state_trees_c06fec5.json), so its checkpoints restore unchanged."""
+  import importlib
+  import json
+  with open(os.path.join(os.path.dirname(__file__), "testdata", "state_trees_c06fec5.json")) as f:
+    want = json.load(f)["states"][entry]
+  name, arg = entry.split(":")
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  objective = objectives.resolve(config)
+  optimizer, _ = train.make_optimizer(config)
+  abstract, _ = train.abstract_state(objective, optimizer, config, sharding.make_mesh(1))
+  got = {jax.tree_util.keystr(k): [list(v.shape), str(v.dtype)] for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  assert got == want
+
+
+def test_log_window_eta_leaves_out_the_first_window_which_compiles(monkeypatch):
+  class Merged:  # stands in for the CLU metrics of a step
+    def merge(self, other):
+      return self
+
+  clock = iter([0.0, 100.0, 100.0, 110.0])  # window 1: one step in 100 s (compiling); window 2: ten steps in 10 s
+  monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+  window = train.LogWindow(num_train_steps=111)
+  window.add(Merged(), 0.5, 2)
+  assert (window.steps, window.data_wait, window.skipped) == (1, 0.5, 2)
+  assert window.close() == 100.0 and window.eta(1) is None
+  window.reset()
+  for _ in range(10):
+    window.add(Merged(), 0.0, 0)
+  assert window.close() == 10.0 and window.eta(11) == 100.0  # 100 steps left at 1 s per step, not 10 s

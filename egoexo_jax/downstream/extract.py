@@ -30,24 +30,24 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from egoexo_jax import atomic_files, checkpointing, pretrained, progress
+from egoexo_jax import atomic_files, checkpointing, objectives, pretrained, progress, train
 from egoexo_jax.input import feature_records
-from egoexo_jax.models import build_model
 from egoexo_jax.models import evgap as evgap_model
-from egoexo_jax.objectives import evgap as evgap_objective
 
 MODES = ("tokens", "class")
 
 
 def load_encoder(config, checkpoint: str, subtree: str = "encoder"):
   """(model, params) with the 'encoder' parameters from `checkpoint`'s `subtree` (shapes checked)."""
-  model = build_model(config.model)
-  if not isinstance(model, evgap_model.Model):
+  if config.objective != "evgap":
     raise ValueError(f"config objective is '{config.objective}'; feature extraction needs the EVGAP model")
+  objective = objectives.resolve(config)
+  model = objective.model
+  assert isinstance(model, evgap_model.Model)
   if pretrained.is_export(checkpoint):  # an export folder: its card must fit the config's encoder
     pretrained.check_config(pretrained.read_card(checkpoint), config, part="encoder", where=checkpoint)
   # Jitted: initialising the transformer op by op takes several times longer than compiling it.
-  params = jax.jit(lambda rng: evgap_objective.init_variables(model, config, rng))(jax.random.key(0))["params"]
+  params = jax.jit(lambda rng: train.init_variables(objective, config, rng))(jax.random.key(0))["params"]
   params, _ = checkpointing.load_backbone(checkpoint, params, {}, subtree="encoder", source_subtree=subtree)
   return model, params
 

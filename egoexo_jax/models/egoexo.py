@@ -22,16 +22,19 @@ class Model(nn.Module):
   """Normalised clips (B, T, H, W, 3) -> dict of float32 outputs.
 
   'features': the backbone's feature maps averaged over (t, h, w), concatenated over pathways (B, C);
-  'action': (B, num_classes) logits from dropout + linear on 'features';
+  per entry of `num_classes` ({head name: classes}, e.g. {'action': 400}; an int means {'action': n}, as
+  configs before the vocabulary of issue 14 wrote it) that head's (B, classes) logits from dropout + linear
+  on 'features', under its name, parameters '<name>_head';
   with use_ego_heads (Ego-Exo pre-training, Ego-Exo* fine-tuning), also, on the same pooled features,
-  'ego': (B, 2) Ego-Score logits (ego, exo) and 'object': (B, num_object_classes) Object-Score logits,
-  and on pathway 0's grid 'interaction': (B, t, h, w, 2) hand/object map logits.
+  'ego_score': (B, 2) Ego-Score logits (first-person, third-person) ('ego_head', the parameter name of
+  checkpoints) and 'object': (B, num_object_classes) Object-Score logits, and on pathway 0's grid
+  'interaction': (B, t, h, w, 2) hand/object map logits.
 
   `backbone` names an architecture of models/backbones.py; `backbone_args` overrides its preset
   arguments (e.g. width and stage_blocks for a laptop-sized network).
   """
 
-  num_classes: int
+  num_classes: Mapping[str, int] | int
   num_object_classes: int = 1000
   backbone: str = "slow_r50"
   backbone_args: Mapping[str, Any] | None = None
@@ -51,9 +54,14 @@ class Model(nn.Module):
       head = ClassificationHead(num_outputs, self.dropout_rate, name=name, **dtypes)
       return head(features, train=train)
 
-    outputs = {"features": features, "action": classify(self.num_classes, "action_head")}
+    heads = {"action": self.num_classes} if isinstance(self.num_classes, int) else self.num_classes
+    outputs = {"features": features}
+    for name, size in heads.items():
+      if name in ("features", "ego_score", "object", "interaction"):
+        raise ValueError(f"model.num_classes may not name a head '{name}' (an output of its own)")
+      outputs[name] = classify(int(size), f"{name}_head")
     if self.use_ego_heads:
-      outputs["ego"] = classify(2, "ego_head")
+      outputs["ego_score"] = classify(2, "ego_head")
       outputs["object"] = classify(self.num_object_classes, "object_head")
       outputs["interaction"] = InteractionMapHead(self.interaction_channels, name="interaction_head",
                                                   **dtypes)(pathways[0])

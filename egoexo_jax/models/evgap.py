@@ -64,9 +64,11 @@ class Model(nn.Module):
 
   def __call__(self, windows: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     """windows (..., T, C) -> 'embeddings' (L, ..., embed_dim) (not normalised; the losses normalise),
-    'class_tokens' (L, ..., width), 'tokens' (..., T, width); all float32."""
+    'class_tokens' (L, ..., width), 'tokens' (..., T, width); all float32; and the loss scalars
+    'pair_log_scale', 'group_log_scale', 'group_bias' (the parameters, so the losses read them as outputs)."""
     outputs = self.encode(windows, train=train)
-    return {**outputs, "embeddings": self.heads(outputs["class_tokens"])}
+    return {**outputs, "embeddings": self.heads(outputs["class_tokens"]), "pair_log_scale": self.pair_log_scale,
+            "group_log_scale": self.group_log_scale, "group_bias": self.group_bias}
 
 
 class LayerProjections(nn.Module):

@@ -428,7 +428,7 @@ def import_file(input_path: str, weight_format: str, backbone: str, output_dir: 
                        f"'{weight_format}'")
     state_dict, sources = (load_caffe2_checkpoint(input_path) if weight_format == "caffe2"
                            else (load_pyslowfast_checkpoint(input_path), None))
-    model = build_model(config.model)
+    model = build_model(config.model, "finetune")
     heads = [name for name, _ in finetune_pipeline.head_sizes(config)]
     variables = convert_pyslowfast_finetune(state_dict, model, heads, source_names=sources)
     arguments = dict(backbone=config.model.backbone, backbone_args=dict(config.model.backbone_args),

@@ -87,13 +87,14 @@ class Model(nn.Module):
 
   Per present view v in ('ego', 'exo'): '<v>_features' (B, C) pooled backbone features,
   '<v>_embedding' (B, projection_dim) L2-normalised projection z, '<v>_logits' a tuple of (B, K_i) logits,
-  one per entry of `<v>_num_classes` (e.g. EPIC verbs and nouns: (97, 300); Charades: (157,)).
+  one per entry of `<v>_num_classes`, {head name: classes} in order (e.g. EPIC {'verb': 97, 'noun': 300});
+  parameters '<v>_head_<i>' by position (a sequence of counts, as configs before issue 14 wrote them, works too).
   With both views and discriminator_width > 0: 'domain_logits' (2B, 2), ego rows first, computed behind
   a gradient reversal of `gradient_reversal_scale`.
   """
 
-  ego_num_classes: Sequence[int] = (97, 300)
-  exo_num_classes: Sequence[int] = (400,)
+  ego_num_classes: Mapping[str, int] | Sequence[int] = (97, 300)
+  exo_num_classes: Mapping[str, int] | Sequence[int] = (400,)
   backbone: str = "slow_r50"
   backbone_args: Mapping[str, Any] | None = None
   projection_dim: int = 384
@@ -138,6 +139,7 @@ class Model(nn.Module):
     features = self._encode(ego_clips, exo_clips, train)
     for view, pooled in features.items():
       num_classes = self.ego_num_classes if view == "ego" else self.exo_num_classes
+      num_classes = list(num_classes.values()) if isinstance(num_classes, Mapping) else list(num_classes)
       outputs[f"{view}_features"] = pooled
       outputs[f"{view}_embedding"] = ProjectionHead(self.projection_dim, name=f"{view}_projection",
                                                     **dtypes)(pooled)

@@ -1,4 +1,4 @@
-"""EVGAP pre-training on per-frame feature sequences, both steps (config.loss.step):
+"""EVGAP pre-training on per-frame feature sequences, both steps (config.stage):
 
   'pair'  (step 1): batches of B synchronised ego-exo window pairs, G = 10 per recording (hard
           negatives); CLIP pair loss on every layer's embedding, scale exp(params['pair_log_scale']).
@@ -36,14 +36,16 @@ import numpy as np
 
 from egoexo_jax import losses, pictures, sharding
 from egoexo_jax.input import feature_pipeline, feature_records
+from egoexo_jax.models import build_model
+from egoexo_jax.objectives import Objective
 
 STEPS = (feature_pipeline.PAIR, feature_pipeline.GROUP)
 
 
 def _step(config) -> str:
-  step = config.loss.step
+  step = config.stage
   if step not in STEPS:
-    raise ValueError(f"unknown EVGAP config loss.step '{step}': use 'pair' (step 1) or 'group' (step 2)")
+    raise ValueError(f"unknown EVGAP config stage '{step}': use 'pair' (step 1) or 'group' (step 2)")
   return step
 
 
@@ -80,16 +82,37 @@ def _open_source(config, workdir: str) -> feature_records.FeatureRecordSource:
   return source
 
 
-def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
-  del model
+def objective(config) -> Objective:
+  step, model = _step(config), build_model(config.model, "evgap")
+
+  def model_inputs(batch) -> tuple:
+    views = (batch["ego_features"], batch["exo_features"])
+    if step == feature_pipeline.PAIR:
+      return (jnp.stack(views),)  # (2, B, T, C): one encoder pass for both views
+    return (jnp.concatenate(views, axis=1),)  # (B, M + N, T, C)
+
+  return Objective(name="evgap", model=model, make_dataset=make_dataset, example_batch=example_batch,
+                   model_inputs=model_inputs, loss=loss,
+                   evaluate=lambda params, config, workdir: evaluate(model, params, config, workdir))
+
+
+def make_dataset(config, workdir: str, *, process_index: int, process_count: int):
   return feature_pipeline.make_dataset(config, _open_source(config, workdir), _step(config),
                                        process_index=process_index, process_count=process_count,
                                        exclude_recordings=heldout_recordings(config))
 
 
-def init_variables(model, config, rng: jax.Array):
-  windows = jnp.zeros((1, config.data.window_frames, config.data.feature_dim), jnp.float32)
-  return model.init({"params": rng, "dropout": rng}, windows, train=False)
+def example_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the feature windows of one batch (pair: (B, T, C) per view; group: (B, M, T, C)
+  ego and (B, N, T, C) exo)."""
+  data = config.data
+  window = (data.window_frames, data.feature_dim)
+  if _step(config) == feature_pipeline.PAIR:
+    ego, exo = (batch_size, *window), (batch_size, *window)
+  else:
+    ego, exo = (batch_size, data.ego_views_per_group, *window), (batch_size, data.exo_views_per_group, *window)
+  return {"ego_features": jax.ShapeDtypeStruct(ego, jnp.float32),
+          "exo_features": jax.ShapeDtypeStruct(exo, jnp.float32)}
 
 
 def _layer_losses(per_layer: list[jax.Array], config) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -99,38 +122,33 @@ def _layer_losses(per_layer: list[jax.Array], config) -> tuple[jax.Array, dict[s
   return total, {"loss": total, "loss_last_layer": per_layer[-1], "loss_auxiliary": auxiliary}
 
 
-def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
-  """The configured step's loss on the global batch (module docstring); no BatchNorm statistics."""
-  step = _step(config)
-  views = (batch["ego"], batch["exo"])
-  if step == feature_pipeline.PAIR:
-    windows = jnp.stack(views)  # (2, B, T, C): one encoder pass for both views
-  else:
-    windows = jnp.concatenate(views, axis=1)  # (B, M + N, T, C)
-  embeddings = model.apply({"params": params}, windows, train=True, rngs={"dropout": rng})["embeddings"]
+def loss(outputs, batch, *, config, rng: jax.Array, mesh):
+  """The configured step's loss on the global batch (module docstring)."""
+  del rng
+  step, embeddings = _step(config), outputs["embeddings"]
 
   if step == feature_pipeline.PAIR:
-    log_scale = params["pair_log_scale"]
+    log_scale = outputs["pair_log_scale"]
     per_layer = [losses.clip_pair_loss(layer[0], layer[1], log_scale) for layer in embeddings]
     total, scalars = _layer_losses(per_layer, config)
     ego, exo = losses.l2_normalize(embeddings[-1, 0]), losses.l2_normalize(embeddings[-1, 1])
     scalars["accuracy"] = jnp.mean(jnp.argmax(ego @ exo.T, axis=1) == jnp.arange(ego.shape[0])).astype(jnp.float32)
     scalars["logit_scale"] = jnp.exp(jnp.minimum(log_scale, losses.CLIP_MAX_LOG_SCALE))
-    return total, (scalars, batch_stats)
+    return total, scalars
 
-  m = batch["ego"].shape[1]
+  m = batch["ego_features"].shape[1]
   ego_layers, exo_layers = embeddings[:, :, :m], embeddings[:, :, m:]
-  bias = params["group_bias"] if config.loss.use_group_bias else jnp.zeros((), jnp.float32)
-  per_layer = [losses.siglip_group_loss_sharded(ego, exo, params["group_log_scale"], bias,
+  bias = outputs["group_bias"] if config.loss.use_group_bias else jnp.zeros((), jnp.float32)
+  per_layer = [losses.siglip_group_loss_sharded(ego, exo, outputs["group_log_scale"], bias,
                                                 mesh=mesh, scope=config.loss.group_scope, axis_name=sharding.BATCH_AXES,
                                                 tile_rows=config.loss.get("tile_rows", 0),
                                                 normalization=config.loss.get("group_normalization", "pairs"))
                for ego, exo in zip(ego_layers, exo_layers)]
   total, scalars = _layer_losses(per_layer, config)
   scalars["similarity_gap"] = similarity_gap(ego_layers[-1], exo_layers[-1])
-  scalars["logit_scale"] = jnp.exp(params["group_log_scale"])
+  scalars["logit_scale"] = jnp.exp(outputs["group_log_scale"])
   scalars["logit_bias"] = bias
-  return total, (scalars, batch_stats)
+  return total, scalars
 
 
 def similarity_gap(ego: jax.Array, exo: jax.Array) -> jax.Array:

@@ -14,70 +14,105 @@ count in it (has_interaction mask).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from egoexo_jax import losses
-from egoexo_jax.input import finetune_pipeline, pipelines, transforms
+from egoexo_jax.input import finetune_pipeline, pipelines
+from egoexo_jax.models import build_model
+from egoexo_jax.objectives import Objective, egoexo
 
 
-def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
-  del model
-  pattern = pipelines.prepare_records(config, workdir)
-  return finetune_pipeline.make_train_dataset(config, pattern, process_index=process_index,
-                                              process_count=process_count)
+def objective(config) -> Objective:
+  model = build_model(config.model, "finetune")
+  interaction = bool(config.model.get("use_interaction_head", False))
+  grid = functools.cache(lambda: egoexo.interaction_grid(model, config) if interaction else (1, 1, 1))
+
+  def make_dataset(config, workdir: str, *, process_index: int, process_count: int):
+    pattern = pipelines.prepare_records(config, workdir)
+    transform = dataclasses.replace(finetune_pipeline.finetune_transform(config), feature_grid=grid())
+    return pipelines.batched_stream(config, pipelines.open_train_records(config, pattern), transform,
+                                    process_index=process_index, process_count=process_count)
+
+  return Objective(name="finetune", model=model, make_dataset=make_dataset,
+                   example_batch=lambda config, batch_size: example_batch(config, batch_size, grid()),
+                   model_inputs=egoexo.model_inputs, loss=loss)
 
 
-def init_variables(model, config, rng: jax.Array):
-  data = config.data
-  clips = jnp.zeros((1, data.clip_length, data.crop_size, data.crop_size, 3), jnp.float32)
-  return model.init({"params": rng, "dropout": rng}, clips, train=False)
+def example_batch(config, batch_size: int, grid: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one fine-tuning batch (finetune_pipeline.FinetuneTrainTransform)."""
+  data, heads = config.data, finetune_pipeline.head_sizes(config)
+  labels = (jax.ShapeDtypeStruct((batch_size, heads[0][1]), jnp.float32) if data.label_kind == "multi_label"
+            else jax.ShapeDtypeStruct((batch_size, len(heads)), jnp.int32))
+  batch = {"clips": jax.ShapeDtypeStruct((batch_size, data.clip_length, data.crop_size, data.crop_size, 3), jnp.uint8),
+           "labels": labels}
+  if config.model.get("use_interaction_head", False):
+    batch["interaction_map"] = jax.ShapeDtypeStruct((batch_size, *grid, 2), jnp.float32)
+    batch["has_interaction"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+  return batch
 
 
-def classification_loss(outputs, labels, heads, multi_label: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """L_cls (module docstring) and its scalars.
+def classification_terms(logits: Sequence[jax.Array], labels: jax.Array, label_kind: str,
+                         reduction: str = "sum_over_heads") -> tuple[jax.Array, list, list]:
+  """The classification loss of every method with task heads (fine-tuning's L_cls, SUM-L's L_f and L_t).
+
+  'single': labels int (B, H), the sum over heads of softmax cross-entropy; returns (total, per-head
+  terms, per-head top-1 correctness (B,) bool). 'multi_label': targets (B, sum K) 0/1 with the heads laid
+  end to end; BCE mean per head summed over heads ('sum_over_heads'; one head: PySlowFast's 'bce_logit')
+  or one BCE mean over all the logits ('mean_over_classes'); returns (total, [], []).
+  """
+  if label_kind == "multi_label":
+    if reduction == "mean_over_classes":
+      return losses.multi_label_bce(jnp.concatenate(logits, axis=-1), labels), [], []
+    bounds = [0]
+    for head in logits:
+      bounds.append(bounds[-1] + head.shape[-1])
+    total = sum(losses.multi_label_bce(head, labels[:, bounds[i]:bounds[i + 1]]) for i, head in enumerate(logits))
+    return total, [], []
+  terms = [losses.softmax_cross_entropy(head, labels[:, i]) for i, head in enumerate(logits)]
+  correct = [jnp.argmax(head, -1) == labels[:, i] for i, head in enumerate(logits)]
+  return sum(terms), terms, correct
+
+
+def classification_loss(outputs, labels, heads, label_kind: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_cls (module docstring, classification_terms) and its scalars.
 
   labels: (B, K) 0/1 float (multi-label) or (B, H) int (per head). Scalars: multi-label 'loss_bce' and
   'top1_precision' (the share of clips whose top-scoring class is a positive); per head 'loss_<h>' and
   'accuracy_<h>' (top-1), and 'accuracy_action' (every head right) when there are several heads.
   """
-  if multi_label:
-    (name, _), = heads
-    logits = outputs[name]
-    bce = losses.multi_label_bce(logits, labels)
-    top = jnp.take_along_axis(labels, jnp.argmax(logits, -1)[:, None], axis=1)[:, 0]
-    return bce, {"loss_bce": bce, "top1_precision": jnp.mean(top).astype(jnp.float32)}
-  total, scalars, all_right = 0.0, {}, True
-  for i, (name, _) in enumerate(heads):
-    term = losses.softmax_cross_entropy(outputs[name], labels[:, i])
-    right = jnp.argmax(outputs[name], -1) == labels[:, i]
+  logits = [outputs[name] for name, _ in heads]
+  total, terms, correct = classification_terms(logits, labels, label_kind)
+  if label_kind == "multi_label":
+    top = jnp.take_along_axis(labels, jnp.argmax(logits[0], -1)[:, None], axis=1)[:, 0]
+    return total, {"loss_bce": total, "top1_precision": jnp.mean(top).astype(jnp.float32)}
+  scalars = {}
+  for (name, _), term, right in zip(heads, terms, correct):
     scalars[f"loss_{name}"], scalars[f"accuracy_{name}"] = term, jnp.mean(right).astype(jnp.float32)
-    total, all_right = total + term, all_right & right
   if len(heads) > 1:
-    scalars["accuracy_action"] = jnp.mean(all_right).astype(jnp.float32)
+    scalars["accuracy_action"] = jnp.mean(jnp.all(jnp.stack(correct), axis=0)).astype(jnp.float32)
   return total, scalars
 
 
-def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
+def loss(outputs, batch, *, config, rng: jax.Array, mesh):
   """L_cls (+ w_int L_int in Ego-Exo* mode) on the global batch; scalars as classification_loss, plus
   'loss' and, with the interaction head, 'loss_interaction' (the BCE per cell)."""
-  del mesh  # one global batch array; XLA inserts the cross-device reductions
-  clips = transforms.normalize_clips(batch["clips"], jnp.dtype(config.model.dtype))
-  outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, clips, train=True,
-                                 rngs={"dropout": rng}, mutable=["batch_stats"])
+  del rng, mesh  # one global batch array; XLA inserts the cross-device reductions
   total, scalars = classification_loss(outputs, batch["labels"], finetune_pipeline.head_sizes(config),
-                                       bool(config.data.multi_label))
+                                       config.data.label_kind)
   weight = config.loss.get("weight_interaction", 0.0)
   if weight and "interaction" not in outputs:
     raise ValueError("config.loss.weight_interaction is non-zero but model.use_interaction_head is False")
   if "interaction" in outputs:
-    if outputs["interaction"].shape != batch["interaction_map"].shape:
-      raise ValueError(f"interaction-map targets have shape {batch['interaction_map'].shape} but the model's "
-                       f"pathway-0 grid gives {outputs['interaction'].shape}; check data.crop_size/clip_length")
+    egoexo.check_interaction_shape(outputs, batch)
     interaction = losses.interaction_map_bce(outputs["interaction"], batch["interaction_map"],
                                              batch["has_interaction"])
     scalars["loss_interaction"] = interaction
     scale = losses.interaction_term_scale(config.loss.get("interaction_reduction", "sum"))
     total = total + weight * scale * interaction
   scalars["loss"] = total
-  return total, (scalars, updates["batch_stats"])
+  return total, scalars

@@ -45,7 +45,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from egoexo_jax import losses, sharding
-from egoexo_jax.input import suml_pipeline, transforms
+from egoexo_jax.input import suml_pipeline
+from egoexo_jax.models import build_model
+from egoexo_jax.objectives import Objective, finetune
 
 ALIGNMENTS = ("suml", "info_nce", "contrastive", "triplet", "joint_embedding", "domain_adversarial", "none")
 NEGATIVES = ("global", "per_device", "groups")
@@ -99,8 +101,14 @@ def check_config(config) -> None:
                      f"of ego_id,exo_id pairs, not '{config.data.pairs}'")
 
 
-def make_train_dataset(config, workdir: str, model, *, process_index: int, process_count: int):
-  del model
+def objective(config) -> Objective:
+  """SUM-L's Objective; its step key is split into the dropout key and the key of the triplet negatives."""
+  check_config(config)
+  return Objective(name="suml", model=build_model(config.model, "suml"), make_dataset=make_dataset,
+                   example_batch=example_batch, model_inputs=model_inputs, loss=loss, split_rng=True)
+
+
+def make_dataset(config, workdir: str, *, process_index: int, process_count: int):
   check_config(config)
   if config.stage == "exo":
     return suml_pipeline.make_exo_dataset(config, suml_pipeline.prepare_records(config, workdir, "exo"),
@@ -114,13 +122,18 @@ def make_train_dataset(config, workdir: str, model, *, process_index: int, proce
       process_count=process_count)
 
 
-def init_variables(model, config, rng: jax.Array):
-  check_config(config)
+def example_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the batch's clips, per view the step sees (labels and narration embeddings,
+  whose sizes come from the label layout and the pair file, are left out: the model does not read them)."""
   data = config.data
-  clips = jnp.zeros((1, data.clip_length, data.crop_size, data.crop_size, 3), jnp.float32)
-  ego = clips if config.stage == "joint" else None
-  exo = clips if needs_exo(config) else None
-  return model.init({"params": rng, "dropout": rng}, ego, exo, train=False)
+  clips = jax.ShapeDtypeStruct((batch_size, data.clip_length, data.crop_size, data.crop_size, 3), jnp.uint8)
+  views = (["ego"] if config.stage == "joint" else []) + (["exo"] if needs_exo(config) else [])
+  return {f"{view}_clips": clips for view in views}
+
+
+def model_inputs(batch) -> tuple:
+  """(ego clips, exo clips), None for a view the batch lacks (stage (a), FPV-only)."""
+  return batch.get("ego_clips"), batch.get("exo_clips")
 
 
 # --------------------------------------------------------------------------- terms
@@ -128,20 +141,12 @@ def init_variables(model, config, rng: jax.Array):
 
 def task_loss(logits: tuple[jax.Array, ...], labels: jax.Array, kind: str, view: str,
               reduction: str = "sum_over_heads") -> tuple[jax.Array, dict]:
-  """L_f or L_t and its accuracies. 'single': the sum over heads of softmax cross-entropy (EPIC verb +
-  noun), labels int (B, H); accuracies '<view>_accuracy' (every head right: EPIC's action) and, with
-  several heads, '<view>_accuracy_<i>'. 'multi_label': targets (B, sum K) laid end to end, BCE per head
-  summed over heads ('sum_over_heads') or one BCE mean over all the logits ('mean_over_classes')."""
+  """L_f or L_t (finetune.classification_terms, the one classification loss) and its accuracies: with
+  'single' labels '<view>_accuracy' (every head right: EPIC's action) and, with several heads,
+  '<view>_accuracy_<i>'."""
+  total, _, correct = finetune.classification_terms(logits, labels, kind, reduction)
   if kind == "multi_label":
-    if reduction == "mean_over_classes":
-      return losses.multi_label_bce(jnp.concatenate(logits, axis=-1), labels), {}
-    bounds = [0]
-    for head in logits:
-      bounds.append(bounds[-1] + head.shape[-1])
-    return sum(losses.multi_label_bce(head, labels[:, bounds[i]:bounds[i + 1]])
-               for i, head in enumerate(logits)), {}
-  correct = [jnp.argmax(head, -1) == labels[:, i] for i, head in enumerate(logits)]
-  total = sum(losses.softmax_cross_entropy(head, labels[:, i]) for i, head in enumerate(logits))
+    return total, {}
   scalars = {f"{view}_accuracy": jnp.mean(jnp.all(jnp.stack(correct), axis=0)).astype(jnp.float32)}
   if len(logits) > 1:
     scalars.update({f"{view}_accuracy_{i}": jnp.mean(c).astype(jnp.float32) for i, c in enumerate(correct)})
@@ -186,28 +191,24 @@ def _check_text_dims(outputs, batch) -> None:
                        f"{d.shape[-1]} dimensions; the text terms need them equal")
 
 
-def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
+def loss(outputs, batch, *, config, rng: jax.Array, mesh):
   """Stage (a): L_t. Stage (b): Eq. 12 with the configured alignment. Scalars: loss and the unweighted
   terms computed in this configuration (loss_ego_task, loss_exo_task, loss_align, loss_video_text),
-  accuracies, and aligned_pair_fraction (SUM-L) or domain_accuracy (Domain-adapt)."""
-  dtype = jnp.dtype(config.model.dtype)
-  ego = transforms.normalize_clips(batch["ego_clips"], dtype) if "ego_clips" in batch else None
-  exo = transforms.normalize_clips(batch["exo_clips"], dtype) if "exo_clips" in batch else None
-  dropout_rng, align_rng = jax.random.split(rng)
-  outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, ego, exo, train=True,
-                                 rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+  accuracies, and aligned_pair_fraction (SUM-L) or domain_accuracy (Domain-adapt). `rng`: the key of the
+  triplet negatives (Objective.split_rng)."""
+  align_rng, with_exo = rng, "exo_clips" in batch
   terms, scalars = {}, {}
-  if exo is not None:
-    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_label"], config.data.exo_labels, "exo",
-                                            config.loss.multi_label_reduction)
+  if with_exo:
+    terms["exo_task"], accuracy = task_loss(outputs["exo_logits"], batch["exo_labels"], config.data.exo_label_kind,
+                                            "exo", config.loss.multi_label_reduction)
     scalars.update(accuracy)
   if config.stage == "exo":
     total = terms["exo_task"]
   else:
-    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_label"], config.data.ego_labels, "ego",
-                                            config.loss.multi_label_reduction)
+    terms["ego_task"], accuracy = task_loss(outputs["ego_logits"], batch["ego_labels"], config.data.ego_label_kind,
+                                            "ego", config.loss.multi_label_reduction)
     scalars.update(accuracy)
-    if exo is not None:
+    if with_exo:
       arrays = {k: outputs[k] for k in ("ego_embedding", "exo_embedding")}
       if needs_text(config):
         _check_text_dims(outputs, batch)
@@ -228,9 +229,10 @@ def loss(model, params, batch_stats, batch, *, config, rng: jax.Array, mesh):
         scalars["aligned_pair_fraction"] = coupled.pop("aligned_pair_fraction")
       terms.update(coupled)
       if config.loss.alignment == "domain_adversarial" and config.loss.weight_align:
-        domain = jnp.concatenate([jnp.zeros(ego.shape[0], jnp.int32), jnp.ones(exo.shape[0], jnp.int32)])
+        domain = jnp.concatenate([jnp.zeros(batch["ego_clips"].shape[0], jnp.int32),
+                                  jnp.ones(batch["exo_clips"].shape[0], jnp.int32)])
         terms["align"] = losses.softmax_cross_entropy(outputs["domain_logits"], domain)
         scalars["domain_accuracy"] = jnp.mean(jnp.argmax(outputs["domain_logits"], -1) == domain).astype(jnp.float32)
     total = losses.suml_total(terms, loss_weights(config))
   scalars.update({"loss": total, **{f"loss_{name}": value for name, value in terms.items()}})
-  return total, (scalars, updates["batch_stats"])
+  return total, scalars

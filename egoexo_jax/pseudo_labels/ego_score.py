@@ -103,8 +103,7 @@ def score_records(records_iter: Iterable[records.VideoRecord], logits_fn, config
 def load_classifier(config, workdir: str, step: int | None = None):
   """The view classifier's model and inference variables from the newest checkpoint of `workdir` (or
   `step`), or from an export folder (python -m egoexo_jax.export) whose model card fits `config`."""
-  from egoexo_jax import checkpointing, pretrained, sharding, train  # pylint: disable=g-import-not-at-top
-  from egoexo_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from egoexo_jax import checkpointing, objectives, pretrained, sharding, train  # pylint: disable=g-import-not-at-top
 
   if step is not None:
     from egoexo_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -117,9 +116,10 @@ def load_classifier(config, workdir: str, step: int | None = None):
     model, variables, step = pretrained.load_for_config(workdir, config)
     logging.info("Ego/exo classifier from the export %s (step %d).", workdir, step)
     return model, variables
-  model = build_model(config.model)
+  objective = objectives.resolve(config)
+  model = objective.model
   optimizer, _ = train.make_optimizer(config)
-  abstract, _ = train.abstract_state(model, optimizer, config, sharding.make_mesh(1))
+  abstract, _ = train.abstract_state(objective, optimizer, config, sharding.make_mesh(1))
   manager = checkpointing.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep, async_save=False)
   restored = checkpointing.restore_latest(manager, abstract)
   if restored is None:
