@@ -8,7 +8,7 @@ against a PySlowFast-style PyAV loader feeding the same step, in one run.
 Rows, per worker count W (data.num_workers for Grain, DataLoader num_workers for the peer):
 - step only: `train.make_step_fn` on a batch that stays on the device (random clips and teacher targets),
   each step blocked on: the clips/s the accelerator can take.
-- Grain end to end: configs/egoexo.py's pipeline (`pipelines.make_train_dataset`) over records converted
+- Grain end to end: configs/egoexo.py's pipeline (`egoexo_pipeline.make_train_dataset`) over records converted
   (untimed) from --manifest at --short_side / --jpeg_quality, then as the trainer does it: next batch, host
   keys popped, `host_batch_to_global`, the step dispatched, the previous step's loss read. Clips/s over at
   least --min_seconds after warm-up, and the fraction of that time spent waiting for data.
@@ -41,7 +41,7 @@ import numpy as np
 import input_pipeline  # the peer, the record conversion and the CPU-time helpers (and their flags)
 from configs import egoexo as egoexo_config
 from egoexo_jax import objectives, sharding, train
-from egoexo_jax.input import convert, pipelines, transforms
+from egoexo_jax.input import convert, egoexo_pipeline, transforms
 
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype; default bfloat16 on GPU, float32 on CPU.")
 flags.DEFINE_integer("step_only_steps", None, "Timed steps of the step-only row; default 30 on GPU, 5 on CPU.")
@@ -144,7 +144,7 @@ def main(argv):
       print(f"  step only: {step_only:.1f} clips/s", flush=True)
       grain_config = copy.deepcopy(config)
       grain_config.data.num_workers = workers
-      iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
+      iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
       try:
         state, grain_result = run_steps(step_fn, state, iterator, mesh, FLAGS.batch_size)
       finally:
@@ -157,7 +157,7 @@ def main(argv):
         print(f"  {workers} workers: PyAV peer end to end {peer_result['clips_per_s']:.1f} clips/s, data wait "
               f"{peer_result['data_wait']:.0%}", flush=True)
       # The pipeline alone, for its per-CPU-second rate.
-      iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
+      iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
       try:
         alone = input_pipeline.measure(iterator, FLAGS.batch_size)
       finally:

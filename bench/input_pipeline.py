@@ -11,7 +11,7 @@ jitter, a random square crop, a random horizontal flip (sizes from configs/egoex
 crop from [256, 320], --size=small: 112 from [128, 160]), batched by --batch_size.
 - egoexo_jax: the manifest is converted once, untimed, by `convert.convert_manifest` into a temporary
   folder, --format records at --short_side (JPEG frames plus the teacher signals, as users store their
-  data); then `pipelines.make_train_dataset` with data.num_workers = w runs: it reads a record, decodes the 8
+  data); then `egoexo_pipeline.make_train_dataset` with data.num_workers = w runs: it reads a record, decodes the 8
   chosen JPEGs and resamples the crop window straight to the output size, rasterises the detector
   boxes into interaction maps. Out: uint8 clips (normalised later, on the device) + teacher targets.
   Measured once per --decoders entry (data.decoder, transforms.decode_and_crop): 'exact' is the
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import egoexo as egoexo_config
-from egoexo_jax.input import convert, pipelines, transforms
+from egoexo_jax.input import convert, egoexo_pipeline, stream, transforms
 
 flags.DEFINE_string("manifest", str(ROOT / "data" / "manifest.csv"), "Video manifest CSV (convert.py's format).")
 flags.DEFINE_string("pseudo_labels", str(ROOT / "data" / "pseudo_labels"),
@@ -197,7 +197,7 @@ def cost_breakdown(config, pattern: str, clips: int) -> None:
   transform draws them: where the time goes, and what moving the resize to the accelerator would leave."""
   import simplejpeg  # pylint: disable=g-import-not-at-top
 
-  source, data, rng = pipelines.open_train_records(config, pattern), config.data, np.random.default_rng(0)
+  source, data, rng = stream.open_train_records(config, pattern), config.data, np.random.default_rng(0)
   draws = []
   for i in range(clips):
     record = source[int(rng.integers(len(source)))]
@@ -278,7 +278,7 @@ def main(argv):
           grain_config = copy.deepcopy(config)
           grain_config.data.num_workers = workers
           grain_config.data.decoder = decoder
-          iterator = iter(pipelines.make_train_dataset(grain_config, pattern))
+          iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
           runs[f"Grain, {decoder} decode"].append(measure(iterator, FLAGS.batch_size))
           iterator.close()
         if FLAGS.peer:

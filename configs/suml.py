@@ -108,6 +108,10 @@ def build(arg: common.Arg) -> ml_collections.ConfigDict:
   # data/suml: one head of 2 (ego) and 3 (exo) classes. Parameters: <view>_head_<i> in this order.
   config.model.ego_num_classes = ml_collections.ConfigDict({"action": 2} if small else {"verb": 97, "noun": 300})
   config.model.exo_num_classes = ml_collections.ConfigDict({"action": 3} if small else {"verb": 25, "noun": 64})
+  # The order of a record's labels over the heads (a config dict sorts its keys); models/suml.py numbers its
+  # heads in the same order (HEAD_ORDER), which objectives/suml.py checks.
+  config.data.ego_label_layout = () if small else ("verb", "noun")
+  config.data.exo_label_layout = () if small else ("verb", "noun")
   config.model.backbone = "slow_r50"
   config.model.backbone_args = ml_collections.ConfigDict(dict(stage_blocks=(1, 1, 1, 1), width=16) if small else {})
   config.model.share_backbone = False

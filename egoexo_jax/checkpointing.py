@@ -14,7 +14,7 @@ position restores as follows:
 - same process count and data.num_workers: Grain's own per-process state (any pipeline);
 - a different process count or worker count: the position is rebuilt from the number of batches each
   process had drawn. This is exact for pipelines whose global stream does not depend on the topology,
-  which every pipeline built on `pipelines.batched_stream` (and the EVGAP feature pipeline) is: global
+  which every pipeline built on `stream.batched_stream` (and the EVGAP feature pipeline) is: global
   batch k is the same examples for any number of hosts or workers. It needs the same
   global_batch_size, and Grain iterator states of the two shapes Grain 0.2 writes (a plain
   MapDataset iterator, or mp_prefetch's interleave of worker iterators); anything else is a

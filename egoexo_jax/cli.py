@@ -42,7 +42,7 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "egoexo_jax.run_lock": ("WorkdirLockedError",),
     "egoexo_jax.lr_policy": ("RecordCountUnknown",),
     "egoexo_jax.input.records": ("RecordError",),
-    "egoexo_jax.input.pipelines": ("ConfigMismatchError",),
+    "egoexo_jax.input.stream": ("ConfigMismatchError",),
     "egoexo_jax.input.convert": ("ManifestError", "PseudoLabelError", "ConversionError"),
     "egoexo_jax.input.annotations": ("AnnotationError",),
     "egoexo_jax.input.feature_records": ("FeatureManifestError",),

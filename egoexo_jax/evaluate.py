@@ -45,7 +45,7 @@ from egoexo_jax import atomic_files, checkpointing, objectives, processes, run_c
 from egoexo_jax.eval_metrics import (  # re-exported: callers and tests use evaluate.<metric>
     action_top_k_accuracy, aggregate_views, average_precision, compute_metrics, mean_average_precision,
     per_class_metrics, top_k_accuracy)
-from egoexo_jax.input import finetune_pipeline, sources, transforms
+from egoexo_jax.input import finetune_pipeline, prepared_records, sources, transforms
 
 # --------------------------------------------------------------------------- model and views
 
@@ -245,19 +245,6 @@ def load_partial(path: str, key: dict) -> dict | None:
             "view_scores": {k[len("views_"):]: saved[k] for k in saved.files if k.startswith("views_")}}
 
 
-def prepare_eval_records(config, workdir: str, manifest: str) -> str:
-  """Converts `manifest` into <workdir>/records/eval once (a finished conversion leaves eval.json)."""
-  if not manifest:
-    raise ValueError("no records to evaluate: pass --records or set config evaluate.manifest")
-  prefix = os.path.join(os.path.abspath(workdir), "records", "eval")
-  if not os.path.exists(prefix + ".json"):
-    from egoexo_jax.input import convert  # pylint: disable=g-import-not-at-top  (PyAV only when converting)
-    report = convert.convert_manifest(manifest, prefix, short_side=config.data.convert_short_side,
-                                      workers=max(1, config.data.num_workers))
-    logging.info("Converted %s: %s", manifest, report.summary_line())
-  return prefix + ".tfrecord-*"
-
-
 def score_records(config, model, variables, mesh, pattern: str, settings, *, partial: str | None = None,
                   partial_key: dict | None = None, save_every: int = 0, log_every: int = 0) -> dict:
   """Runs the views of every record of `pattern` through the model and scores them.
@@ -334,7 +321,7 @@ def evaluate(config, workdir: str, records: str, output: str | None = None, pred
   config = run_config.resolve(workdir, config)  # the saved config, or the given one checked against it
   requested = step
   settings = eval_settings(config)
-  pattern = records or prepare_eval_records(config, workdir, settings.manifest)
+  pattern = records or prepared_records.eval_records(config, workdir, settings.manifest)
   mesh = sharding.make_mesh(devices=jax.local_devices(), fsdp=config.mesh.get("fsdp", 1))
   model, variables, step = restore_variables(config, workdir, mesh, checkpoint, step)
   if output is None:

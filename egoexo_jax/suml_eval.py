@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from egoexo_jax import atomic_files, checkpointing, run_config
 from egoexo_jax.evaluate import mean_average_precision, top_k_accuracy
-from egoexo_jax.input import sources, suml_pipeline, transforms
+from egoexo_jax.input import prepared_records, sources, suml_pipeline, transforms
 from egoexo_jax.models import build_model
 
 
@@ -133,7 +133,7 @@ def evaluate(config, workdir: str, output: str | None = None, step: int | None =
     logging.warning("config eval.checkpoint is deprecated: name the run with --workdir (and --step).")
   model = build_model(config.model, "suml")
   variables, step_dir = load_ego_variables(model, config, settings["checkpoint"] or workdir, step)
-  pattern = settings["records"] or suml_pipeline.prepare_records(config, workdir, "ego")
+  pattern = settings["records"] or prepared_records.view_records(config, workdir, "ego")
   logits, targets, ids = predict(model, variables, sources.open_records(pattern), config, settings["batch_size"])
   kind = ego_label_kind(config)
   result = {"metrics": classification_metrics(logits, targets, kind), "num_records": len(ids),

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import assert_trees_close, tiny_config
 from egoexo_jax import checkpointing, objectives, sharding, train
-from egoexo_jax.input import pipelines
+from egoexo_jax.input import egoexo_pipeline
 
 
 def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern):
@@ -17,7 +17,7 @@ def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern
   config = tiny_config(real_record_pattern)
   objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
-  iterator = iter(pipelines.make_train_dataset(config, real_record_pattern))
+  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
   batches = [next(iterator) for _ in range(2)]
   results = []
   for num_devices in (1, 8):

@@ -62,7 +62,7 @@ def eval_records(config, workdir: str, manifest: str) -> str:
   """The evaluator's records when --records is not given: `manifest` converted into
   <workdir>/records/eval (an absolute path)."""
   if not manifest:
-    raise ValueError("no records to evaluate: pass --records or set config evaluate.manifest")
+    raise ValueError("no records to evaluate: pass --records or set config eval.manifest")
   prefix = os.path.join(os.path.abspath(workdir), "records", "eval")
   return records_or_convert("", prefix, _convert_videos(config, manifest))
 

@@ -149,9 +149,6 @@ class ExoTrainTransform(grain.transforms.RandomMap):
 
 # --------------------------------------------------------------------------- datasets
 
-# Transition alias for objectives/suml.py and suml_eval.py: switch them to prepared_records.view_records.
-prepare_records = prepared_records.view_records
-
 
 def check_pairs(pairs: PairTable, ego_ids: Sequence[str], exo_index: Mapping[str, int], *, ego_pattern: str,
                 exo_pattern: str, top_k: int, with_exo: bool, with_text: bool) -> None:

@@ -82,13 +82,28 @@ class DomainDiscriminator(nn.Module):
     return nn.Dense(2, name="logits", **dtypes)(x).astype(jnp.float32)
 
 
+HEAD_ORDER = ("verb", "noun")  # the label order of EPIC-Kitchens' and LEMMA's records, and of the released heads
+
+
+def head_order(num_classes: Mapping[str, int] | Sequence[int]) -> list[tuple[str, int]]:
+  """[(head name, classes)] in the order of the numbered heads (Model's docstring); a sequence of counts
+  names its heads '0', '1', ..."""
+  if not isinstance(num_classes, Mapping) and not hasattr(num_classes, "items"):
+    return [(str(i), int(n)) for i, n in enumerate(num_classes)]
+  counts = dict(num_classes.items())
+  names = [n for n in HEAD_ORDER if n in counts] + sorted(n for n in counts if n not in HEAD_ORDER)
+  return [(name, int(counts[name])) for name in names]
+
+
 class Model(nn.Module):
   """(ego clips, exo clips), each normalised (B, T, H, W, 3) or None -> dict of float32 outputs.
 
   Per present view v in ('ego', 'exo'): '<v>_features' (B, C) pooled backbone features,
   '<v>_embedding' (B, projection_dim) L2-normalised projection z, '<v>_logits' a tuple of (B, K_i) logits,
-  one per entry of `<v>_num_classes`, {head name: classes} in order (e.g. EPIC {'verb': 97, 'noun': 300});
-  parameters '<v>_head_<i>' by position (a sequence of counts, as configs before issue 14 wrote them, works too).
+  one per entry of `<v>_num_classes`, {head name: classes} (e.g. EPIC {'verb': 97, 'noun': 300}) in
+  head_order (a config dict sorts its keys, so the order is not the dict's: 'verb' then 'noun', the order
+  of the records' labels and of the released heads; other names after them, sorted); parameters
+  '<v>_head_<i>' by that position (a sequence of counts, as configs before issue 14 wrote them, works too).
   With both views and discriminator_width > 0: 'domain_logits' (2B, 2), ego rows first, computed behind
   a gradient reversal of `gradient_reversal_scale`.
   """
@@ -139,7 +154,7 @@ class Model(nn.Module):
     features = self._encode(ego_clips, exo_clips, train)
     for view, pooled in features.items():
       num_classes = self.ego_num_classes if view == "ego" else self.exo_num_classes
-      num_classes = list(num_classes.values()) if isinstance(num_classes, Mapping) else list(num_classes)
+      num_classes = [n for _, n in head_order(num_classes)]
       outputs[f"{view}_features"] = pooled
       outputs[f"{view}_embedding"] = ProjectionHead(self.projection_dim, name=f"{view}_projection",
                                                     **dtypes)(pooled)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from egoexo_jax import losses
-from egoexo_jax.input import pipelines
+from egoexo_jax.input import egoexo_pipeline, prepared_records
 from egoexo_jax.models import build_model
 from egoexo_jax.objectives import Objective
 
@@ -23,10 +23,8 @@ def objective(config) -> Objective:
   grid = functools.cache(lambda: interaction_grid(model, config))  # traced when first needed
 
   def make_dataset(config, workdir: str, *, process_index: int, process_count: int):
-    pattern = pipelines.prepare_records(config, workdir)
-    return pipelines.batched_stream(config, pipelines.open_train_records(config, pattern),
-                                    pipelines.egoexo_transform(config, grid()),
-                                    process_index=process_index, process_count=process_count)
+    return egoexo_pipeline.make_train_dataset(config, prepared_records.train_records(config, workdir),
+                                              process_index=process_index, process_count=process_count, grid=grid())
 
   return Objective(name="egoexo", model=model, make_dataset=make_dataset,
                    example_batch=lambda config, batch_size: example_batch(config, batch_size, grid()),

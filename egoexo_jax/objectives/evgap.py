@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from egoexo_jax import losses, pictures, sharding
-from egoexo_jax.input import feature_pipeline, feature_records
+from egoexo_jax.input import feature_pipeline, feature_records, prepared_records
 from egoexo_jax.models import build_model
 from egoexo_jax.objectives import Objective
 
@@ -49,28 +49,13 @@ def _step(config) -> str:
   return step
 
 
-def prepare_feature_records(config, workdir: str) -> str:
-  """The record prefix to train on; converts `data.view_manifest` into `<workdir>/feature_records/train`
-  when `data.feature_records` is empty (process 0, once: a finished conversion leaves `<prefix>.json`)."""
-  if config.data.feature_records:
-    return config.data.feature_records
-  prefix = os.path.join(workdir, "feature_records", "train")
-  if jax.process_index() == 0 and not os.path.exists(prefix + ".json"):
-    feature_records.convert_feature_manifest(config.data.view_manifest, prefix, dtype=config.data.stored_dtype,
-                                             chunk_frames=config.data.chunk_frames)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("prepare_feature_records")
-  return prefix
-
-
 def heldout_recordings(config) -> tuple[str, ...]:
   """config data.heldout_recordings (comma-separated recording ids) as a tuple."""
   return tuple(r.strip() for r in config.data.get("heldout_recordings", "").split(",") if r.strip())
 
 
 def _open_source(config, workdir: str) -> feature_records.FeatureRecordSource:
-  source = feature_records.FeatureRecordSource(prepare_feature_records(config, workdir),
+  source = feature_records.FeatureRecordSource(prepared_records.feature_records(config, workdir),
                                                config.data.get("feature_format") or None)
   if source.feature_dim != config.data.feature_dim:
     raise ValueError(f"the feature records hold {source.feature_dim}-d features but config data.feature_dim is "
@@ -216,7 +201,7 @@ def evaluate(model, params, config, workdir: str) -> dict[str, float]:
   recordings, fraction = heldout_recordings(config), config.data.get("heldout_fraction", 0.0)
   if not recordings and not fraction:
     return {}
-  data = _heldout_windows(prepare_feature_records(config, workdir), config.data.get("feature_format") or None,
+  data = _heldout_windows(prepared_records.feature_records(config, workdir), config.data.get("feature_format") or None,
                           recordings, fraction, config.data.window_frames, config.data.window_stride)
   embed = _embed_fn(model)
   chunk = 256

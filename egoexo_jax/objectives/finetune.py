@@ -14,7 +14,6 @@ count in it (has_interaction mask).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from egoexo_jax import losses
-from egoexo_jax.input import finetune_pipeline, pipelines
+from egoexo_jax.input import finetune_pipeline, prepared_records
 from egoexo_jax.models import build_model
 from egoexo_jax.objectives import Objective, egoexo
 
@@ -33,10 +32,9 @@ def objective(config) -> Objective:
   grid = functools.cache(lambda: egoexo.interaction_grid(model, config) if interaction else (1, 1, 1))
 
   def make_dataset(config, workdir: str, *, process_index: int, process_count: int):
-    pattern = pipelines.prepare_records(config, workdir)
-    transform = dataclasses.replace(finetune_pipeline.finetune_transform(config), feature_grid=grid())
-    return pipelines.batched_stream(config, pipelines.open_train_records(config, pattern), transform,
-                                    process_index=process_index, process_count=process_count)
+    return finetune_pipeline.make_train_dataset(config, prepared_records.train_records(config, workdir),
+                                                process_index=process_index, process_count=process_count,
+                                                grid=grid())
 
   return Objective(name="finetune", model=model, make_dataset=make_dataset,
                    example_batch=lambda config, batch_size: example_batch(config, batch_size, grid()),

@@ -45,8 +45,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from egoexo_jax import losses, sharding
-from egoexo_jax.input import suml_pipeline
+from egoexo_jax.input import prepared_records, suml_pipeline
 from egoexo_jax.models import build_model
+from egoexo_jax.models import suml as suml_model
 from egoexo_jax.objectives import Objective, finetune
 
 ALIGNMENTS = ("suml", "info_nce", "contrastive", "triplet", "joint_embedding", "domain_adversarial", "none")
@@ -104,6 +105,12 @@ def check_config(config) -> None:
 def objective(config) -> Objective:
   """SUM-L's Objective; its step key is split into the dropout key and the key of the triplet negatives."""
   check_config(config)
+  for view in ("ego", "exo"):  # the pipeline's label order must be the model's numbered heads' order
+    data_order = suml_pipeline.view_heads(config, view)
+    model_order = tuple(suml_model.head_order(config.model[f"{view}_num_classes"]))
+    if len(data_order) > 1 and data_order != model_order:
+      raise ValueError(f"config data.{view}_label_layout orders the heads {[n for n, _ in data_order]} but the "
+                       f"SUM-L model numbers them {[n for n, _ in model_order]} (models/suml.py HEAD_ORDER)")
   return Objective(name="suml", model=build_model(config.model, "suml"), make_dataset=make_dataset,
                    example_batch=example_batch, model_inputs=model_inputs, loss=loss, split_rng=True)
 
@@ -111,11 +118,11 @@ def objective(config) -> Objective:
 def make_dataset(config, workdir: str, *, process_index: int, process_count: int):
   check_config(config)
   if config.stage == "exo":
-    return suml_pipeline.make_exo_dataset(config, suml_pipeline.prepare_records(config, workdir, "exo"),
+    return suml_pipeline.make_exo_dataset(config, prepared_records.view_records(config, workdir, "exo"),
                                           process_index=process_index, process_count=process_count)
   with_exo = needs_exo(config)
-  ego_pattern = suml_pipeline.prepare_records(config, workdir, "ego")
-  exo_pattern = suml_pipeline.prepare_records(config, workdir, "exo") if with_exo else None
+  ego_pattern = prepared_records.view_records(config, workdir, "ego")
+  exo_pattern = prepared_records.view_records(config, workdir, "exo") if with_exo else None
   return suml_pipeline.make_paired_dataset(
       config, ego_pattern, exo_pattern, with_exo=with_exo, with_text=needs_text(config),
       cache_dir=os.path.join(os.path.abspath(workdir), "records"), process_index=process_index,
