@@ -124,4 +124,7 @@ def record_checks(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # transforms.decode_and_crop: 'fast' (input/jpeg_decode.py, about half the CPU per clip) or 'exact'
   # (Pillow, bit for bit the clips of runs made before the fast decoder). README: Decoding clips.
   data.decoder = "fast"
+  # JPEG quality of videos converted on first use (data.manifest -> <workdir>/records): the converter's
+  # default, chosen for storage (README: Storage); data.convert_short_side is each method's.
+  data.convert_jpeg_quality = 75
   return data

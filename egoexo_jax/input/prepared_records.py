@@ -33,9 +33,11 @@ def _convert_videos(config, manifest: str, **teachers) -> Callable[[str], None]:
   def convert(prefix: str) -> None:
     from egoexo_jax.input import convert as converter  # pylint: disable=g-import-not-at-top  (PyAV when converting)
 
-    logging.info("Converting %s into %s (short side %d).", manifest, prefix, config.data.convert_short_side)
+    quality = config.data.get("convert_jpeg_quality", converter.DEFAULT_JPEG_QUALITY)
+    logging.info("Converting %s into %s (short side %d, JPEG quality %d).", manifest, prefix,
+                 config.data.convert_short_side, quality)
     report = converter.convert_manifest(manifest, prefix, short_side=config.data.convert_short_side,
-                                        workers=max(1, config.data.num_workers), **teachers)
+                                        jpeg_quality=quality, workers=max(1, config.data.num_workers), **teachers)
     logging.info("Converted %d videos of %s (%d skipped).", report.written, manifest, len(report.skipped))
   return convert
 
