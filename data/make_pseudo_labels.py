@@ -11,14 +11,14 @@ Outputs (keys and file names follow the manifest `path` column exactly, like the
                                    cannot be computed offline here. It is NOT an ImageNet classifier: each
                                    frame's joint RGB colour histogram (8 x 8 x 8 bins) is averaged over all
                                    decoded frames, square-rooted, standardised, and mapped to 1000 values by
-                                   a fixed random projection (numpy seed 0). Videos with similar colours
+                                   a fixed random projection (numpy seed 0). Videos with similar colors
                                    get similar "object" distributions; the class indices mean nothing.
   pseudo_labels/hand_object/<path without extension>.npy
                                    per decoded frame of the original video, a pair (object_detections,
                                    hand_detections), each an N x 5 float32 array [x1, y1, x2, y2, score] in
                                    original pixels or None when nothing was found; saved with np.save as an
                                    object array of shape (frames, 2). Heuristic stand-ins for the 100DOH
-                                   hand-object detector: hands are blobs of skin colour (YCbCr thresholds),
+                                   hand-object detector: hands are blobs of skin color (YCbCr thresholds),
                                    objects are the largest moving non-skin blob (frame difference). They
                                    are poor: faces, wood and yellow-orange things (the box in box.mp4)
                                    pass for hands, camera motion passes for an object, and the box in
@@ -81,7 +81,7 @@ def ego_logits(path: str, view: str) -> np.ndarray:
   return (EGO_LOGITS[view] + rng.normal(0.0, EGO_PERTURBATION_SD, 2)).astype(np.float32)
 
 
-def colour_histogram(rgb: np.ndarray) -> np.ndarray:
+def color_histogram(rgb: np.ndarray) -> np.ndarray:
   """Joint RGB histogram, normalised to sum 1."""
   bins = (rgb // (256 // HISTOGRAM_BINS)).astype(np.int64)
   index = (bins[..., 0] * HISTOGRAM_BINS + bins[..., 1]) * HISTOGRAM_BINS + bins[..., 2]
@@ -148,7 +148,7 @@ def main() -> None:
   for path, view in views.items():
     detections, histograms, previous = [], [], None
     for rgb in decoded_frames(DATA / path):
-      histograms.append(colour_histogram(rgb))
+      histograms.append(color_histogram(rgb))
       object_dets, hand_dets, previous = detect(rgb, previous)
       detections.append((object_dets, hand_dets))
     ego[path] = ego_logits(path, view)

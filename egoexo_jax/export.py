@@ -63,7 +63,7 @@ def forward_function(module, part: str, dtype: Any):
   return forward
 
 
-def serialise_forward(module, part: str, variables: Any, input_shape: Sequence[int], compute_dtype: Any,
+def serialize_forward(module, part: str, variables: Any, input_shape: Sequence[int], compute_dtype: Any,
                       platforms: Sequence[str] = ("cpu", "cuda", "tpu")) -> tuple[bytes, dict[str, Any]]:
   """(bytes of jax.export's Exported, its description) of the part's forward for one input shape.
 
@@ -147,7 +147,7 @@ def export(workdir: str, output_dir: str, *, config: ml_collections.ConfigDict |
     batch_input = model_card.input_spec(config, part, forward_batch)["shape"]
     forward_info = None
     if forward:
-      blob, forward_info = serialise_forward(module, part, unwrapped, batch_input,
+      blob, forward_info = serialize_forward(module, part, unwrapped, batch_input,
                                              jnp.dtype(model_dict.get("dtype", "float32")))
       with open(os.path.join(temporary, pretrained.FORWARD), "wb") as f:
         f.write(blob)

@@ -7,8 +7,8 @@ matplotlib (Agg, no display) where it needs axes or text (per-class AP, confusio
   interaction-map targets tinted on them (hand red, object green) and the outline of each map's
   extent on that frame (the rasterised detector boxes' bounding rectangle).
 - confusion_matrix / save_eval_pictures / save_eval_figures: evaluation's per-class AP or accuracy (bars,
-  sorted) and the single-label confusion matrix (rows: true class, normalised per row), as PNG and JSON.
-- timeline_image / save_segmentation: per-frame ground truth above prediction, one colour per class;
+  sorted) and the single-label confusion matrix (rows: true class, normalized per row), as PNG and JSON.
+- timeline_image / save_segmentation: per-frame ground truth above prediction, one color per class;
   the predictions themselves as .npy.
 - similarity_image / save_similarity: an ego x exo cosine-similarity matrix as a heat map.
 - save_pair_examples: SUM-L pseudo-pairs, each ego narration with its mined exo narrations.
@@ -24,7 +24,7 @@ import numpy as np
 
 from egoexo_jax import atomic_files
 
-HAND, OBJECT = (255, 60, 60), (60, 255, 60)  # overlay colours of the two interaction-map channels
+HAND, OBJECT = (255, 60, 60), (60, 255, 60)  # overlay colors of the two interaction-map channels
 
 
 # --------------------------------------------------------------------------- helpers
@@ -61,8 +61,8 @@ def _save_figure(pyplot, figure, path: str) -> str:
   return path
 
 
-def class_colours(num_classes: int) -> np.ndarray:
-  """uint8 (num_classes, 3): distinct hues around the colour wheel (golden-angle steps)."""
+def class_colors(num_classes: int) -> np.ndarray:
+  """uint8 (num_classes, 3): distinct hues around the color wheel (golden-angle steps)."""
   hue = (np.arange(num_classes) * 0.618033988749895) % 1.0
   k = (np.array([5.0, 3.0, 1.0])[None] + hue[:, None] * 6) % 6  # HSV -> RGB with s = 0.65, v = 0.95
   rgb = 0.95 - 0.95 * 0.65 * np.clip(np.minimum(k, 4 - k), 0, 1)
@@ -79,14 +79,14 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
   return grid[rows][:, cols]
 
 
-def _outline(image: np.ndarray, mask: np.ndarray, colour) -> None:
+def _outline(image: np.ndarray, mask: np.ndarray, color) -> None:
   """Draws (in place) the bounding rectangle of `mask`'s True pixels, 1 pixel wide."""
   rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
   if rows.size == 0:
     return
   top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
-  image[top, left:right + 1] = image[bottom, left:right + 1] = colour
-  image[top:bottom + 1, left] = image[top:bottom + 1, right] = colour
+  image[top, left:right + 1] = image[bottom, left:right + 1] = color
+  image[top:bottom + 1, left] = image[top:bottom + 1, right] = color
 
 
 def overlay_frame(frame: np.ndarray, maps: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
@@ -96,13 +96,13 @@ def overlay_frame(frame: np.ndarray, maps: np.ndarray | None, alpha: float = 0.4
     return image.astype(np.uint8)
   height, width = image.shape[:2]
   masks = []
-  for channel, colour in ((0, HAND), (1, OBJECT)):
+  for channel, color in ((0, HAND), (1, OBJECT)):
     value = np.clip(_upsample(np.asarray(maps[..., channel], np.float32), height, width), 0, 1)[..., None]
-    image = image * (1 - alpha * value) + np.asarray(colour, np.float32) * alpha * value
-    masks.append((value[..., 0] > 0, colour))
+    image = image * (1 - alpha * value) + np.asarray(color, np.float32) * alpha * value
+    masks.append((value[..., 0] > 0, color))
   image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-  for mask, colour in masks:
-    _outline(image, mask, colour)
+  for mask, color in masks:
+    _outline(image, mask, color)
   return image
 
 
@@ -154,7 +154,7 @@ def save_eval_pictures(prefix: str, *, per_class: Mapping[str, float], class_nam
                        labels: np.ndarray | None = None, scores: np.ndarray | None = None,
                        title: str = "") -> dict[str, str]:
   """`<prefix>per_class.png/.json` (per-class AP or accuracy, bars sorted high to low) and, for
-  single-label `labels` (N,) with `scores` (N, C), `<prefix>confusion.png/.json` (row-normalised
+  single-label `labels` (N,) with `scores` (N, C), `<prefix>confusion.png/.json` (row-normalized
   image; counts in the JSON). `per_class` maps class index (as str) or name -> value. Returns the paths."""
   pyplot = _figure()
   names = list(per_class)
@@ -177,9 +177,9 @@ def save_eval_pictures(prefix: str, *, per_class: Mapping[str, float], class_nam
     matrix = confusion_matrix(labels, scores.argmax(-1), scores.shape[-1])
     written["confusion_json"] = write_json(prefix + "confusion.json", {"rows": "true class", "columns": "predicted",
                                                                         "counts": matrix.tolist()})
-    normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    normalized = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     figure, axes = pyplot.subplots(figsize=(4.5, 4))
-    shown = axes.imshow(normalised, cmap="viridis", vmin=0, vmax=1)
+    shown = axes.imshow(normalized, cmap="viridis", vmin=0, vmax=1)
     from matplotlib import ticker  # pylint: disable=g-import-not-at-top
     axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # class indices
     axes.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -221,15 +221,15 @@ def save_eval_figures(prefix: str, scores: Mapping[str, np.ndarray], labels: np.
 def timeline_image(truth: np.ndarray, prediction: np.ndarray, num_classes: int, width: int = 800,
                    band: int = 24, gap: int = 4) -> np.ndarray:
   """uint8 (2 x band + gap, width, 3): ground truth (top band) and prediction (bottom band), each frame's
-  class as its colour (class_colours), frames resampled to `width` columns."""
+  class as its color (class_colors), frames resampled to `width` columns."""
   truth, prediction = np.asarray(truth, np.int64), np.asarray(prediction, np.int64)
   if truth.shape != prediction.shape or truth.ndim != 1 or len(truth) == 0:
     raise ValueError(f"timeline needs two equal non-empty 1-D label sequences, got {truth.shape} and {prediction.shape}")
-  colours = class_colours(num_classes)
+  colors = class_colors(num_classes)
   columns = np.minimum(np.arange(width) * len(truth) // width, len(truth) - 1)
   image = np.full((2 * band + gap, width, 3), 255, np.uint8)
-  image[:band] = colours[np.clip(truth[columns], 0, num_classes - 1)][None]
-  image[band + gap:] = colours[np.clip(prediction[columns], 0, num_classes - 1)][None]
+  image[:band] = colors[np.clip(truth[columns], 0, num_classes - 1)][None]
+  image[band + gap:] = colors[np.clip(prediction[columns], 0, num_classes - 1)][None]
   return image
 
 
@@ -287,8 +287,8 @@ def save_pair_examples(path: str, pairs, count: int = 8, per_ego: int = 3, seed:
   figure = pyplot.figure(figsize=(9, 0.22 * len(lines) + 0.6))
   figure.text(0.01, 0.99, f"SUM-L pseudo-pairs ({pairs.model}): ego narration, then its mined exo clips with "
                           "cosine similarity", va="top", fontsize=8, weight="bold")
-  for i, (text, colour) in enumerate(lines):
-    figure.text(0.01, 0.99 - (i + 1.3) / (len(lines) + 2), text, va="top", fontsize=7, color=colour, family="monospace")
+  for i, (text, color) in enumerate(lines):
+    figure.text(0.01, 0.99 - (i + 1.3) / (len(lines) + 2), text, va="top", fontsize=7, color=color, family="monospace")
   return _save_figure(pyplot, figure, path)
 
 

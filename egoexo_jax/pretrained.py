@@ -90,7 +90,7 @@ def source_subtree(path: str, subtree: str) -> str:
   return part if part in VIDEO_BACKBONE_PARTS else subtree
 
 
-def _normalised(value: Any) -> Any:
+def _normalized(value: Any) -> Any:
   """A config value as JSON would give it back (tuples -> lists, ConfigDicts -> dicts), None -> {}."""
   if isinstance(value, ml_collections.ConfigDict):
     value = value.to_dict()
@@ -112,7 +112,7 @@ def check_config(card: Mapping[str, Any], config: ml_collections.ConfigDict, *, 
   else:
     fields = _PART_FIELDS[part]
   for field in fields:
-    was, now = _normalised(saved.get(field)), _normalised(given.get(field))
+    was, now = _normalized(saved.get(field)), _normalized(given.get(field))
     for name, (was, now) in _differences(f"model.{field}", was, _class_counts_as_saved(was, now)):
       raise ExportMismatchError(f"{where} was made with {name}={json.dumps(was)}, the config has "
                                 f"{name}={json.dumps(now)}")

@@ -268,7 +268,7 @@ class VideoResNet(tnn.Module):
     return {"action": action, "ego_score": ego, "object": obj, "interaction": interaction.permute(0, 2, 3, 4, 1)}, x
 
 
-def randomise(model, seed=0):
+def randomize(model, seed=0):
   """Random weights (conv: PySlowFast's MSRA fill) and random BN affine parameters and running statistics.
 
   bn_c's gamma is kept small, as a trained network's last BN of a block tends to be, so that the
@@ -306,7 +306,7 @@ def pack_pathways(frames, slowfast, alpha=4):
 
 def random_variables(shapes, seed=0):
   """Concrete variables for a tree of ShapeDtypeStructs: kernels He-normal, BatchNorm scales, biases and
-  running statistics random (bn_c's scale small, as randomise() does), other leaves normal(0, 0.02)."""
+  running statistics random (bn_c's scale small, as randomize() does), other leaves normal(0, 0.02)."""
   rng = np.random.default_rng(seed)
 
   def leaf(path, shape):

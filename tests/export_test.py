@@ -168,11 +168,11 @@ def test_export_holds_the_inference_variables_a_card_and_a_forward_function(trai
 
   # One-call loading gives the trained model's outputs.
   clips = np.random.default_rng(0).integers(0, 256, (1, 4, 64, 64, 3), dtype=np.uint8)
-  normalised = transforms.normalize_clips(clips, jnp.float32)
+  normalized = transforms.normalize_clips(clips, jnp.float32)
   want = jax.jit(lambda v, x: objectives.resolve(config).model.apply(v, x, train=False))(
-      {"params": training["params"], "batch_stats": training["batch_stats"]}, normalised)
+      {"params": training["params"], "batch_stats": training["batch_stats"]}, normalized)
   model, variables = egoexo_jax.load_pretrained(output)
-  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, normalised)
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, normalized)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
 
   # The serialised forward function, in a process that cannot import egoexo_jax.

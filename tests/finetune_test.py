@@ -273,17 +273,17 @@ def test_finetune_starts_from_the_pretrained_backbone_with_new_heads(pretrained_
   config.init_from = f"backbone={pretrained_workdir},interaction_head={pretrained_workdir}:interaction_head"
   seen = {"terms": []}
 
-  def record_initialisation(state, *args):
+  def record_initialization(state, *args):
     seen["fresh"] = jax.device_get(state)
-    seen["loaded"] = jax.device_get(real_initialise(state, *args))
-    return real_initialise(state, *args)
+    seen["loaded"] = jax.device_get(real_initialize(state, *args))
+    return real_initialize(state, *args)
 
   def record_terms(step, terms, *args):
     seen["terms"].append({k: float(v) for k, v in jax.device_get(terms).items()})
     real_check_finite(step, terms, *args)
 
-  real_initialise, real_check_finite = train.initialize_from_checkpoints, train.check_finite
-  monkeypatch.setattr(train, "initialize_from_checkpoints", record_initialisation)
+  real_initialize, real_check_finite = train.initialize_from_checkpoints, train.check_finite
+  monkeypatch.setattr(train, "initialize_from_checkpoints", record_initialization)
   monkeypatch.setattr(train, "check_finite", record_terms)
   final = train.train_and_evaluate(config, str(tmp_path))  # 3 steps through the one trainer
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from conftest import VideoResNet, pack_pathways, randomise, resnet_stages
+from conftest import VideoResNet, pack_pathways, randomize, resnet_stages
 from egoexo_jax import checkpointing
 from egoexo_jax.models import backbones, egoexo, import_weights, resnet2d
 from egoexo_jax.models.resnet2d import WeightImportError
@@ -55,7 +55,7 @@ def max_error(a, b):
 @pytest.mark.parametrize("arch,num_frames", [("slow_r50", 8), ("slowfast_r50", 32)])
 def test_pyslowfast_checkpoint_gives_pyslowfast_logits_and_features(arch, num_frames, tmp_path):
   slowfast = arch.startswith("slowfast")
-  torch_model = randomise(VideoResNet((3, 4, 6, 3), 10, slowfast))
+  torch_model = randomize(VideoResNet((3, 4, 6, 3), 10, slowfast))
   path = tmp_path / "checkpoint_epoch_00010.pyth"
   torch.save({"epoch": 10, "model_state": torch_model.state_dict(), "cfg": "MODEL:\n  ARCH: x\n"}, path)
 
@@ -75,7 +75,7 @@ def test_pyslowfast_checkpoint_gives_pyslowfast_logits_and_features(arch, num_fr
 
 
 def test_egoexo_multitask_and_interaction_heads_import(tmp_path):
-  torch_model = randomise(VideoResNet(TINY_BLOCKS, 6, True, width=16, egoexo_heads=True), seed=2)
+  torch_model = randomize(VideoResNet(TINY_BLOCKS, 6, True, width=16, egoexo_heads=True), seed=2)
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   backbone_args = dict(stage_blocks=TINY_BLOCKS, width=16)
   variables, model_args = import_weights.convert_pyslowfast(state_dict, "slowfast_r50", num_classes=6,
@@ -140,7 +140,7 @@ def to_caffe2_name(key, blocks_per_stage):
 
 
 def test_caffe2_pickle_round_trip(tmp_path):
-  torch_model = randomise(VideoResNet(TINY_BLOCKS, 5, True, width=16), seed=4)
+  torch_model = randomize(VideoResNet(TINY_BLOCKS, 5, True, width=16), seed=4)
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items() if not k.endswith("num_batches_tracked")}
   blobs = {to_caffe2_name(k, TINY_BLOCKS): v for k, v in state_dict.items()}
   blobs.update({"conv1_w_momentum": np.zeros_like(blobs["conv1_w"]), "lr": np.float32(0.1), "model_iter": np.int64(9)})
@@ -173,7 +173,7 @@ def test_caffe2_pickle_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_slow_state_dict():
-  torch_model = randomise(VideoResNet(TINY_BLOCKS, 5, False, width=8), seed=5)
+  torch_model = randomize(VideoResNet(TINY_BLOCKS, 5, False, width=8), seed=5)
   return {k: v.numpy() for k, v in torch_model.state_dict().items()}
 
 
@@ -296,7 +296,7 @@ def test_torchvision_inflation_errors(image_resnet):
 
 
 def test_cli_writes_a_checkpoint_that_load_backbone_reads(tmp_path):
-  torch_model = randomise(VideoResNet(TINY_BLOCKS, 5, True, width=16), seed=6)
+  torch_model = randomize(VideoResNet(TINY_BLOCKS, 5, True, width=16), seed=6)
   source = tmp_path / "slowfast_tiny.pyth"
   torch.save({"model_state": torch_model.state_dict()}, source)
   output = tmp_path / "imported"
@@ -412,7 +412,7 @@ def test_released_finetuned_checkpoint_gives_the_released_test_probabilities(cas
   width = 16 if slowfast else 8
   backbone = VideoResNet(TINY_BLOCKS, 1, slowfast, width=width)
   pools = [(num_frames // 4, 2, 2), (num_frames, 2, 2)] if slowfast else [(num_frames, 2, 2)]
-  torch_model = randomise(ReleasedFinetuneNet(backbone, task, list(heads.values()), pools, act,
+  torch_model = randomize(ReleasedFinetuneNet(backbone, task, list(heads.values()), pools, act,
                                                interaction_channels), seed=7)
   path = tmp_path / "released.pyth"
   torch.save({"epoch": 30, "model_state": torch_model.state_dict()}, path)
@@ -478,7 +478,7 @@ def test_released_epic_checkpoint_is_evaluated_by_the_cli_without_training(tmp_p
   window; a record's view probabilities equal the torch network's on the same views."""
   from egoexo_jax.input import finetune_pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
 
-  torch_model = randomise(ReleasedFinetuneNet(VideoResNet(TINY_BLOCKS, 1, False, width=8), "epic100", [97, 300],
+  torch_model = randomize(ReleasedFinetuneNet(VideoResNet(TINY_BLOCKS, 1, False, width=8), "epic100", [97, 300],
                                               [(4, 2, 2)], "softmax"), seed=9)
   source = tmp_path / "epic100_released.pyth"
   torch.save({"model_state": torch_model.state_dict()}, source)

@@ -23,7 +23,7 @@ EXO_ROWS = [("exo_lemon", "cut lemon"), ("exo_cycle", "a person cycling down the
             ("exo_dog", "walk the dog")]
 
 
-def normalised(rng, rows, dim):
+def normalized(rng, rows, dim):
   x = rng.normal(size=(rows, dim))
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -50,7 +50,7 @@ def write_csv(path, rows, header=("video_id", "narration")):
 @pytest.mark.parametrize("k", [1, 5])
 def test_top_k_pairs_matches_brute_force(chunk_size, k):
   rng = np.random.default_rng(0)
-  ego, exo = normalised(rng, 37, 16), normalised(rng, 53, 16)
+  ego, exo = normalized(rng, 37, 16), normalized(rng, 53, 16)
   indices, similarities = narration_pairs.top_k_pairs(ego, exo, k, chunk_size)
   want_indices, want_similarities = brute_force(ego, exo, k)
   assert indices.dtype == np.int32 and similarities.dtype == np.float32
@@ -77,13 +77,13 @@ def test_top_k_pairs_ties_and_padding(chunk_size):
 
 def test_top_k_pairs_rejects_bad_input():
   rng = np.random.default_rng(1)
-  ego, exo = normalised(rng, 4, 8), normalised(rng, 3, 8)
+  ego, exo = normalized(rng, 4, 8), normalized(rng, 3, 8)
   with pytest.raises(ValueError, match="only 3 exo"):
     narration_pairs.top_k_pairs(ego, exo, 4)
-  with pytest.raises(ValueError, match="L2-normalised; row 2"):
+  with pytest.raises(ValueError, match="L2-normalized; row 2"):
     narration_pairs.top_k_pairs(ego * np.array([[1], [1], [2], [1]], np.float32), exo, 1)
   with pytest.raises(ValueError, match="dimensions"):
-    narration_pairs.top_k_pairs(ego, normalised(rng, 3, 6), 1)
+    narration_pairs.top_k_pairs(ego, normalized(rng, 3, 6), 1)
 
 
 # --------------------------------------------------------------------------- the real text model

@@ -99,7 +99,7 @@ def test_frame_indices():
     object_score.frame_indices(0)
 
 
-def test_preprocessing_is_imagenet_eval_resize_crop_and_normalisation():
+def test_preprocessing_is_imagenet_eval_resize_crop_and_normalization():
   rng = np.random.default_rng(0)
   # Short side already at the resize size: no resampling, so the crop must be the exact centre.
   image = rng.integers(0, 256, size=(40, 71, 3), dtype=np.uint8)

@@ -72,10 +72,10 @@ def test_confusion_matrix_and_eval_pictures(tmp_path):
 def test_timelines_show_truth_above_prediction(tmp_path):
   truth, prediction = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 2])
   image = pictures.timeline_image(truth, prediction, 3, width=8, band=2, gap=1)
-  colours = pictures.class_colours(3)
-  assert image.shape == (5, 8, 3) and len({tuple(c) for c in colours}) == 3
-  np.testing.assert_array_equal(image[0], colours[[0, 0, 0, 0, 1, 1, 1, 1]])
-  np.testing.assert_array_equal(image[4], colours[[0, 0, 1, 1, 1, 1, 2, 2]])
+  colors = pictures.class_colors(3)
+  assert image.shape == (5, 8, 3) and len({tuple(c) for c in colors}) == 3
+  np.testing.assert_array_equal(image[0], colors[[0, 0, 0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(image[4], colors[[0, 0, 1, 1, 1, 1, 2, 2]])
   assert np.all(image[2] == 255)
   paths = pictures.save_segmentation(str(tmp_path), [("rec1__C10", truth, prediction)], 3)
   assert paths == [str(tmp_path / "timelines" / "rec1__C10.png")]
@@ -84,7 +84,7 @@ def test_timelines_show_truth_above_prediction(tmp_path):
     pictures.timeline_image(truth, prediction[:3], 3)
 
 
-def test_similarity_image_colours_cosines():
+def test_similarity_image_colors_cosines():
   ego = np.array([[1.0, 0.0], [0.0, 2.0]])
   exo = np.array([[3.0, 0.0], [-1.0, 0.0]])
   image = pictures.similarity_image(ego, exo, cell=2)

@@ -121,7 +121,7 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
   keys = input_keys(settings)
   model, protocol_record = segmentation.stack(head_model(settings, num_classes), protocol, num_views)
   train = sets["train"]
-  params, _ = segmentation.initialise(model, protocol, loop_settings.seed, *(train[k][:1] for k in keys))
+  params, _ = segmentation.initialize(model, protocol, loop_settings.seed, *(train[k][:1] for k in keys))
 
   def loss_fn(params, batch, rng):
     logits = model.apply({"params": params}, *(batch[k] for k in keys), train=True, rngs={"dropout": rng})

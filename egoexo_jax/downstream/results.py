@@ -48,7 +48,7 @@ def features_label(run: dict[str, Any]) -> str:
   return os.path.basename(os.path.normpath(run.get("features_dir", "?")))
 
 
-def summarise(run: dict[str, Any], path: str, kinds: dict[str, str] | None = None) -> dict[str, Any]:
+def summarize(run: dict[str, Any], path: str, kinds: dict[str, str] | None = None) -> dict[str, Any]:
   """One run's row key and scores; an error names the file for a results.json of another shape."""
   try:
     task = TASKS[run["task"]]
@@ -71,7 +71,7 @@ def collect(runs_dir: str, kinds: dict[str, str] | None = None) -> list[dict[str
     with open(path) as f:
       content = json.load(f)
     if isinstance(content, dict) and content.get("task") in TASKS:
-      runs.append(summarise(content, path, kinds))
+      runs.append(summarize(content, path, kinds))
   if not runs:
     raise AnnotationError(f"no downstream results.json under '{runs_dir}'")
   return runs

@@ -96,7 +96,7 @@ def stack(head: nn.Module, protocol: ProtocolSettings, num_views: int) -> tuple[
                  "encoder_checkpoint": os.path.abspath(protocol.encoder_checkpoint)}
 
 
-def initialise(model: nn.Module, protocol: ProtocolSettings, seed: int, *inputs) -> tuple[dict, dict | None]:
+def initialize(model: nn.Module, protocol: ProtocolSettings, seed: int, *inputs) -> tuple[dict, dict | None]:
   """(params, other collections or None); the encoder's parameters from the checkpoint under 'finetune'."""
   variables = jax.jit(lambda rng: model.init({"params": rng, "dropout": rng}, *inputs, train=False))(
       jax.random.key(seed))
@@ -183,7 +183,7 @@ def run(features_dir: str, segments_path: str, split_path: str, output_dir: str,
   chunk_size = settings.chunk_size if settings.model == "c2ftcn" else 0
 
   model, protocol_record = stack(head_model(settings, num_classes), protocol, num_views)
-  params, state = initialise(model, protocol, loop_settings.seed, jnp.zeros((1, length, dim)), jnp.ones((1, length)))
+  params, state = initialize(model, protocol, loop_settings.seed, jnp.zeros((1, length, dim)), jnp.ones((1, length)))
 
   def train_loss(params, state, batch, rng):
     variables = {"params": params, **(state or {})}
