@@ -35,8 +35,6 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (defaul
                     "JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (default: from the cluster).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: from the cluster).")
-flags.DEFINE_enum("log_level", "quiet", ["quiet", "all"], "quiet: this project's lines and every warning "
-                  "(third-party INFO logs, e.g. Orbax internals, hidden); all: every library's logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_CANNOT_CONTINUE = 2  # the module docstring lists every exit status
@@ -45,8 +43,6 @@ EXIT_CANNOT_CONTINUE = 2  # the module docstring lists every exit status
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from egoexo_jax import console  # pylint: disable=g-import-not-at-top  (before TensorFlow: its C++ log level)
-  console.configure_logging(FLAGS.log_level)
   import jax  # pylint: disable=g-import-not-at-top
 
   if FLAGS.multihost:

@@ -11,6 +11,7 @@ What it adds to absl:
   - `--config=configs/x.py[:arg]` (and any ml_collections config flag) is found relative to the repository
     when it is not a file relative to the working directory, and so are the config's relative data paths
     (`resolve_repo_paths`): commands run from any folder.
+  - a quiet console (console.configure_logging): third-party INFO logs hidden unless `--log_level=all`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from absl import app, flags
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_USER_ERROR = 2
 
+flags.DEFINE_enum("log_level", "quiet", ["quiet", "all"], "quiet: this project's lines and every warning "
+                  "(third-party INFO logs, e.g. Orbax internals, hidden); all: every library's logs.")
 flags.DEFINE_bool("debug", False, "Show the full traceback of a user error (missing file, config mismatch ...) "
                   "instead of its one-line message.")
 
@@ -217,6 +220,8 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
   suggestions, configs found relative to the repository)."""
 
   def guarded(args):
+    from egoexo_jax import console  # pylint: disable=g-import-not-at-top  (before TensorFlow: its C++ log level)
+    console.configure_logging(flags.FLAGS.log_level)  # every tool's console is quiet by default
     try:
       return main(args)
     except user_error_types() as e:
