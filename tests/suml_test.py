@@ -21,6 +21,7 @@ from configs import suml_eval as suml_eval_config
 from configs import suml_exo as suml_exo_config
 from egoexo_jax import objectives, run_config, sharding, suml_eval, train
 from egoexo_jax.input import pair_files, suml_pipeline
+from egoexo_jax.models import build_model
 from egoexo_jax.models import suml as suml_model
 from egoexo_jax.objectives import suml as objective
 from egoexo_jax.pseudo_labels import narration_pairs
@@ -164,21 +165,21 @@ def test_model_subtrees_outputs_and_switches():
   ego, exo = model_inputs()
   config = tiny()
   shapes = lambda model: jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), ego, exo, train=False))
-  outputs, variables = shapes(objectives.resolve(config).model)
+  outputs, variables = shapes(build_model(config.model, "suml"))
   assert set(variables["params"]) == {"ego_backbone", "exo_backbone", "ego_projection", "exo_projection",
                                       "ego_head_0", "exo_head_0"}
   assert outputs["ego_embedding"].shape == outputs["exo_embedding"].shape == (2, 384)
   assert outputs["ego_logits"][0].shape == (2, 2) and outputs["exo_logits"][0].shape == (2, 3)
   config.model.share_backbone = True
-  _, variables = shapes(objectives.resolve(config).model)
+  _, variables = shapes(build_model(config.model, "suml"))
   assert {"backbone", "ego_projection", "exo_projection"} <= set(variables["params"])
   assert not {"ego_backbone", "exo_backbone"} & set(variables["params"])
   config.model.share_backbone, config.model.discriminator_width = False, 16
-  outputs, variables = shapes(objectives.resolve(config).model)
+  outputs, variables = shapes(build_model(config.model, "suml"))
   assert outputs["domain_logits"].shape == (4, 2) and "domain_discriminator" in variables["params"]
   config.model.update(share_backbone=True, freeze_exo_backbone=True)
   with pytest.raises(ValueError, match="freeze_exo_backbone needs separate encoders"):
-    shapes(objectives.resolve(config).model)
+    shapes(build_model(config.model, "suml"))
 
 
 def test_projection_is_unit_norm():
