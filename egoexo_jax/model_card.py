@@ -38,7 +38,8 @@ def load_run_config(workdir: str, config: ml_collections.ConfigDict | None) -> t
     with open(recorded) as f:
       saved = ml_collections.ConfigDict(json.load(f))
     if config is not None:
-      pretrained.check_config({"part": "model", "model": saved.model.to_dict()}, config, where=recorded)
+      pretrained.check_config({"part": "model", "objective": saved.get("objective", ""), "model": saved.model.to_dict()},
+                              config, where=recorded)
     return saved, recorded
   if config is None:
     raise ValueError(f"{workdir} records no config.json: pass the run's config with --config=path[:arg]")

@@ -32,7 +32,6 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                      f"(num_train_steps is {config.num_train_steps})")
   reference = opt.get("reference_batch_size", 64)
   peak = opt.base_learning_rate * (config.global_batch_size / reference if reference else 1.0)
-  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
   kind = opt.get("schedule", "cosine")
   if kind == "cosine":
     main = optax.cosine_decay_schedule(peak, config.num_train_steps - opt.warmup_steps)
@@ -44,6 +43,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     main = optax.piecewise_constant_schedule(peak, {b: opt.decay_factor for b in boundaries})
   else:
     raise ValueError(f"unknown config optimizer.schedule '{kind}': use 'cosine' or 'steps'")
+  if not opt.warmup_steps:
+    return main  # no zero-length warm-up schedule (optax warns: "non-positive transition_steps")
+  warmup = optax.linear_schedule(peak * opt.warmup_start_fraction, peak, opt.warmup_steps)
   return optax.join_schedules([warmup, main], [opt.warmup_steps])
 
 

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 from absl import logging
 
-from egoexo_jax import console, train
+from egoexo_jax import console, optimizer
 
 
 def record(pathname: str, level: int, msg: str) -> std_logging.LogRecord:
@@ -94,6 +94,6 @@ def test_schedule_without_warmup_is_the_main_schedule_and_logs_nothing(caplog):
       "optimizer": {"base_learning_rate": 0.1, "warmup_steps": 0, "warmup_start_fraction": 0.1,
                     "schedule": "steps", "decay_steps": (5,), "decay_factor": 0.1}})
   with caplog.at_level(std_logging.INFO):
-    schedule = train.make_schedule(config)
+    schedule = optimizer.make_schedule(config)
   assert not [r for r in caplog.records if "polynomial schedule" in r.getMessage()]
   assert [float(schedule(s)) for s in (0, 4, 5, 9)] == pytest.approx([0.1, 0.1, 0.01, 0.01])

@@ -210,11 +210,11 @@ def test_cli_evaluates_the_newest_checkpoint_on_the_shipped_clips(tmp_path):
   keep = labels.any(axis=0)
   assert results["metrics"]["mAP"] == pytest.approx(
       average_precision_score(labels[:, keep], predictions["action"][:, keep], average=None).mean(), rel=1e-6)
-  per_class = json.loads((tmp_path / "results_per_class.json").read_text())  # and as a bar chart beside it
+  per_class = json.loads((tmp_path / "out" / "results_step7_per_class.json").read_text())  # and as a bar chart beside it
   assert len(per_class) == 157 and [k for k, v in per_class.items() if v is not None] == ["19", "40", "107"]
   np.testing.assert_allclose([per_class[k] for k in ("19", "40", "107")], average_precision_score(
       labels[:, keep], predictions["action"][:, keep], average=None), rtol=1e-6)
-  assert results["figures"]["action_per_class_png"] == str(tmp_path / "results_per_class.png")
+  assert results["figures"]["action_per_class_png"] == str(tmp_path / "out" / "results_step7_per_class.png")
   # The records came from the shipped test manifest, converted once into the workdir.
   assert (tmp_path / "records" / "eval.json").exists()
   assert convert.read_manifest(str(ROOT / "data/finetune/charades_ego_test_manifest.csv"))[0].video_id == "box"

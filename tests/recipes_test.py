@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tiny_config
 from configs import common_recipe, recipe_egoexo
-from egoexo_jax import lr_policy, objectives, train
+from egoexo_jax import lr_policy, objectives, optimizer, train
 from egoexo_jax.input import transforms
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -110,7 +110,7 @@ def test_released_pretraining_cosine_is_pyslowfasts_per_epoch():
   config, plan = lr_policy.resolve(config)
   steps_per_epoch = 240_000 / 512
   assert config.num_train_steps == math.ceil(200 * steps_per_epoch) == 93_750
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   for epoch in (0.0, 1.0, 17.0, 33.9, 34.0, 50.0, 83.0, 100.0, 150.0, 199.5):
     step = int(round(epoch * steps_per_epoch))
     want = pyslowfast_lr(step / steps_per_epoch, policy="cosine", base_lr=0.8, max_epoch=200, warmup_epochs=34,
@@ -131,7 +131,7 @@ def test_steps_with_relative_lrs_per_epoch_and_steps_from_the_record_count():
   config.optimizer.reference_batch_size = 128
   config, plan = lr_policy.resolve(config, num_records=1000)  # counted records: 7.8125 steps per epoch
   assert config.num_train_steps == math.ceil(30 * 1000 / 128) and plan.num_records == 1000
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   for step in range(config.num_train_steps):
     want = pyslowfast_lr(step * 128 / 1000, policy="steps_with_relative_lrs", base_lr=0.02, max_epoch=30,
                          warmup_epochs=2.0, warmup_start_lr=0.002, steps=(0, 20, 25), lrs=(1.0, 0.1, 0.01))
@@ -152,7 +152,7 @@ def test_epoch_based_runs_need_a_record_count():
 def test_small_counts_the_same_policy_in_steps():
   config = load_config("egoexo", "small")  # 300 steps, 30 of warm-up, 0.05 per 64 at batch 8
   config, plan = lr_policy.resolve(config)
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   for step in (0, 10, 29, 30, 31, 150, 299):
     want = pyslowfast_lr(step, policy="cosine", base_lr=0.05 * 8 / 64, max_epoch=300, warmup_epochs=30,
                          warmup_start_lr=0.1 * 0.05 * 8 / 64)
@@ -163,7 +163,7 @@ def test_small_counts_the_same_policy_in_steps():
 @pytest.mark.parametrize("name,records", [("finetune_charades_ego", 3085), ("finetune_epic100", 67217)])
 def test_step_based_finetuning_schedules_equal_pyslowfasts_at_every_step(name, records):
   config = load_config(name, "")
-  schedule = train.make_schedule(config)
+  schedule = optimizer.make_schedule(config)
   per_epoch = records / config.global_batch_size
   peak = config.optimizer.base_learning_rate * config.global_batch_size / config.optimizer.reference_batch_size
   kwargs = (dict(policy="cosine", max_epoch=60) if name == "finetune_charades_ego" else
@@ -186,13 +186,13 @@ def test_weight_decay_on_all_but_batchnorm_includes_biases_and_skips_bn():
                          "block": {"shortcut_bn": {"scale": np.ones(4)}, "bn_a": {"bias": np.ones(4)}}},
             "action_head": {"linear": {"kernel": np.ones((4, 5)), "bias": np.ones(5)}},
             "encoder": {"LayerNorm_0": {"scale": np.ones(4)}, "ln_1": {"bias": np.ones(4)}}}
-  mask = train.weight_decay_mask("all_but_batchnorm")(params)
+  mask = optimizer.weight_decay_mask("all_but_batchnorm")(params)
   assert mask["backbone"]["stem"]["conv"]["kernel"] and mask["action_head"]["linear"]["bias"]
   assert not any(jax.tree.leaves((mask["backbone"]["stem"]["bn"], mask["backbone"]["block"], mask["encoder"])))
-  kernels = train.weight_decay_mask("kernels")(params)
+  kernels = optimizer.weight_decay_mask("kernels")(params)
   assert kernels["backbone"]["stem"]["conv"]["kernel"] and not kernels["action_head"]["linear"]["bias"]
   with pytest.raises(ValueError, match="weight_decay_on 'biases'"):
-    train.weight_decay_mask("biases")
+    optimizer.weight_decay_mask("biases")
 
 
 # --------------------------------------------------------------------------- clips and SlowFast targets

@@ -141,10 +141,13 @@ def decode_and_crop(jpeg_frames: list[bytes], indices: np.ndarray, window: CropW
   window allows, OpenCV's bilinear warp straight into the output) or 'exact' (Pillow: one
   resize(box, BILINEAR) per frame, the path of runs made before the fast one; bit for bit as they were).
   The two agree within rounding of the bilinear interpolation for magnified windows
-  (tests/jpeg_decode_test.py measures how far apart they are on real frames).
+  (tests/jpeg_decode_test.py measures how far apart they are on real frames). Frames that are not JPEG
+  take the exact path under either decoder.
   """
   if decoder == "fast":
-    return jpeg_decode.decode_and_crop(jpeg_frames, indices, window)
+    if jpeg_frames[int(indices[0])][:2] == b"\xff\xd8":  # a JPEG start-of-image marker
+      return jpeg_decode.decode_and_crop(jpeg_frames, indices, window)
+    decoder = "exact"  # frames of another format Pillow reads (PNG in tests), or not an image: Pillow says which
   if decoder != "exact":
     raise ValueError(f"unknown decoder '{decoder}' (config data.decoder): use one of {DECODERS}")
   out = np.empty((len(indices), window.size, window.size, 3), np.uint8)
