@@ -1,5 +1,8 @@
 """Orbax checkpoints of the train state together with the Grain data iterator.
 
+One module over 400 lines on purpose: everything a bit-exact resume depends on (state, data iterator, layout,
+the writer and its failure handling, free space) in one place.
+
 Each checkpoint is one step folder holding three items: `state` (the TrainState pytree),
 `data_iterator` (Grain's iterator state, one file per process) and `data_layout` (the process count
 and global batch size the iterator state belongs to). Orbax writes a step into a temporary folder and

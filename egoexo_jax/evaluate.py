@@ -1,5 +1,8 @@
 r"""Multi-view testing of a trained model: Charades mAP, EPIC verb/noun/action top-k, Kinetics top-k.
 
+One module over 400 lines on purpose: the test protocol, its restore paths (run, --step, best, export,
+imported folder), resumable partial results and the CLI; the metrics are in eval_metrics.py.
+
   python -m egoexo_jax.evaluate --workdir=runs/epic100 --records='/data/epic100/validation.tfrecord-*'
 
 The run's config is the one it saved (<workdir>/config.json, egoexo_jax/run_config.py); --config is

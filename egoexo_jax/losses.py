@@ -1,5 +1,8 @@
 """Loss functions: pure jnp functions, computed in float32 whatever the dtype of the logits.
 
+One module over 400 lines on purpose: every method's losses as plain functions, the one place the NumPy
+references in tests/losses_test.py are checked against.
+
 Weighting convention: `weights` is an optional (B,) 0/1 mask of the examples that carry the signal
 (a teacher score, detector boxes). A loss is computed per example, then averaged over the weighted
 examples: sum_i w_i l_i / max(sum_i w_i, 1e-8). Masked examples do not dilute the mean, and a batch in

@@ -1,5 +1,8 @@
 """Videos listed in a CSV manifest -> sharded TFRecord / ArrayRecord files of `records.VideoRecord`s.
 
+About 90 of this module's lines are this docstring (the manifest format and the conversion rules); the work
+itself is in manifest.py, teacher_files.py, convert_video.py and shards.py.
+
     python -m egoexo_jax.input.convert --manifest=data/manifest.csv --output_prefix=/tmp/rec/sample \
         --ego_logits=data/pseudo_labels/ego_logits.pkl \
         --object_logits=data/pseudo_labels/object_logits.pkl \

@@ -1,5 +1,8 @@
 """Per-frame feature sequences (EVGAP) -> records: one record per recording, all its views inside.
 
+One module over 400 lines on purpose: the record format, its writer, its random-access source and the CLI must
+change together.
+
     python -m egoexo_jax.input.feature_records --manifest=data/evgap/views.csv \
         --output_prefix=/tmp/evgap/train --num_shards=2 --formats=tfrecord,array_record
 

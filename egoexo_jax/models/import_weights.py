@@ -1,5 +1,8 @@
 """Pretrained weights for `egoexo.Model`: PySlowFast and Caffe2 checkpoints, inflated torchvision ResNets.
 
+One module over 400 lines on purpose: the key mappings of three source formats (PySlowFast .pyth, Caffe2 .pkl,
+torchvision), which share their checks.
+
     python -m egoexo_jax.models.import_weights --input=SLOWFAST_8x8_R50.pkl --format=caffe2 \\
         --backbone=slowfast_r50 --num_classes=400 --output_dir=/models/slowfast_r50_k400
 

@@ -1,5 +1,8 @@
 r"""SUM-L pseudo-pairs: narrations of unpaired ego and exo clips -> each ego clip's most similar exo clips.
 
+One module over 400 lines on purpose: encoding, mining, the threshold report and the CLI of one command; the
+pair-file format is in input/pair_files.py.
+
     python -m egoexo_jax.pseudo_labels.narration_pairs --ego_csv=ego.csv --exo_csv=exo.csv \
         --output=/data/suml/pairs.npz --k=5
 

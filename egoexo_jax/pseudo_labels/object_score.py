@@ -1,5 +1,8 @@
 """Object-Score teacher (Ego-Exo Eq. 3-4): ImageNet-classifier logits averaged over T frames per video.
 
+One module over 400 lines on purpose: the teacher's frame sampling, torchvision preprocessing, video-to-record
+matching and CLI belong to one command.
+
     python -m egoexo_jax.pseudo_labels.object_score --records='/data/k400/train.tfrecord-*' \\
         --weights=/models/resnet152-394f9c45.pth --output=/data/k400/object_logits.pkl \\
         [--manifest=videos.csv] [--probabilities_output=/data/k400/object_scores.pkl --temperature=1]
