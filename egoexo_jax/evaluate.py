@@ -55,7 +55,8 @@ from egoexo_jax.input import finetune_pipeline, prepared_records, sources, trans
 
 def eval_settings(config) -> ml_collections.ConfigDict:
   """`config.eval` (`config.evaluate` in configs saved before the rename), with PySlowFast's Kinetics test
-  defaults for configs without one (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip placement, mean, global pooling).
+  defaults for configs without one (10 x 3 views at short side = crop = data.min_short_side, Kinetics clip
+  placement, mean, global pooling).
 
   `fully_convolutional`: the heads run at every window position of the test crop's res5 grid (window =
   a training clip's grid, `heads.window_pool`), probabilities averaged over the positions, as PySlowFast
