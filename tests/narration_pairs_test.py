@@ -80,7 +80,7 @@ def test_top_k_pairs_rejects_bad_input():
   ego, exo = normalized(rng, 4, 8), normalized(rng, 3, 8)
   with pytest.raises(ValueError, match="only 3 exo"):
     narration_pairs.top_k_pairs(ego, exo, 4)
-  with pytest.raises(ValueError, match="L2-normalized; row 2"):
+  with pytest.raises(ValueError, match="L2-normalised; row 2"):
     narration_pairs.top_k_pairs(ego * np.array([[1], [1], [2], [1]], np.float32), exo, 1)
   with pytest.raises(ValueError, match="dimensions"):
     narration_pairs.top_k_pairs(ego, normalized(rng, 3, 6), 1)
