@@ -124,6 +124,10 @@ def record_checks(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # transforms.decode_and_crop: 'fast' (input/jpeg_decode.py, about half the CPU per clip) or 'exact'
   # (Pillow, bit for bit the clips of runs made before the fast decoder). README: Decoding clips.
   data.decoder = "fast"
+  # Where the fast decoder's training clips are resized to crop_size: 'device' (the CPU decodes and sends
+  # the window's stored pixels; the jitted step resamples them, input/device_resize.py) or 'host' (OpenCV on
+  # the CPU, the fast path before the device resize). data.decoder='exact' always resizes on the host.
+  data.resize = "device"
   # JPEG quality of videos converted on first use (data.manifest -> <workdir>/records): the converter's
   # default, chosen for storage (README: Storage); data.convert_short_side is each method's.
   data.convert_jpeg_quality = 75

@@ -31,7 +31,7 @@ import optax
 from absl import logging
 
 from egoexo_jax import checkpointing, console, metrics, monitoring, objectives, processes, run_config, run_lock, sharding
-from egoexo_jax.input import stream, transforms
+from egoexo_jax.input import device_resize, stream, transforms
 from egoexo_jax.lr_policy import resolve_run_length
 from egoexo_jax.objectives import Objective
 from egoexo_jax.optimizer import make_optimizer
@@ -54,8 +54,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def apply_model(objective: Objective, params, batch_stats, batch: dict, *, config, rng: jax.Array):
-  """The objective's model in train mode on `objective.model_inputs(batch)`, uint8 inputs (video clips)
-  normalised to config.model.dtype, dropout from `rng`. Returns (outputs, updated batch_stats)."""
+  """The objective's model in train mode on `objective.model_inputs(batch)`, clip patches resized
+  (input/device_resize.py, data.resize='device'), uint8 inputs (video clips) normalised to
+  config.model.dtype, dropout from `rng`. Returns (outputs, updated batch_stats)."""
+  batch = device_resize.resize_batch(batch, config.data.get("crop_size"))
   inputs = [transforms.normalize_clips(x, jnp.dtype(config.model.dtype)) if x is not None and x.dtype == jnp.uint8
             else x for x in objective.model_inputs(batch)]
   variables = {"params": params, "batch_stats": batch_stats}
@@ -316,7 +318,8 @@ def loop(run: Run, stop_signals: monitoring.StopSignals) -> TrainState:
       first = step == run.start_step + 1
       if first and jax.process_index() == 0:  # a few input clips with their targets, in TensorBoard
         from egoexo_jax import pictures  # pylint: disable=g-import-not-at-top  (matplotlib)
-        pictures.write_input_clips(run.writer, step, batch)
+        pictures.write_input_clips(run.writer, step, device_resize.resize_batch(
+            {key: value[:4] for key, value in batch.items()}, config.data.get("crop_size")))
         logging.info("Compiling the train step (the first step's time is left out of the speed and ETA).")
       batch = sharding.host_batch_to_global(batch, run.mesh)
       data_wait = time.perf_counter() - tick

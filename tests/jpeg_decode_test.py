@@ -9,33 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import decode_real_frames
+from testlib import bilinear, jpeg
 from egoexo_jax.input import jpeg_decode, transforms
 from egoexo_jax.input.transforms import CropWindow
-
-
-def jpeg(array, quality=90):
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="JPEG", quality=quality)  # the converter's encoder and quality
-  return buf.getvalue()
-
-
-def bilinear(image, window):
-  """Reference: output pixel centre (x + 0.5) maps to x0 + (x + 0.5) * w / size in stored pixels, whose
-  centres sit at integer + 0.5; taps beyond the frame take the edge pixel; flip mirrors the columns."""
-  height, width = image.shape[:2]
-
-  def taps(lo, hi, n):
-    pos = lo + (np.arange(window.size) + 0.5) * (hi - lo) / window.size - 0.5
-    left = np.floor(pos).astype(int)
-    frac = pos - left
-    return np.clip(left, 0, n - 1), np.clip(left + 1, 0, n - 1), frac
-
-  x_left, x_right, fx = taps(window.x0, window.x1, width)
-  y_top, y_bottom, fy = taps(window.y0, window.y1, height)
-  image = image.astype(np.float64)
-  rows = image[y_top] * (1 - fy)[:, None, None] + image[y_bottom] * fy[:, None, None]
-  out = rows[:, x_left] * (1 - fx)[None, :, None] + rows[:, x_right] * fx[None, :, None]
-  return out[:, ::-1] if window.flip else out
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """Helpers shared by several test files (conftest.py holds the fixtures and the PyTorch references).
 
 Test files import from here instead of from each other: configs at test size, NumPy references of the
-SUM-L losses, record files with unreadable or unfitting records, and main.py run in its own session.
+SUM-L losses and of bilinear resampling, record files with unreadable or unfitting records, and main.py run in its own session.
 """
 
 import dataclasses
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import psutil
+from PIL import Image
 
 from conftest import ROOT
 from egoexo_jax.input import records, sources
@@ -217,3 +219,31 @@ def wait_until_gone(session: int, timeout_s: float = 15.0) -> list[psutil.Proces
   while (left := session_processes(session)) and time.monotonic() < deadline:
     time.sleep(0.2)
   return left
+
+
+# --------------------------------------------------------------------------- JPEG frames and bilinear windows
+
+
+def jpeg(array, quality=90):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG", quality=quality)  # the converter's encoder and quality
+  return buf.getvalue()
+
+
+def bilinear(image, window):
+  """Reference: output pixel centre (x + 0.5) maps to x0 + (x + 0.5) * w / size in stored pixels, whose
+  centres sit at integer + 0.5; taps beyond the frame take the edge pixel; flip mirrors the columns."""
+  height, width = image.shape[:2]
+
+  def taps(lo, hi, n):
+    pos = lo + (np.arange(window.size) + 0.5) * (hi - lo) / window.size - 0.5
+    left = np.floor(pos).astype(int)
+    frac = pos - left
+    return np.clip(left, 0, n - 1), np.clip(left + 1, 0, n - 1), frac
+
+  x_left, x_right, fx = taps(window.x0, window.x1, width)
+  y_top, y_bottom, fy = taps(window.y0, window.y1, height)
+  image = image.astype(np.float64)
+  rows = image[y_top] * (1 - fy)[:, None, None] + image[y_bottom] * fy[:, None, None]
+  out = rows[:, x_left] * (1 - fx)[None, :, None] + rows[:, x_right] * fx[None, :, None]
+  return out[:, ::-1] if window.flip else out

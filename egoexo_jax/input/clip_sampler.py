@@ -3,7 +3,10 @@
 ClipSampler: a VideoRecord -> a clip of `clip_length` frames: the frame indices
 (transforms.sample_frame_indices: a random start, or the centre with rng None), the crop window
 (transforms.sample_crop_window: short-side jitter, a random square, a random flip; centre and no flip
-with rng None) and the decoded pixels (transforms.decode_and_crop), drawn from `rng` in that order.
+with rng None) and the decoded pixels (transforms.decode_and_crop), drawn from `rng` in that order. With
+resize 'device' (config data.resize) training clips leave the host uncut and unresized, as a patch around the
+window plus the window, and the trainer resizes them on the accelerator (device_resize.py); `Clip.fields`
+gives a transform the batch keys either way, and calling the sampler always gives the finished clip.
 BoxRasterizer: a record's hand and object boxes -> the interaction maps of a sampled clip on the
 backbone's (t, h, w) grid (transforms.boxes_to_map, Ego-Exo Eq. 5), moved through the clip's window.
 """
@@ -14,15 +17,22 @@ import dataclasses
 
 import numpy as np
 
-from egoexo_jax.input import records, transforms
+from egoexo_jax.input import device_resize, records, transforms
 from egoexo_jax.input.stream import ConfigMismatchError
 
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
-  pixels: np.ndarray  # uint8 (T, S, S, 3)
+  pixels: np.ndarray  # uint8 (T, S, S, 3), or (T, P, P, 3) patches with patch_window (device_resize.py)
   indices: np.ndarray  # (T,) the stored frames it shows
-  window: transforms.CropWindow
+  window: transforms.CropWindow  # in stored-frame pixels
+  patch_window: np.ndarray | None = None  # float32 (5,): the window in the patch, when resized on device
+
+  def fields(self, key: str) -> dict[str, np.ndarray]:
+    """The example's entries for this clip under batch key `key` (and '<key>_window' for a patch)."""
+    if self.patch_window is None:
+      return {key: self.pixels}
+    return {key: self.pixels, device_resize.window_key(key): self.patch_window}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,25 +46,35 @@ class ClipSampler:
   max_short_side: int = 320
   target_fps: float = 0.0
   decoder: str = transforms.DEFAULT_DECODER  # transforms.decode_and_crop: 'fast' | 'exact' (config data.decoder)
+  resize: str = "host"  # 'device': the fast decoder's clips are resized by the trainer (config data.resize)
 
-  def sample(self, record: records.VideoRecord, rng: np.random.Generator | None) -> Clip:
+  def sample(self, record: records.VideoRecord, rng: np.random.Generator | None, *,
+             finished: bool = False) -> Clip:
+    """The clip of `record` drawn from `rng`; a patch for the device to resize (resize 'device' with the fast
+    decoder) unless `finished`."""
     indices = transforms.sample_frame_indices(record.num_frames, self.clip_length, self.frame_stride, rng,
                                               fps=record.fps, target_fps=self.target_fps)
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
+    if self.resize == "device" and self.decoder == "fast" and not finished:
+      patch, patch_window = device_resize.decode_patch(record.frames, indices, window)
+      return Clip(patch, indices, window, patch_window)
     return Clip(transforms.decode_and_crop(record.frames, indices, window, self.decoder), indices, window)
 
   def __call__(self, record: records.VideoRecord, rng: np.random.Generator | None) -> np.ndarray:
-    """The clip's pixels only."""
-    return self.sample(record, rng).pixels
+    """The finished clip's pixels only (evaluation and the other callers that apply no trainer)."""
+    return self.sample(record, rng, finished=True).pixels
 
 
 def clip_sampler(config) -> ClipSampler:
   """The sampler of a config's `data` section."""
   data = config.data
+  resize = data.get("resize", "host")
+  if resize not in device_resize.RESIZES:
+    raise ValueError(f"unknown config data.resize '{resize}': use one of {device_resize.RESIZES}")
   return ClipSampler(data.clip_length, data.frame_stride, data.crop_size, data.min_short_side,
                      data.max_short_side, float(data.get("target_fps", 0.0)),
-                     data.get("decoder", transforms.DEFAULT_DECODER))
+                     data.get("decoder", transforms.DEFAULT_DECODER), resize)
 
 
 @dataclasses.dataclass(frozen=True)

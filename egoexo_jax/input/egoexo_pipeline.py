@@ -56,7 +56,7 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
     """The transform itself; rng None gives the deterministic centre clip used for evaluation."""
     self.check(record)
     clip = self.clip.sample(record, rng)
-    example = {"clips": clip.pixels, "labels": self._label(record)}
+    example = {**clip.fields("clips"), "labels": self._label(record)}
     for key, mask_key, size, signal in (
         ("ego_score_logits", "has_ego_score", 2, record.ego_logits),
         ("object_logits", "has_object", self.num_object_classes, record.object_logits)):

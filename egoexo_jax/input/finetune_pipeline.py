@@ -86,7 +86,7 @@ class FinetuneTrainTransform(grain.transforms.RandomMap):
     if self.maps:
       check_boxes(record)
     clip = self.clip.sample(record, rng)
-    example = {"clips": clip.pixels, "labels": self.clip_labels(record, clip.indices)}
+    example = {**clip.fields("clips"), "labels": self.clip_labels(record, clip.indices)}
     if self.maps:
       example.update(self.maps(record, clip))
     return example

@@ -53,7 +53,7 @@ def dct_reduction(height: int, width: int, window) -> int:
   return 1
 
 
-def _header(jpeg: bytes) -> tuple[int, int]:
+def header(jpeg: bytes) -> tuple[int, int]:
   try:
     height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
   except ValueError as e:
@@ -61,7 +61,7 @@ def _header(jpeg: bytes) -> tuple[int, int]:
   return height, width
 
 
-def _decode(jpeg: bytes, min_height: int, min_width: int, buffer: np.ndarray | None) -> np.ndarray:
+def decode(jpeg: bytes, min_height: int, min_width: int, buffer: np.ndarray | None) -> np.ndarray:
   try:
     return simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_height=min_height, min_width=min_width,
                                   buffer=buffer)
@@ -104,17 +104,17 @@ def decode_and_crop(jpeg_frames: list[bytes], indices: np.ndarray, window) -> np
       continue
     first[index] = t
     jpeg = jpeg_frames[index]
-    height, width = _header(jpeg)
+    height, width = header(jpeg)
     if (height, width) != geometry:  # the first frame (records hold frames of one size)
       reduction = dct_reduction(height, width, window)
-      frame = _decode(jpeg, math.ceil(height / reduction), math.ceil(width / reduction), None)
+      frame = decode(jpeg, math.ceil(height / reduction), math.ceil(width / reduction), None)
       geometry, buffer = (height, width), frame
       scale = _dct_scale(height, width, frame.shape)  # decoded pixels per stored pixel
       minify = (window.x1 - window.x0) * scale > size or (window.y1 - window.y0) * scale > size
       matrix = _affine(window, scale)
       box = (window.x0 * scale, window.y0 * scale, window.x1 * scale, window.y1 * scale)
     else:
-      frame = _decode(jpeg, buffer.shape[0], buffer.shape[1], buffer)
+      frame = decode(jpeg, buffer.shape[0], buffer.shape[1], buffer)
     if minify:
       resized = Image.fromarray(frame).resize((size, size), Image.BILINEAR, box=box)
       out[t] = np.asarray(resized)[:, ::-1] if window.flip else np.asarray(resized)

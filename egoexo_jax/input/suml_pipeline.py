@@ -115,7 +115,7 @@ class PairedTrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
     row = self.pairs.row(record.video_id) if self.with_exo or self.with_text else None
-    example = {"ego_clips": self.clip(record, rng),
+    example = {**self.clip.sample(record, rng).fields("ego_clips"),
                "ego_labels": view_labels(record, self.ego_heads, self.ego_label_kind, "ego")}
     if self.with_text:
       example["ego_text"] = self.pairs.ego_text[row]
@@ -127,7 +127,7 @@ class PairedTrainTransform(grain.transforms.RandomMap):
       if exo.video_id != exo_id:
         raise PairingError(f"'{self.exo_pattern}' changed since its id index was built: expected '{exo_id}', "
                            f"read '{exo.video_id}'; delete the record_ids-*.json cache")
-      example["exo_clips"] = self.clip(exo, rng)
+      example.update(self.clip.sample(exo, rng).fields("exo_clips"))
       example["exo_labels"] = view_labels(exo, self.exo_heads, self.exo_label_kind, "exo")
       if self.with_text:
         example["exo_text"] = self.pairs.exo_text[exo_row]
@@ -143,7 +143,7 @@ class ExoTrainTransform(grain.transforms.RandomMap):
   exo_label_kind: str = "single"
 
   def random_map(self, record: records.VideoRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"exo_clips": self.clip(record, rng),
+    return {**self.clip.sample(record, rng).fields("exo_clips"),
             "exo_labels": view_labels(record, self.exo_heads, self.exo_label_kind, "exo")}
 
 
