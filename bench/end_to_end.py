@@ -7,7 +7,8 @@ against a PySlowFast-style PyAV loader feeding the same step, in one run.
 
 Rows, per worker count W (data.num_workers for Grain, DataLoader num_workers for the peer):
 - step only: `train.make_step_fn` on a batch that stays on the device (random clips and teacher targets),
-  each step blocked on: the clips/s the accelerator can take.
+  each step blocked on: the clips/s the accelerator can take. With data.resize 'device' (the default) the
+  batch holds patches and windows, so the step includes the resize (input/device_resize.py).
 - Grain end to end: configs/egoexo.py's pipeline (`egoexo_pipeline.make_train_dataset`) over records converted
   (untimed) from --manifest at --short_side / --jpeg_quality, then as the trainer does it: next batch, host
   keys popped, `host_batch_to_global`, the step dispatched, the previous step's loss read. Clips/s over at
@@ -118,8 +119,10 @@ def main(argv):
   # Step only: one batch that stays on the device.
   rng = np.random.default_rng(0)
   spec = objective.example_batch(config, FLAGS.batch_size)["clips"]
-  resident = sharding.host_batch_to_global(teacher_free_batch(
-      config, rng.integers(0, 256, spec.shape, np.uint8), rng.integers(0, 5, FLAGS.batch_size)), mesh)
+  resident = teacher_free_batch(config, rng.integers(0, 256, spec.shape, np.uint8), rng.integers(0, 5, FLAGS.batch_size))
+  if data.get("resize") == "device" and data.get("decoder") == "fast":  # the step resizes Grain's patches too
+    resident["clips"], resident["clips_window"] = input_pipeline.random_patches(config, FLAGS.batch_size, rng)
+  resident = sharding.host_batch_to_global(resident, mesh)
   tick = time.perf_counter()
   state, _, terms = step_fn(state, resident)
   jax.block_until_ready(terms)

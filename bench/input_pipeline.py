@@ -14,8 +14,10 @@ crop from [256, 320], --size=small: 112 from [128, 160]), batched by --batch_siz
   data); then `egoexo_pipeline.make_train_dataset` with data.num_workers = w runs: it reads a record, decodes the 8
   chosen JPEGs and resamples the crop window straight to the output size, rasterises the detector
   boxes into interaction maps. Out: uint8 clips (normalised later, on the device) + teacher targets.
-  Measured once per --decoders entry (data.decoder, transforms.decode_and_crop): 'exact' is the
-  Pillow path of runs made before the fast decoder, 'fast' is input/jpeg_decode.py.
+  Measured once per --paths entry (data.decoder and data.resize, PATHS): 'exact' is the Pillow path of
+  runs made before the fast decoder, 'fast' is input/jpeg_decode.py resizing on the CPU, 'device' (the
+  default) decodes and sends the window's stored pixels for the train step to resize
+  (input/device_resize.py; that resize is the accelerator's work, timed separately at the end).
 - peer: PySlowFast's Kinetics train path in a torch DataLoader with num_workers = w. It opens the
   original video with PyAV, seeks to just before the clip start, decodes frame by frame to the clip end,
   turns every decoded frame into an RGB array, picks 8 by linspace (temporal_sampling), normalises to
@@ -53,18 +55,23 @@ import torch
 import torch.nn.functional as F
 
 from configs import egoexo as egoexo_config
-from egoexo_jax.input import convert, egoexo_pipeline, stream, transforms
+from egoexo_jax.input import convert, device_resize, egoexo_pipeline, stream, transforms
+
+# name -> (data.decoder, data.resize): the exact Pillow path (runs before issue 19), the fast decoder resizing
+# on the CPU, and the fast decoder leaving the resize to the accelerator (the default).
+PATHS = {"exact": ("exact", "host"), "fast": ("fast", "host"), "device": ("fast", "device")}
 
 flags.DEFINE_string("manifest", str(ROOT / "data" / "manifest.csv"), "Video manifest CSV (convert.py's format).")
 flags.DEFINE_string("pseudo_labels", str(ROOT / "data" / "pseudo_labels"),
                     "Folder with ego_logits.pkl, object_logits.pkl and hand_object/ for the records ('' for none).")
 flags.DEFINE_integer("short_side", 256, "Short side of the stored record frames (256: the README's convert setting).")
-flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored record frames (the converter's default: 90).")
+flags.DEFINE_integer("jpeg_quality", 75, "JPEG quality of the stored record frames (the converter's default: 75).")
 flags.DEFINE_bool("peer", True, "Also measure the PySlowFast-style PyAV peer.")
 flags.DEFINE_enum("format", "tfrecord", convert.FORMATS, "Record format to convert to and read.")
 flags.DEFINE_enum("size", "r50", ["r50", "small"], "Data settings of configs/egoexo.py ('' or 'small').")
 flags.DEFINE_list("workers", ["0", "1"], "Worker process counts to measure.")
-flags.DEFINE_list("decoders", list(transforms.DECODERS)[::-1], "data.decoder values to measure ('exact', 'fast').")
+flags.DEFINE_list("paths", list(PATHS), "Clip paths to measure: " + "; ".join(f"'{k}': data.decoder "
+                  f"'{v[0]}', data.resize '{v[1]}'" for k, v in PATHS.items()) + ".")
 flags.DEFINE_integer("breakdown_clips", 64, "Clips for the per-stage CPU cost breakdown (0: none).")
 flags.DEFINE_integer("repeats", 3, "Measurements of each pipeline per worker count, taking turns.")
 flags.DEFINE_integer("batch_size", 8, "Clips per batch.")
@@ -217,6 +224,8 @@ def cost_breakdown(config, pattern: str, clips: int) -> None:
           record.frames, indices, window, "exact"),
       "fast decode_and_crop": lambda i, record, indices, window: transforms.decode_and_crop(
           record.frames, indices, window, "fast"),
+      "fast decode_patch (resize on device)": lambda i, record, indices, window: device_resize.decode_patch(
+          record.frames, indices, window),
       "  of which JPEG decode": lambda i, record, indices, window: decode_only(record, indices),
   }
   seconds = {name: [] for name in stages}
@@ -228,6 +237,35 @@ def cost_breakdown(config, pattern: str, clips: int) -> None:
       seconds[name].append(time.process_time() - tick)
   print(f"CPU ms per clip, one thread, {clips} clips, least of 3 passes: "
         + "; ".join(f"{name} {min(s) / clips * 1e3:.2f}" for name, s in seconds.items()))
+
+
+def random_patches(config, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 patches, float32 windows) of a 'device' batch: random pixels, windows magnified 1-1.25x as the R50
+  transform's on records at short side 256 (device_resize.py's batch keys 'clips' and 'clips_window')."""
+  data, size = config.data, config.data.crop_size
+  side = device_resize.patch_size(size)
+  extent = rng.uniform(0.8 * size, size, batch_size)
+  origin = rng.uniform(0.0, side - extent - 1.0)
+  windows = np.stack([origin, origin, origin + extent, origin + extent, rng.integers(0, 2, batch_size)], 1)
+  return rng.integers(0, 256, (batch_size, data.clip_length, side, side, 3), np.uint8), windows.astype(np.float32)
+
+
+def device_resize_cost(config) -> None:
+  """The accelerator's share of the 'device' path: the jitted resize of one batch of patches, on JAX's
+  default device (this machine's CPU when it has no accelerator), per clip, least of 5 after compilation."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  size, side = config.data.crop_size, device_resize.patch_size(config.data.crop_size)
+  patches, windows = jax.device_put(random_patches(config, FLAGS.batch_size, np.random.default_rng(0)))
+  resize = jax.jit(device_resize.resize_clips, static_argnums=2)
+  resize(patches, windows, size).block_until_ready()
+  seconds = []
+  for _ in range(5):
+    tick = time.perf_counter()
+    resize(patches, windows, size).block_until_ready()
+    seconds.append(time.perf_counter() - tick)
+  print(f"resize on the device ({jax.devices()[0].device_kind}): {min(seconds) / FLAGS.batch_size * 1e3:.2f} ms per "
+        f"clip, batches of {FLAGS.batch_size} patches {side}^2 -> {size}^2 (wall time; inside the train step)")
 
 
 def convert_records(folder: str) -> str:
@@ -270,16 +308,16 @@ def main(argv):
     if FLAGS.breakdown_clips:
       cost_breakdown(config, pattern, FLAGS.breakdown_clips)
     for workers in map(int, FLAGS.workers):
-      runs = {f"Grain, {decoder} decode": [] for decoder in FLAGS.decoders}
+      runs = {f"Grain, {path}": [] for path in FLAGS.paths}
       if FLAGS.peer:
         runs[PEER] = []
       for _ in range(FLAGS.repeats):
-        for decoder in FLAGS.decoders:
+        for path in FLAGS.paths:
           grain_config = copy.deepcopy(config)
           grain_config.data.num_workers = workers
-          grain_config.data.decoder = decoder
+          grain_config.data.decoder, grain_config.data.resize = PATHS[path]
           iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
-          runs[f"Grain, {decoder} decode"].append(measure(iterator, FLAGS.batch_size))
+          runs[f"Grain, {path}"].append(measure(iterator, FLAGS.batch_size))
           iterator.close()
         if FLAGS.peer:
           iterator = peer_iterator(rows, config, workers)
@@ -300,14 +338,16 @@ def main(argv):
   median = lambda runs, key: float(np.median([r[key] for r in runs]))  # pylint: disable=unnecessary-lambda-assignment
   for workers, name, runs in results:
     per_core = {n: median(r, "clips_per_cpu_s") for w, n, r in results if w == workers}
-    exact, peer = per_core.get("Grain, exact decode"), per_core.get(PEER)
+    exact, peer = per_core.get("Grain, exact"), per_core.get(PEER)
     value = per_core[name]
     spread = [r["clips_per_cpu_s"] for r in runs]
     print(f"{name:22} {workers:7d} {median(runs, 'clips_per_s'):8.1f} {median(runs, 'cores_busy'):10.2f} "
           f"{value:11.2f} {min(spread):6.1f}-{max(spread):<6.1f} {median(runs, 'others_busy'):11.2f} "
           f"{value / exact if exact else float('nan'):7.2f} {value / peer if peer else float('nan'):7.2f}")
   print(f"cores busy: this process and its workers; others busy: cores other processes used meanwhile (of {cores}); "
-        "ratios: clips per CPU-second against the exact decode's and the peer's, same worker count")
+        "ratios: clips per CPU-second against the exact path's and the peer's, same worker count")
+  if "device" in FLAGS.paths:
+    device_resize_cost(config)
 
 
 if __name__ == "__main__":

@@ -125,9 +125,10 @@ def record_checks(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # (Pillow, bit for bit the clips of runs made before the fast decoder). README: Decoding clips.
   data.decoder = "fast"
   # Where the fast decoder's training clips are resized to crop_size: 'device' (the CPU decodes and sends
-  # the window's stored pixels; the jitted step resamples them, input/device_resize.py) or 'host' (OpenCV on
-  # the CPU, the fast path before the device resize). data.decoder='exact' always resizes on the host.
-  data.resize = "device"
+  # the window's stored pixels; the jitted step resamples them, input/device_resize.py), 'host' (OpenCV in
+  # the input workers) or 'auto': 'device' on a GPU or TPU, 'host' on a CPU-only machine. README: Decoding
+  # clips. data.decoder='exact' always resizes on the host.
+  data.resize = "auto"
   # JPEG quality of videos converted on first use (data.manifest -> <workdir>/records): the converter's
   # default, chosen for storage (README: Storage); data.convert_short_side is each method's.
   data.convert_jpeg_quality = 75

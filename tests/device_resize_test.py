@@ -55,6 +55,21 @@ def test_patch_resize_is_bilinear_interpolation_of_the_frame(flip, real_frames):
     assert out.shape == (224, 224, 3)
 
 
+def test_frames_smaller_than_the_patch_repeat_their_edges():
+  """A 50x40 frame and a 64 crop (patch 66): the window magnifies the whole frame or a part touching its
+  edges; the patch repeats the last rows and columns, and the result is still the frame's interpolation."""
+  rng = np.random.default_rng(4)
+  frame = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 6, 3)).astype(np.uint8)).resize((50, 40)))
+  data = jpeg(frame)
+  for window in (CropWindow(0.0, 0.0, 40.0, 40.0, 64, False), CropWindow(13.7, 2.2, 50.0, 38.5, 64, True)):
+    patch, _ = device_resize.decode_patch([data], np.array([0]), window)
+    assert patch.shape == (1, 66, 66, 3)
+    np.testing.assert_array_equal(patch[0, 40:], np.broadcast_to(patch[0, 39:40], (26, 66, 3)))
+    np.testing.assert_array_equal(patch[0, :, 50:], np.broadcast_to(patch[0, :, 49:50], (66, 16, 3)))
+    out = on_device([data], np.array([0]), window)[0].astype(np.float64)
+    assert np.abs(out - bilinear(decoded(data), window)).max() <= 0.5 + 1e-3
+
+
 def test_device_matches_the_host_paths_on_real_training_clips(real_frames):
   """The R50 training transform on records at short side 256 (224 crops of windows magnified 1-1.25x,
   flips): the device path is within the host fast path's own rounding of the exact Pillow path, and the
@@ -108,6 +123,15 @@ def test_patch_is_crop_plus_two_and_covers_every_tap(real_frames):
   np.testing.assert_allclose(patch_window, [0.6, 1.4, 224.5, 225.3, 0.0], atol=1e-4)
 
 
+def test_auto_resizes_on_the_host_on_a_cpu_backend(real_record_pattern):
+  assert jax.default_backend() == "cpu"  # the suite's 8 fake CPU devices
+  assert device_resize.resolve("auto") == "host" and device_resize.resolve("device") == "device"
+  with pytest.raises(ValueError, match="unknown config data.resize 'gpu'"):
+    device_resize.resolve("gpu")
+  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(real_record_pattern), real_record_pattern)))
+  assert "clips_window" not in batch and batch["clips"].shape[2:4] == (64, 64)
+
+
 def test_resize_batch_resizes_windowed_keys_only():
   rng = np.random.default_rng(0)
   patches = rng.integers(0, 256, (2, 3, 10, 10, 3)).astype(np.uint8)
@@ -151,7 +175,7 @@ class Echo(nn.Module):
 def test_apply_model_resizes_patches(real_record_pattern):
   """train.apply_model resizes a device-resize batch's patches before the model sees them: the model's input
   is the normalised clip of resize_batch, of the configured crop size."""
-  config = tiny_config(real_record_pattern)
+  config = tiny_config(real_record_pattern, **{"data.resize": "device"})
   batch, _ = train.split_host_keys(next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))))
   assert "clips_window" in batch
   objective = objectives.Objective(name="echo", model=Echo(), make_dataset=None, example_batch=None,

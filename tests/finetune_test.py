@@ -188,8 +188,7 @@ def test_train_examples_have_fixed_shapes_and_maps_in_star_mode():
   record = coded_record(num_frames=12, height=72, width=96, labels=(23, 97 + 13))
   record.hand_boxes = np.array([[f, 0.1, 0.1, 0.9, 0.9, 0.8] for f in range(12)], np.float32)
   example = transform.random_map(record, np.random.default_rng(0))
-  assert example["clips"].shape == (4, 66, 66, 3) and example["clips"].dtype == np.uint8  # a patch (data.resize)
-  assert example["clips_window"].shape == (5,)
+  assert example["clips"].shape == (4, 64, 64, 3) and example["clips"].dtype == np.uint8
   np.testing.assert_array_equal(example["labels"], [23, 13])
   assert example["interaction_map"].shape == (*egoexo_objective.interaction_grid(build_model(config.model, "finetune"),
                                                                                   config), 2)

@@ -26,8 +26,7 @@ def test_batch_shapes_dtypes_and_masks(real_record_pattern):
   config = tiny_config(real_record_pattern)
   batch = next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)))
   expected = {
-      "clips": ((8, 4, 66, 66, 3), np.uint8),  # data.resize='device': patches the trainer resizes to 64^2
-      "clips_window": ((8, 5), np.float32),
+      "clips": ((8, 4, 64, 64, 3), np.uint8),
       "labels": ((8,), np.int32),
       "ego_score_logits": ((8, 2), np.float32),
       "object_logits": ((8, 10), np.float32),

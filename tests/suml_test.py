@@ -75,9 +75,7 @@ def test_pipeline_pairs_each_ego_clip_with_its_mined_exo_clip(suml_records):
   pairs = pair_files.load_pairs(PAIRS)
   config = tiny(suml_records)
   batch = next(iter(suml_pipeline.make_paired_dataset(config, ego, exo, with_exo=True, with_text=True)))
-  # data.resize='device' (the default): 34^2 patches around each window, resized by the trainer.
-  assert batch["ego_clips"].shape == batch["exo_clips"].shape == (8, 4, 34, 34, 3)
-  assert batch["ego_clips_window"].shape == batch["exo_clips_window"].shape == (8, 5)
+  assert batch["ego_clips"].shape == batch["exo_clips"].shape == (8, 4, 32, 32, 3)
   assert batch["ego_clips"].dtype == np.uint8 and batch["ego_text"].shape == (8, 384)
   # Which ego clip is each example? Its narration embedding says (the narrations are distinct).
   ego_rows = [int(np.flatnonzero(np.all(pairs.ego_embeddings == t, axis=1))[0]) for t in batch["ego_text"]]
@@ -110,7 +108,7 @@ def test_exo_stage_pipeline_yields_exo_clips_and_labels(suml_records):
   config = suml_exo_config.get_config("small")
   shrink(config, suml_records)
   batch, _ = train.split_host_keys(next(iter(suml_pipeline.make_exo_dataset(config, suml_records[1]))))
-  assert set(batch) == {"exo_clips", "exo_clips_window", "exo_labels"} and batch["exo_labels"].shape == (8, 1)
+  assert set(batch) == {"exo_clips", "exo_labels"} and batch["exo_labels"].shape == (8, 1)
   assert set(batch["exo_labels"][:, 0]) <= {0, 1, 2}
 
 
@@ -152,7 +150,7 @@ def test_fpv_only_reads_no_exo_clips_and_no_pair_file(suml_records, tmp_path):
   config = tiny(suml_records, arg="small,fpv_only", **{"data.pairs": "/nonexistent.npz"})
   assert not objective.needs_exo(config) and not objective.needs_text(config)
   dataset = objective.make_dataset(config, str(tmp_path), process_index=0, process_count=1)
-  assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_clips_window", "ego_labels"}
+  assert set(train.split_host_keys(next(iter(dataset)))[0]) == {"ego_clips", "ego_labels"}
 
 
 # --------------------------------------------------------------------------- model

@@ -4,7 +4,7 @@ ClipSampler: a VideoRecord -> a clip of `clip_length` frames: the frame indices
 (transforms.sample_frame_indices: a random start, or the centre with rng None), the crop window
 (transforms.sample_crop_window: short-side jitter, a random square, a random flip; centre and no flip
 with rng None) and the decoded pixels (transforms.decode_and_crop), drawn from `rng` in that order. With
-resize 'device' (config data.resize) training clips leave the host uncut and unresized, as a patch around the
+resize 'device' (config data.resize; device_resize.resolve) training clips leave the host uncut and unresized, as a patch around the
 window plus the window, and the trainer resizes them on the accelerator (device_resize.py); `Clip.fields`
 gives a transform the batch keys either way, and calling the sampler always gives the finished clip.
 BoxRasterizer: a record's hand and object boxes -> the interaction maps of a sampled clip on the
@@ -69,9 +69,7 @@ class ClipSampler:
 def clip_sampler(config) -> ClipSampler:
   """The sampler of a config's `data` section."""
   data = config.data
-  resize = data.get("resize", "host")
-  if resize not in device_resize.RESIZES:
-    raise ValueError(f"unknown config data.resize '{resize}': use one of {device_resize.RESIZES}")
+  resize = device_resize.resolve(data.get("resize", "auto"))
   return ClipSampler(data.clip_length, data.frame_stride, data.crop_size, data.min_short_side,
                      data.max_short_side, float(data.get("target_fps", 0.0)),
                      data.get("decoder", transforms.DEFAULT_DECODER), resize)

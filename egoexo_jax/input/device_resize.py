@@ -1,6 +1,6 @@
 """Resizing clips on the accelerator: the CPU decodes and cuts, the jitted step resamples (config data.resize).
 
-With data.resize='device' (and the fast decoder) a training clip leaves the host as a *patch*: the stored
+With data.resize 'device' ('auto', the default, on a GPU or TPU; `resolve`) and the fast decoder, a training clip leaves the host as a *patch*: the stored
 frames' pixels around the crop window, uncut and unresized, uint8 (T, P, P, 3) with P = crop_size + 2, plus
 the window inside the patch, float32 (5,) = (x0, y0, x1, y1, flip), under the batch key '<clips key>_window'
 (WINDOW_SUFFIX). The trainer's model application calls `resize_batch` first, which resamples every such
@@ -37,7 +37,21 @@ import numpy as np
 from egoexo_jax.input import jpeg_decode, transforms
 
 WINDOW_SUFFIX = "_window"
-RESIZES = ("device", "host")
+RESIZES = ("auto", "device", "host")
+
+
+def resolve(resize: str) -> str:
+  """config data.resize -> 'device' or 'host'. 'auto' (the default) is 'device' where JAX's default backend is an
+  accelerator and 'host' on a CPU-only machine, where the "device" is the same CPU and OpenCV's warp in the
+  input workers costs less than the dense resize in the step. Call it in the main process (it starts JAX's
+  backend), before the transform goes to the input workers."""
+  if resize not in RESIZES:
+    raise ValueError(f"unknown config data.resize '{resize}': use one of {RESIZES}")
+  if resize != "auto":
+    return resize
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return "host" if jax.default_backend() == "cpu" else "device"
 
 
 def patch_size(crop_size: int) -> int:
@@ -49,13 +63,10 @@ def window_key(clips_key: str) -> str:
   return clips_key + WINDOW_SUFFIX
 
 
-def _region(start: float, count: int, limit: int) -> slice | np.ndarray:
-  """Indices start .. start + count - 1 of an axis of `limit` pixels: a slice when inside, else clipped
-  indices (the frame's edge repeated)."""
-  first = math.floor(start)
-  if 0 <= first and first + count <= limit:
-    return slice(first, first + count)
-  return np.clip(np.arange(first, first + count), 0, limit - 1)
+def _origin(start: float, count: int, limit: int) -> int:
+  """The first of `count` pixels along an axis of `limit` that cover the taps from floor(start): moved inside
+  the frame where it fits, so the patch border is the frame's own edge exactly where the taps reach it."""
+  return max(0, min(math.floor(start), limit - count))
 
 
 def decode_patch(jpeg_frames, indices: np.ndarray, window) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +79,8 @@ def decode_patch(jpeg_frames, indices: np.ndarray, window) -> tuple[np.ndarray, 
     patch = np.zeros((len(indices), side, side, 3), np.uint8)
     patch[:, :size, :size] = transforms.decode_and_crop(jpeg_frames, indices, window, "fast")
     return patch, np.array([0, 0, size, size, 0], np.float32)
-  origin_x, origin_y = math.floor(window.x0 - 0.5), math.floor(window.y0 - 0.5)
   patch = np.empty((len(indices), side, side, 3), np.uint8)
-  first, buffer, rows, cols = {}, None, None, None
+  first, buffer, origin_x, origin_y = {}, None, 0, 0
   for t, index in enumerate(indices):
     index = int(index)
     if index in first:  # short videos repeat frames
@@ -81,13 +91,17 @@ def decode_patch(jpeg_frames, indices: np.ndarray, window) -> tuple[np.ndarray, 
     height, width = jpeg_decode.header(jpeg)
     if buffer is None or buffer.shape[:2] != (height, width):
       buffer = jpeg_decode.decode(jpeg, height, width, None)
-      rows, cols = _region(origin_y, side, height), _region(origin_x, side, width)
+      origin_x, origin_y = _origin(window.x0 - 0.5, side, width), _origin(window.y0 - 0.5, side, height)
+      rows, cols = min(side, height), min(side, width)  # frames under P fill the patch from their edge
     else:
       jpeg_decode.decode(jpeg, height, width, buffer)
-    if isinstance(rows, slice) and isinstance(cols, slice):
-      patch[t] = buffer[rows, cols]
-    else:
-      patch[t] = buffer[rows][:, cols]
+    # rows of cols x 3 contiguous bytes: NumPy copies them whole (a (.., .., 3) view copies pixel by pixel)
+    flat_patch, flat_frame = patch[t].reshape(side, side * 3), buffer.reshape(height, width * 3)
+    flat_patch[:rows, :3 * cols] = flat_frame[origin_y:origin_y + rows, 3 * origin_x:3 * (origin_x + cols)]
+    if rows < side:
+      patch[t, rows:, :cols] = patch[t, rows - 1:rows, :cols]
+    if cols < side:
+      patch[t, :, cols:] = patch[t, :, cols - 1:cols]
   geometry = [window.x0 - origin_x, window.y0 - origin_y, window.x1 - origin_x, window.y1 - origin_y,
               float(window.flip)]
   return patch, np.array(geometry, np.float32)
