@@ -53,7 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from configs import egoexo as egoexo_config
+from egoexo_jax import objectives
 from egoexo_jax.input import convert, egoexo_pipeline, stream, transforms
+from egoexo_jax.objectives import egoexo as egoexo_objective
 
 flags.DEFINE_string("manifest", str(ROOT / "data" / "manifest.csv"), "Video manifest CSV (convert.py's format).")
 flags.DEFINE_string("pseudo_labels", str(ROOT / "data" / "pseudo_labels"),
@@ -254,6 +256,7 @@ def main(argv):
   if FLAGS.read_threads:
     config.data.read_threads = FLAGS.read_threads
   data = config.data
+  grid = egoexo_objective.interaction_grid(objectives.resolve(config).model, config)  # the trainer's map grid
   rows = convert.read_manifest(FLAGS.manifest)
   cores = os.cpu_count()
   sizes = []
@@ -278,7 +281,7 @@ def main(argv):
           grain_config = copy.deepcopy(config)
           grain_config.data.num_workers = workers
           grain_config.data.decoder = decoder
-          iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
+          iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern, grid=grid))
           runs[f"Grain, {decoder} decode"].append(measure(iterator, FLAGS.batch_size))
           iterator.close()
         if FLAGS.peer:
