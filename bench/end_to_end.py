@@ -43,6 +43,7 @@ import input_pipeline  # the peer, the record conversion and the CPU-time helper
 from configs import egoexo as egoexo_config
 from egoexo_jax import objectives, sharding, train
 from egoexo_jax.input import convert, egoexo_pipeline, transforms
+from egoexo_jax.objectives import egoexo as egoexo_objective
 
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype; default bfloat16 on GPU, float32 on CPU.")
 flags.DEFINE_integer("step_only_steps", None, "Timed steps of the step-only row; default 30 on GPU, 5 on CPU.")
@@ -108,6 +109,7 @@ def main(argv):
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
   objective = objectives.resolve(config)
+  grid = egoexo_objective.interaction_grid(objective.model, config)  # the maps' (t, h, w), as the trainer's
   optimizer, schedule = train.make_optimizer(config)
   state, state_shardings = train.create_sharded_state(objective, optimizer, config, mesh)
   step_fn = train.make_step_fn(objective, optimizer, schedule, config, mesh, state_shardings)
@@ -147,7 +149,7 @@ def main(argv):
       print(f"  step only: {step_only:.1f} clips/s", flush=True)
       grain_config = copy.deepcopy(config)
       grain_config.data.num_workers = workers
-      iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
+      iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern, grid=grid))
       try:
         state, grain_result = run_steps(step_fn, state, iterator, mesh, FLAGS.batch_size)
       finally:
@@ -160,7 +162,7 @@ def main(argv):
         print(f"  {workers} workers: PyAV peer end to end {peer_result['clips_per_s']:.1f} clips/s, data wait "
               f"{peer_result['data_wait']:.0%}", flush=True)
       # The pipeline alone, for its per-CPU-second rate.
-      iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
+      iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern, grid=grid))
       try:
         alone = input_pipeline.measure(iterator, FLAGS.batch_size)
       finally:

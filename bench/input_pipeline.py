@@ -55,7 +55,9 @@ import torch
 import torch.nn.functional as F
 
 from configs import egoexo as egoexo_config
+from egoexo_jax import objectives
 from egoexo_jax.input import convert, device_resize, egoexo_pipeline, stream, transforms
+from egoexo_jax.objectives import egoexo as egoexo_objective
 
 # name -> (data.decoder, data.resize): the exact Pillow path (runs before issue 19), the fast decoder resizing
 # on the CPU, and the fast decoder leaving the resize to the accelerator (the default).
@@ -292,6 +294,7 @@ def main(argv):
   if FLAGS.read_threads:
     config.data.read_threads = FLAGS.read_threads
   data = config.data
+  grid = egoexo_objective.interaction_grid(objectives.resolve(config).model, config)  # the trainer's map grid
   rows = convert.read_manifest(FLAGS.manifest)
   cores = os.cpu_count()
   sizes = []
@@ -316,7 +319,7 @@ def main(argv):
           grain_config = copy.deepcopy(config)
           grain_config.data.num_workers = workers
           grain_config.data.decoder, grain_config.data.resize = PATHS[path]
-          iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern))
+          iterator = iter(egoexo_pipeline.make_train_dataset(grain_config, pattern, grid=grid))
           runs[f"Grain, {path}"].append(measure(iterator, FLAGS.batch_size))
           iterator.close()
         if FLAGS.peer:

@@ -99,6 +99,14 @@ def tiny_config(record_pattern: str = "", **overrides):
   return apply_overrides(config, overrides)
 
 
+def model_grid(config) -> tuple[int, int, int]:
+  """The (t, h, w) interaction-map grid the trainer gives `config`'s input pipeline: its objective's model's
+  (objectives.egoexo.interaction_grid). Tests of the input layer alone pass a literal grid instead."""
+  from egoexo_jax import objectives
+  from egoexo_jax.objectives import egoexo
+  return egoexo.interaction_grid(objectives.resolve(config).model, config)
+
+
 def apply_overrides(config, overrides: dict):
   """Sets each dotted key of `overrides` ('data.clip_length') in `config`; returns `config`."""
   for key, value in overrides.items():

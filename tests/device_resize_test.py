@@ -16,6 +16,8 @@ from egoexo_jax import objectives, train
 from egoexo_jax.input import device_resize, egoexo_pipeline, transforms
 from egoexo_jax.input.transforms import CropWindow
 
+GRID = (4, 2, 2)  # the interaction-map grid of tiny_config's model (the input layer alone is under test)
+
 
 @pytest.fixture(scope="module")
 def real_frames():
@@ -128,7 +130,8 @@ def test_auto_resizes_on_the_host_on_a_cpu_backend(real_record_pattern):
   assert device_resize.resolve("auto") == "host" and device_resize.resolve("device") == "device"
   with pytest.raises(ValueError, match="unknown config data.resize 'gpu'"):
     device_resize.resolve("gpu")
-  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(real_record_pattern), real_record_pattern)))
+  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(real_record_pattern), real_record_pattern,
+                                                                grid=GRID)))
   assert "clips_window" not in batch and batch["clips"].shape[2:4] == (64, 64)
 
 
@@ -155,7 +158,7 @@ def test_pipeline_batches_resized_by_the_trainer_match_the_host_resize(real_reco
   batches = {}
   for resize in ("device", "host"):
     config = tiny_config(real_record_pattern, **{"data.resize": resize})
-    batches[resize] = next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)))
+    batches[resize] = next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)))
   device, host = batches["device"], batches["host"]
   assert device["clips"].shape[2:4] == (66, 66) and host["clips"].shape[2:4] == (64, 64)
   resized = np.asarray(device_resize.resize_batch(device, 64)["clips"]).astype(np.float64)
@@ -176,7 +179,8 @@ def test_apply_model_resizes_patches(real_record_pattern):
   """train.apply_model resizes a device-resize batch's patches before the model sees them: the model's input
   is the normalised clip of resize_batch, of the configured crop size."""
   config = tiny_config(real_record_pattern, **{"data.resize": "device"})
-  batch, _ = train.split_host_keys(next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))))
+  dataset = egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)
+  batch, _ = train.split_host_keys(next(iter(dataset)))
   assert "clips_window" in batch
   objective = objectives.Objective(name="echo", model=Echo(), make_dataset=None, example_batch=None,
                                    model_inputs=lambda b: (b["clips"],), loss=None)

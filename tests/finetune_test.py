@@ -11,11 +11,10 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import model_grid, tiny_config
 from testlib import load_config, tiny_finetune_config
 from egoexo_jax import checkpointing, objectives, train
 from egoexo_jax.input import convert, finetune_pipeline, records, stream
-from egoexo_jax.models import build_model
 from egoexo_jax.objectives import egoexo as egoexo_objective
 from egoexo_jax.objectives import finetune as finetune_objective
 
@@ -184,15 +183,17 @@ def test_per_head_labels_remove_the_concatenated_space_offsets():
 
 def test_train_examples_have_fixed_shapes_and_maps_in_star_mode():
   config = tiny_finetune_config(arg="small,star")
-  transform = finetune_pipeline.finetune_transform(config)
+  grid = model_grid(config)
+  transform = finetune_pipeline.finetune_transform(config, grid)
   record = coded_record(num_frames=12, height=72, width=96, labels=(23, 97 + 13))
   record.hand_boxes = np.array([[f, 0.1, 0.1, 0.9, 0.9, 0.8] for f in range(12)], np.float32)
   example = transform.random_map(record, np.random.default_rng(0))
   assert example["clips"].shape == (4, 64, 64, 3) and example["clips"].dtype == np.uint8
   np.testing.assert_array_equal(example["labels"], [23, 13])
-  assert example["interaction_map"].shape == (*egoexo_objective.interaction_grid(build_model(config.model, "finetune"),
-                                                                                  config), 2)
+  assert example["interaction_map"].shape == (*grid, 2)
   assert example["has_interaction"] == 1 and example["interaction_map"][..., 0].max() == pytest.approx(0.8)
+  with pytest.raises(ValueError, match="model.use_interaction_head draws interaction maps"):
+    finetune_pipeline.finetune_transform(config, None)
 
 
 def test_views_follow_pyslowfast_crops_and_both_clip_placements():
@@ -304,6 +305,6 @@ def test_finetune_starts_from_the_pretrained_backbone_with_new_heads(pretrained_
   assert terms["loss"] == pytest.approx(terms["loss_verb"] + terms["loss_noun"] + 2 * 3.0 * terms["loss_interaction"],
                                         rel=1e-5)
   assert seen["terms"][0]["loss_verb"] == pytest.approx(np.log(97), rel=0.05)  # new heads start near uniform
-  batch = next(iter(finetune_pipeline.make_train_dataset(config, epic_records)))
+  batch = next(iter(finetune_pipeline.make_train_dataset(config, epic_records, grid=model_grid(config))))
   assert batch["labels"].shape == (8, 2) and batch["labels"][:, 0].max() < 97 and batch["labels"][:, 1].max() < 300
   assert batch["has_interaction"].min() == 1 and batch["interaction_map"].max() > 0

@@ -10,6 +10,9 @@ from testlib import expected_positions, write_records_with_bad_content, write_re
 from egoexo_jax.input import egoexo_pipeline, records, sources, stream
 
 
+GRID = (4, 2, 2)  # the interaction-map grid these tests draw on (tiny_config's model has this one)
+
+
 def take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
@@ -24,7 +27,7 @@ def assert_batches_equal(a, b):
 
 def test_batch_shapes_dtypes_and_masks(real_record_pattern):
   config = tiny_config(real_record_pattern)
-  batch = next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)))
+  batch = next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)))
   expected = {
       "clips": ((8, 4, 64, 64, 3), np.uint8),
       "labels": ((8,), np.int32),
@@ -52,21 +55,21 @@ def test_batch_shapes_dtypes_and_masks(real_record_pattern):
 
 def test_same_seed_same_stream_other_seed_other_stream(real_record_pattern):
   config = tiny_config(real_record_pattern)
-  a = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)), 3)
-  b = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)), 3)
+  a = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)), 3)
+  b = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)), 3)
   assert_batches_equal(a, b)
   config.seed = 7
-  c = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)), 3)
+  c = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)), 3)
   assert not np.array_equal(a[0]["clips"], c[0]["clips"])
 
 
 def test_resume_from_saved_iterator_state(real_record_pattern):
   config = tiny_config(real_record_pattern)
-  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
+  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID))
   take(iterator, 2)
   state = iterator.get_state()
   expected = take(iterator, 3)
-  resumed = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
+  resumed = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 3), expected)
 
@@ -74,9 +77,9 @@ def test_resume_from_saved_iterator_state(real_record_pattern):
 def test_worker_processes_give_the_same_stream(real_record_pattern):
   flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
   config = tiny_config(real_record_pattern)
-  serial = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern)), 3)
+  serial = take(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)), 3)
   config.data.num_workers = 2
-  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
+  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID))
   try:
     parallel = take(iterator, 2)
     state = iterator.get_state()
@@ -86,7 +89,7 @@ def test_worker_processes_give_the_same_stream(real_record_pattern):
   assert_batches_equal(parallel, serial)
   # A state taken with workers resumes with the same number of workers (Grain's state layout
   # depends on it) at the same place.
-  resumed = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
+  resumed = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID))
   try:
     resumed.set_state(state)
     assert_batches_equal([next(resumed)], serial[2:])
@@ -102,25 +105,27 @@ def test_hosts_get_disjoint_slices_of_each_epoch(real_record_pattern):
   host_items = [[order[process * 3 + i] for i in range(3)] for process in range(2)]  # rows of global batch 0
   assert sorted(host_items[0] + host_items[1]) == list(range(6))  # one epoch, split without overlap
   labels = [next(iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, process_index=p,
-                                                   process_count=2)))["labels"] for p in range(2)]
+                                                   process_count=2, grid=GRID)))["labels"] for p in range(2)]
   assert all(len(x) == 3 for x in labels)
   np.testing.assert_array_equal(np.concatenate(labels) % 3,
                                 [source[i].labels[0] for i in host_items[0] + host_items[1]])
   with pytest.raises(ValueError, match="not divisible by 4 hosts"):
-    egoexo_pipeline.make_train_dataset(config, real_record_pattern, process_index=0, process_count=4)
+    egoexo_pipeline.make_train_dataset(config, real_record_pattern, process_index=0, process_count=4, grid=GRID)
 
 
 def test_records_that_do_not_fit_the_config_are_named(real_record_pattern):
   record = sources.open_records(real_record_pattern)[0]
-  transform = egoexo_pipeline.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_object_classes": 1000}))
+  transform = egoexo_pipeline.egoexo_transform(
+      tiny_config(real_record_pattern, **{"model.num_object_classes": 1000}), GRID)
   with pytest.raises(stream.ConfigMismatchError, match="'real_0': field 'object_logits' has 10 values"):
     transform.apply(record, None)
-  transform = egoexo_pipeline.egoexo_transform(tiny_config(real_record_pattern, **{"model.num_classes": {"action": 0}}))
+  transform = egoexo_pipeline.egoexo_transform(
+      tiny_config(real_record_pattern, **{"model.num_classes": {"action": 0}}), GRID)
   with pytest.raises(stream.ConfigMismatchError, match="'real_0': label 0 of head 0 is outside"):
     transform.apply(record, None)
   multi = records.VideoRecord(**{**record.__dict__, "labels": np.array([1, 2])})
   with pytest.raises(stream.ConfigMismatchError, match="exactly one action label"):
-    egoexo_pipeline.egoexo_transform(tiny_config(real_record_pattern)).apply(multi, None)
+    egoexo_pipeline.egoexo_transform(tiny_config(real_record_pattern), GRID).apply(multi, None)
 
 
 # --------------------------------------------------------------------------- record ids and unreadable records
@@ -132,7 +137,7 @@ def test_unreadable_records_are_skipped_counted_and_named(real_record_pattern, t
   unreadable = write_records_with_corrupt_ones(real_record_pattern, pattern)
   config = tiny_config(pattern)
   caplog.set_level(logging.WARNING)
-  batches = take(iter(egoexo_pipeline.make_train_dataset(config, pattern)), 4)
+  batches = take(iter(egoexo_pipeline.make_train_dataset(config, pattern, grid=GRID)), 4)
   got = [(int(i), int(s)) for b in batches for i, s in zip(b["record_index"], b["skipped_records"])]
   want = expected_positions(8, unreadable, config.seed, 32)
   assert got == want
@@ -141,7 +146,7 @@ def test_unreadable_records_are_skipped_counted_and_named(real_record_pattern, t
   assert f"{pattern}#6 (record index 6, id 'broken_jpeg'): cannot decode: UnidentifiedImageError" in caplog.text
   assert f"{pattern}#7: corrupt record payload (data CRC mismatch) (record index 7)" in caplog.text
   # Two hosts hold the rows of the same global batches.
-  hosts = [next(iter(egoexo_pipeline.make_train_dataset(config, pattern, process_index=h, process_count=2)))
+  hosts = [next(iter(egoexo_pipeline.make_train_dataset(config, pattern, process_index=h, process_count=2, grid=GRID)))
            for h in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["record_index"] for h in hosts]), batches[0]["record_index"])
   np.testing.assert_array_equal(np.concatenate([h["clips"] for h in hosts]), batches[0]["clips"])
@@ -151,7 +156,7 @@ def test_a_dataset_of_unreadable_records_is_an_error(real_record_pattern, tmp_pa
   pattern = str(tmp_path / "bad.tfrecord-00000-of-00001")
   write_records_with_corrupt_ones(real_record_pattern, pattern, with_real=False)
   with pytest.raises(records.RecordError, match=r"101 records in a row \(stream positions 0..100\) are unreadable"):
-    next(iter(egoexo_pipeline.make_train_dataset(tiny_config(pattern), pattern)))
+    next(iter(egoexo_pipeline.make_train_dataset(tiny_config(pattern), pattern, grid=GRID)))
 
 
 # --------------------------------------------------------------------------- records whose content does not fit
@@ -163,7 +168,7 @@ def test_records_whose_content_does_not_fit_are_skipped_counted_and_named(real_r
   bad = write_records_with_bad_content(real_record_pattern, pattern)
   config = tiny_config(pattern)
   caplog.set_level(logging.INFO)
-  batches = take(iter(egoexo_pipeline.make_train_dataset(config, pattern)), 4)
+  batches = take(iter(egoexo_pipeline.make_train_dataset(config, pattern, grid=GRID)), 4)
   got = [(int(i), int(s)) for b in batches for i, s in zip(b["record_index"], b["skipped_records"])]
   assert got == expected_positions(10, bad, config.seed, 32)  # the position rule of unreadable records
   assert sum(s for _, s in got) > 0 and not {i for i, _ in got} & set(bad)
@@ -183,7 +188,7 @@ def test_data_that_does_not_fit_the_config_at_all_stops_before_the_first_step(re
   with pytest.raises(stream.ConfigMismatchError,
                      match=r"none of the 6 records checked when opening the data fits the config, e\.g\. "
                            r".*#0 \(record index 0\): record 'real_0': field 'object_logits' has 10 values"):
-    egoexo_pipeline.make_train_dataset(config, real_record_pattern)
+    egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=GRID)
 
 
 def test_damaged_shards_are_skipped_unless_data_strict(real_record_pattern, tmp_path):
@@ -193,10 +198,10 @@ def test_damaged_shards_are_skipped_unless_data_strict(real_record_pattern, tmp_
   with open(tmp_path / "r.tfrecord-00001-of-00002", "r+b") as f:
     f.truncate(100)  # only the first record's header survives, and it is cut
   pattern = str(tmp_path / "r.tfrecord-*")
-  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(pattern), pattern)))
+  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(pattern), pattern, grid=GRID)))
   assert batch["record_index"].max() < 6  # only shard 0's six records are left
   with pytest.raises(records.RecordError, match=r"r\.tfrecord-00001-of-00002#0: truncated record"):
-    egoexo_pipeline.make_train_dataset(tiny_config(pattern, **{"data.strict": True}), pattern)
+    egoexo_pipeline.make_train_dataset(tiny_config(pattern, **{"data.strict": True}), pattern, grid=GRID)
 
 
 def test_a_workdir_with_glob_characters_and_commas_in_its_name(real_record_pattern, tmp_path):
@@ -206,5 +211,5 @@ def test_a_workdir_with_glob_characters_and_commas_in_its_name(real_record_patte
   folder.mkdir(parents=True)
   shutil.copy(real_record_pattern, folder / "train.tfrecord-00000-of-00001")
   pattern = str(folder / "train.tfrecord-*")
-  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(pattern), pattern)))
+  batch = next(iter(egoexo_pipeline.make_train_dataset(tiny_config(pattern), pattern, grid=GRID)))
   assert batch["clips"].shape[0] == 8 and batch["record_index"].max() < 6

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import model_grid, tiny_config
 from egoexo_jax import objectives, sharding, train
 from egoexo_jax.input import egoexo_pipeline
 
@@ -58,7 +58,7 @@ def test_fully_sharded_training_equals_single_device_training(real_record_patter
   config = tiny_config(real_record_pattern, **{"mesh.fsdp_min_size": 0})
   objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
-  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
+  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=model_grid(config)))
   batches = [train.split_host_keys(next(iterator))[0] for _ in range(2)]
   initial, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
   initial = jax.device_get(initial)  # one initialisation (a long compile on CPU), placed on each mesh

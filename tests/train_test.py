@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_trees_close, tiny_config
+from conftest import assert_trees_close, model_grid, tiny_config
 from egoexo_jax import checkpointing, objectives, sharding, train
 from egoexo_jax.input import egoexo_pipeline
 
@@ -17,7 +17,7 @@ def test_sharded_step_on_8_devices_equals_single_device_step(real_record_pattern
   config = tiny_config(real_record_pattern)
   objective = objectives.resolve(config)
   optimizer, schedule = train.make_optimizer(config)
-  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern))
+  iterator = iter(egoexo_pipeline.make_train_dataset(config, real_record_pattern, grid=model_grid(config)))
   batches = [next(iterator) for _ in range(2)]
   results = []
   for num_devices in (1, 8):

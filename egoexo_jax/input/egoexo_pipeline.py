@@ -71,20 +71,6 @@ class EgoExoTrainTransform(grain.transforms.RandomMap):
     return labels.encode_labels(record.labels, self.heads, "single", f"record '{record.video_id}'")[0]
 
 
-def feature_grid(config) -> tuple[int, int, int]:
-  """The (t, h, w) grid of the backbone's pathway 0 for the configured clip, which the interaction
-  maps are drawn on (Slow-only R50 at 8 x 224^2: (8, 7, 7); SlowFast: the slow pathway's T / alpha).
-  Computed by tracing shapes only (jax.eval_shape), so it always agrees with the model."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from egoexo_jax.models import backbones  # pylint: disable=g-import-not-at-top
-
-  data = config.data
-  backbone = backbones.build_backbone(config.model.backbone, config.model.get("backbone_args"), name=None)
-  clips = jax.ShapeDtypeStruct((1, data.clip_length, data.crop_size, data.crop_size, 3), "float32")
-  pathways, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x, train=False), clips)
-  return tuple(int(n) for n in pathways[0].shape[1:4])
-
-
 def action_heads(config) -> labels.Heads:
   """The one action head of config model.num_classes (an int, or {name: classes})."""
   heads = labels.head_sizes(config.model.num_classes, key="model.num_classes", layout_key="data.label_layout")
@@ -93,17 +79,17 @@ def action_heads(config) -> labels.Heads:
   return heads
 
 
-def egoexo_transform(config, grid: tuple[int, int, int] | None = None) -> EgoExoTrainTransform:
-  """The train transform from a config's `data` and `model` sections; `grid` (default: feature_grid)
-  is the (t, h, w) grid of the model's interaction map."""
+def egoexo_transform(config, grid: tuple[int, int, int]) -> EgoExoTrainTransform:
+  """The train transform from a config's `data` and `model` sections; `grid` is the (t, h, w) grid of the
+  model's interaction map, which the objective computes from its model (objectives.egoexo.interaction_grid)."""
   return EgoExoTrainTransform(heads=action_heads(config), num_object_classes=config.model.num_object_classes,
-                              clip=clip_sampler(config),
-                              maps=box_rasterizer(config, tuple(grid or feature_grid(config))))
+                              clip=clip_sampler(config), maps=box_rasterizer(config, grid))
 
 
-def make_train_dataset(config, record_pattern: str, *, process_index: int = 0, process_count: int = 1,
-                       grid: tuple[int, int, int] | None = None) -> grain.IterDataset:
-  """The per-host Ego-Exo training stream of batches of `global_batch_size / process_count` examples."""
+def make_train_dataset(config, record_pattern: str, *, grid: tuple[int, int, int], process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """The per-host Ego-Exo training stream of batches of `global_batch_size / process_count` examples, with
+  the interaction maps drawn on the model's (t, h, w) `grid` (egoexo_transform)."""
   return stream.batched_stream(config, stream.open_train_records(config, record_pattern),
                                egoexo_transform(config, grid), process_index=process_index,
                                process_count=process_count)

@@ -29,7 +29,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from egoexo_jax.input import egoexo_pipeline, labels, records, stream, transforms
+from egoexo_jax.input import labels, records, stream, transforms
 from egoexo_jax.input.clip_sampler import BoxRasterizer, ClipSampler, box_rasterizer, check_boxes, clip_sampler
 from egoexo_jax.input.stream import ConfigMismatchError
 
@@ -119,21 +119,25 @@ def load_intervals(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def finetune_transform(config, grid: tuple[int, int, int] | None = None) -> FinetuneTrainTransform:
-  """The train transform from a config's `data` and `model` sections; with model.use_interaction_head,
-  `grid` (default: egoexo_pipeline.feature_grid) is the (t, h, w) grid of the model's interaction map."""
+def finetune_transform(config, grid: tuple[int, int, int] | None) -> FinetuneTrainTransform:
+  """The train transform from a config's `data` and `model` sections; `grid` is the (t, h, w) grid of the
+  model's interaction map (objectives.egoexo.interaction_grid), needed with model.use_interaction_head and
+  unused (may be None) without it."""
   data = config.data
   maps = None
   if config.model.get("use_interaction_head", False):
-    maps = box_rasterizer(config, tuple(grid or egoexo_pipeline.feature_grid(config)))
+    if grid is None:
+      raise ValueError("model.use_interaction_head draws interaction maps: pass the model's (t, h, w) grid")
+    maps = box_rasterizer(config, grid)
   intervals = data.get("label_intervals", "")
   return FinetuneTrainTransform(heads=head_sizes(config), kind=label_kind(config), clip=clip_sampler(config),
                                 maps=maps, label_intervals=load_intervals(intervals) if intervals else None)
 
 
-def make_train_dataset(config, record_pattern: str, *, process_index: int = 0, process_count: int = 1,
-                       grid: tuple[int, int, int] | None = None) -> grain.IterDataset:
-  """The per-host fine-tuning stream of batches of `global_batch_size / process_count` examples."""
+def make_train_dataset(config, record_pattern: str, *, grid: tuple[int, int, int] | None, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """The per-host fine-tuning stream of batches of `global_batch_size / process_count` examples; `grid` as
+  in finetune_transform."""
   return stream.batched_stream(config, stream.open_train_records(config, record_pattern),
                                finetune_transform(config, grid), process_index=process_index,
                                process_count=process_count)

@@ -35,7 +35,9 @@ def interaction_grid(model, config) -> tuple[int, int, int]:
   """The (t, h, w) grid of `model`'s interaction map (its pathway-0 feature grid) for the configured clip,
   which the input pipeline draws the hand and object maps on (Slow-only R50 at 8 x 224^2: (8, 7, 7);
   SlowFast: the slow pathway's T / alpha). Traced from the model (shapes only, jax.eval_shape); a model
-  without the map head gives its backbone's pathway-0 grid (the maps are then drawn but not used)."""
+  without the map head gives its backbone's pathway-0 grid (the maps are then drawn but not used).
+  The one place the grid is computed: the input layer takes it as an argument (egoexo_pipeline,
+  finetune_pipeline); callers without an objective pass `objectives.resolve(config).model`."""
   from egoexo_jax.models.backbones import build_backbone  # pylint: disable=g-import-not-at-top
 
   data = config.data
