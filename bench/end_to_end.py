@@ -7,7 +7,7 @@ against a PySlowFast-style PyAV loader feeding the same step, in one run.
 
 Rows, per worker count W (data.num_workers for Grain, DataLoader num_workers for the peer):
 - step only: `train.make_step_fn` on a batch that stays on the device (random clips and teacher targets),
-  each step blocked on: the clips/s the accelerator can take. With data.resize 'device' (the default) the
+  each step blocked on: the clips/s the accelerator can take. With data.resize 'device' ('auto' on a GPU) the
   batch holds patches and windows, so the step includes the resize (input/device_resize.py).
 - Grain end to end: configs/egoexo.py's pipeline (`egoexo_pipeline.make_train_dataset`) over records converted
   (untimed) from --manifest at --short_side / --jpeg_quality, then as the trainer does it: next batch, host
@@ -42,10 +42,11 @@ import numpy as np
 import input_pipeline  # the peer, the record conversion and the CPU-time helpers (and their flags)
 from configs import egoexo as egoexo_config
 from egoexo_jax import objectives, sharding, train
-from egoexo_jax.input import convert, egoexo_pipeline, transforms
+from egoexo_jax.input import convert, device_resize, egoexo_pipeline, transforms
 from egoexo_jax.objectives import egoexo as egoexo_objective
 
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype; default bfloat16 on GPU, float32 on CPU.")
+flags.DEFINE_enum("resize", None, device_resize.RESIZES, "config data.resize; default the config's ('auto').")
 flags.DEFINE_integer("step_only_steps", None, "Timed steps of the step-only row; default 30 on GPU, 5 on CPU.")
 FLAGS = flags.FLAGS
 
@@ -105,6 +106,8 @@ def main(argv):
   config.model.dtype = FLAGS.dtype or ("bfloat16" if on_gpu else "float32")
   if FLAGS.read_threads:
     config.data.read_threads = FLAGS.read_threads
+  if FLAGS.resize:
+    config.data.resize = FLAGS.resize
   data = config.data
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_batch_divisible(config.global_batch_size, mesh)
@@ -122,7 +125,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   spec = objective.example_batch(config, FLAGS.batch_size)["clips"]
   resident = teacher_free_batch(config, rng.integers(0, 256, spec.shape, np.uint8), rng.integers(0, 5, FLAGS.batch_size))
-  if data.get("resize") == "device" and data.get("decoder") == "fast":  # the step resizes Grain's patches too
+  if device_resize.resolve(data.resize) == "device" and data.decoder == "fast":  # the step resizes Grain's patches too
     resident["clips"], resident["clips_window"] = input_pipeline.random_patches(config, FLAGS.batch_size, rng)
   resident = sharding.host_batch_to_global(resident, mesh)
   tick = time.perf_counter()

@@ -16,7 +16,7 @@ crop from [256, 320], --size=small: 112 from [128, 160]), batched by --batch_siz
   boxes into interaction maps. Out: uint8 clips (normalised later, on the device) + teacher targets.
   Measured once per --paths entry (data.decoder and data.resize, PATHS): 'exact' is the Pillow path of
   runs made before the fast decoder, 'fast' is input/jpeg_decode.py resizing on the CPU, 'device' (the
-  default) decodes and sends the window's stored pixels for the train step to resize
+  default on a GPU or TPU) decodes and sends the window's stored pixels for the train step to resize
   (input/device_resize.py; that resize is the accelerator's work, timed separately at the end).
 - peer: PySlowFast's Kinetics train path in a torch DataLoader with num_workers = w. It opens the
   original video with PyAV, seeks to just before the clip start, decodes frame by frame to the clip end,
@@ -60,7 +60,7 @@ from egoexo_jax.input import convert, device_resize, egoexo_pipeline, stream, tr
 from egoexo_jax.objectives import egoexo as egoexo_objective
 
 # name -> (data.decoder, data.resize): the exact Pillow path (runs before issue 19), the fast decoder resizing
-# on the CPU, and the fast decoder leaving the resize to the accelerator (the default).
+# on the CPU, and the fast decoder leaving the resize to the accelerator (data.resize 'auto' on a GPU or TPU).
 PATHS = {"exact": ("exact", "host"), "fast": ("fast", "host"), "device": ("fast", "device")}
 
 flags.DEFINE_string("manifest", str(ROOT / "data" / "manifest.csv"), "Video manifest CSV (convert.py's format).")
