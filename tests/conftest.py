@@ -9,6 +9,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import io
 import pathlib
+import shutil
+import tempfile
+
+# One persistent XLA compilation cache per test session, in a fresh temporary folder removed when the session ends:
+# the many end-to-end tests that build the same tiny train step (a few to ~30 s of compilation on 2 cores each),
+# here and in the main.py subprocesses they start (which inherit these variables), compile each program once.
+# A cache hit loads the executable XLA compiled for the identical program, so every result stays bit for bit the
+# same. Nothing outlives the session: no test sees another session's executables.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="egoexo-jax-test-compilation-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"  # skips the many tiny eager-op programs
 
 import jax
 import numpy as np
@@ -21,6 +32,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 sys.path.insert(0, str(ROOT))  # configs/ import each other as `configs.<name>`, as under main.py
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
 def decode_real_frames(name: str, count: int, short_side: int) -> list[np.ndarray]:
