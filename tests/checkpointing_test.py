@@ -29,10 +29,10 @@ def saved_state(config, workdir):
 
 
 def fresh_state(config):
-  objective = objectives.resolve(config)
-  optimizer, _ = train.make_optimizer(config)
-  state, _ = train.create_sharded_state(objective, optimizer, config, sharding.make_mesh(1))
-  return state
+  """A new model's state of `config`'s shapes on 1 device, filled with NumPy random numbers (not the saved
+  initialiser's values). load_backbone sees only shapes and values; each new model's initialiser would be one
+  more long compile on CPU."""
+  return random_train_state(config, sharding.make_mesh(1), seed=1)[0]
 
 
 def test_load_backbone_replaces_the_backbone_and_keeps_new_heads(tmp_path):
@@ -140,12 +140,12 @@ def grain_batches(num_workers: int):
   return iter(dataset)
 
 
-def random_train_state(config, mesh):
+def random_train_state(config, mesh, seed=0):
   """A train state of the tiny model's shapes filled with random numbers, in the mesh's shardings."""
   objective = objectives.resolve(config)
   optimizer, _ = train.make_optimizer(config)
   abstract, shardings = train.abstract_state(objective, optimizer, config, mesh)
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   state = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), abstract)
   return jax.device_put(state, shardings), objective, optimizer
 

@@ -9,6 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import io
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -21,6 +23,28 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 sys.path.insert(0, str(ROOT))  # configs/ import each other as `configs.<name>`, as under main.py
+
+
+COMPILATION_CACHE = []  # the session's folder, once pytest_configure has made it
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache per test session, in a fresh temporary folder removed when the session
+  ends: the many end-to-end tests that build the same tiny train step (a few to ~30 s of compilation on 2 cores
+  each), here and in the main.py subprocesses they start (which inherit the variables), compile each program
+  once. A cache hit loads the executable XLA compiled for the identical program, so every result stays bit for
+  bit the same. Nothing outlives the session: no test sees another session's executables. Made here, not at
+  import: worker processes that import this file (Grain, multiprocessing) use the session's folder."""
+  COMPILATION_CACHE.append(tempfile.mkdtemp(prefix="egoexo-jax-test-compilation-cache-"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE[0]
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"  # skips the many tiny eager-op programs
+  jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE[0])  # jax is imported: set it here too
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+  for folder in COMPILATION_CACHE:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def decode_real_frames(name: str, count: int, short_side: int) -> list[np.ndarray]:

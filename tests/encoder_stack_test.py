@@ -18,6 +18,16 @@ from egoexo_jax.models.transformer import SequenceEncoder
 ENCODER = SequenceEncoder(width=8, num_layers=1, num_heads=2, mlp_dim=16, max_length=8, dropout_rate=0.1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def rbg_keys():
+  """The 'rbg' PRNG (initialisation, dropout) compiles about twice as fast on CPU as threefry; nothing here
+  depends on which random numbers are drawn. Restored afterwards, as finetune_test does."""
+  previous = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  yield
+  jax.config.update("jax_default_prng_impl", previous)
+
+
 class Identity(nn.Module):
   @nn.compact
   def __call__(self, x, mask, *, train):
