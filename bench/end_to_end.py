@@ -124,7 +124,8 @@ def main(argv):
   # Step only: one batch that stays on the device.
   rng = np.random.default_rng(0)
   spec = objective.example_batch(config, FLAGS.batch_size)["clips"]
-  resident = teacher_free_batch(config, rng.integers(0, 256, spec.shape, np.uint8), rng.integers(0, 5, FLAGS.batch_size))
+  resident = teacher_free_batch(config, rng.integers(0, 256, spec.shape, np.uint8),
+                                rng.integers(0, 5, FLAGS.batch_size))
   if device_resize.resolve(data.resize) == "device" and data.decoder == "fast":  # the step resizes Grain's patches too
     resident["clips"], resident["clips_window"] = input_pipeline.random_patches(config, FLAGS.batch_size, rng)
   resident = sharding.host_batch_to_global(resident, mesh)

@@ -139,7 +139,8 @@ def test_resize_batch_resizes_windowed_keys_only():
   rng = np.random.default_rng(0)
   patches = rng.integers(0, 256, (2, 3, 10, 10, 3)).astype(np.uint8)
   windows = np.array([[1, 1, 9, 9, 0], [0, 0, 8, 8, 1]], np.float32)
-  batch = {"ego_clips": patches, "ego_clips_window": windows, "exo_clips": patches[:, :, :8, :8], "labels": np.arange(2)}
+  batch = {"ego_clips": patches, "ego_clips_window": windows, "exo_clips": patches[:, :, :8, :8],
+           "labels": np.arange(2)}
   out = device_resize.resize_batch(batch, 8)
   assert set(out) == {"ego_clips", "exo_clips", "labels"} and out["ego_clips"].shape == (2, 3, 8, 8, 3)
   np.testing.assert_array_equal(out["ego_clips"][0], patches[0, :, 1:9, 1:9])  # a 1:1 window is a copy

@@ -2,11 +2,12 @@
 
 ClipSampler: a VideoRecord -> a clip of `clip_length` frames: the frame indices
 (transforms.sample_frame_indices: a random start, or the centre with rng None), the crop window
-(transforms.sample_crop_window: short-side jitter, a random square, a random flip; centre and no flip
-with rng None) and the decoded pixels (transforms.decode_and_crop), drawn from `rng` in that order. With
-resize 'device' (config data.resize; device_resize.resolve) training clips leave the host uncut and unresized, as a patch around the
-window plus the window, and the trainer resizes them on the accelerator (device_resize.py); `Clip.fields`
-gives a transform the batch keys either way, and calling the sampler always gives the finished clip.
+(transforms.sample_crop_window: short-side jitter, a random square, a random flip; centre and no flip with rng
+None) and the decoded pixels (transforms.decode_and_crop), drawn from `rng` in that order. With resize
+'device' (config data.resize; device_resize.resolve) training clips leave the host uncut and unresized, as a
+patch around the window plus the window, and the trainer resizes them on the accelerator (device_resize.py);
+`Clip.fields` gives a transform the batch keys either way, and calling the sampler always gives the finished
+clip.
 BoxRasterizer: a record's hand and object boxes -> the interaction maps of a sampled clip on the
 backbone's (t, h, w) grid (transforms.boxes_to_map, Ego-Exo Eq. 5), moved through the clip's window.
 """

@@ -1,11 +1,12 @@
 """Resizing clips on the accelerator: the CPU decodes and cuts, the jitted step resamples (config data.resize).
 
-With data.resize 'device' ('auto', the default, on a GPU or TPU; `resolve`) and the fast decoder, a training clip leaves the host as a *patch*: the stored
-frames' pixels around the crop window, uncut and unresized, uint8 (T, P, P, 3) with P = crop_size + 2, plus
-the window inside the patch, float32 (5,) = (x0, y0, x1, y1, flip), under the batch key '<clips key>_window'
-(WINDOW_SUFFIX). The trainer's model application calls `resize_batch` first, which resamples every such
-window to crop_size^2 inside the jitted step and drops the window keys; the model, the losses and the
-interaction maps (drawn on the host from the same window) see what the host path gives them.
+With data.resize 'device' (what 'auto', the default, picks on a GPU or TPU: `resolve`) and the fast decoder, a
+training clip leaves the host as a *patch*: the stored frames' pixels around the crop window, uncut and
+unresized, uint8 (T, P, P, 3) with P = crop_size + 2, plus the window inside the patch, float32 (5,) = (x0,
+y0, x1, y1, flip), under the batch key '<clips key>_window' (WINDOW_SUFFIX). The trainer's model application
+calls `resize_batch` first, which resamples every such window to crop_size^2 inside the jitted step and drops
+the window keys; the model, the losses and the interaction maps (drawn on the host from the same window) see
+what the host path gives them.
 
 Why: on the fast decoder's host path (jpeg_decode.py) OpenCV's warp is about a third of the CPU time per
 training clip and libjpeg-turbo's decode most of the rest (bench/input_pipeline.py's breakdown). Here the
@@ -16,10 +17,13 @@ Host side (`decode_patch`), in stored-frame pixels, pixel centres at integer + 0
 output pixel i of the window [x0, x1) samples x0 + (i + 0.5) (x1 - x0) / S - 0.5, so bilinear interpolation
 reads columns floor(x0 - 0.5) .. floor(x1 - 0.5) + 1: at most S + 2 columns for windows up to S wide, which
 are the windows that magnify or keep the scale (every training window of the R50 recipe on records at short
-side 256). Columns outside the frame repeat its edge (the replicated border of the host path). A window
-wider than S (records stored above the training size) is minified on the host as before (Pillow's
-antialiased resize, jpeg_decode.py) and sent as the patch's top-left S x S with the identity window, so one
-batch may mix both. Frames that are not JPEG take the exact host path the same way.
+side 256). The patch starts there, moved inside the frame where it would cross an edge, so the patch's border
+is the frame's edge wherever taps fall outside it; the device resize drops taps outside its input and
+renormalises the rest, which repeats the edge pixel as the host path's replicated border does. Frames smaller
+than the patch repeat their last rows and columns into it. A window wider than S (records stored above the
+training size) is minified on the host as before (Pillow's antialiased resize, jpeg_decode.py) and sent as the
+patch's top-left S x S with the identity window, so one batch may mix both. Frames that are not JPEG take the
+exact host path the same way.
 
 Device side (`resize_clips`): jax.image.scale_and_translate, linear, per clip (vmap; window values are
 traced, the shapes static), float32 at HIGHEST precision (no TF32), the flip applied to the output, then
