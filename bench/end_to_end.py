@@ -43,6 +43,7 @@ import input_pipeline  # the peer, the record conversion and the CPU-time helper
 from configs import egoexo as egoexo_config
 from egoexo_jax import objectives, sharding, train
 from egoexo_jax.input import convert, device_resize, egoexo_pipeline, transforms
+from egoexo_jax.input.clip_sampler import clip_sampler
 from egoexo_jax.objectives import egoexo as egoexo_objective
 
 flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype; default bfloat16 on GPU, float32 on CPU.")
@@ -126,7 +127,7 @@ def main(argv):
   spec = objective.example_batch(config, FLAGS.batch_size)["clips"]
   resident = teacher_free_batch(config, rng.integers(0, 256, spec.shape, np.uint8),
                                 rng.integers(0, 5, FLAGS.batch_size))
-  if device_resize.resolve(data.resize) == "device" and data.decoder == "fast":  # the step resizes Grain's patches too
+  if clip_sampler(config).sends_patches:  # the step resizes Grain's patches too
     resident["clips"], resident["clips_window"] = input_pipeline.random_patches(config, FLAGS.batch_size, rng)
   resident = sharding.host_batch_to_global(resident, mesh)
   tick = time.perf_counter()

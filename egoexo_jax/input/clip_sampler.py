@@ -49,6 +49,11 @@ class ClipSampler:
   decoder: str = transforms.DEFAULT_DECODER  # transforms.decode_and_crop: 'fast' | 'exact' (config data.decoder)
   resize: str = "host"  # 'device': the fast decoder's clips are resized by the trainer (config data.resize)
 
+  @property
+  def sends_patches(self) -> bool:
+    """Whether training clips leave as patches for the trainer to resize (device_resize.py)."""
+    return self.resize == "device" and self.decoder == "fast"
+
   def sample(self, record: records.VideoRecord, rng: np.random.Generator | None, *,
              finished: bool = False) -> Clip:
     """The clip of `record` drawn from `rng`; a patch for the device to resize (resize 'device' with the fast
@@ -57,7 +62,7 @@ class ClipSampler:
                                               fps=record.fps, target_fps=self.target_fps)
     window = transforms.sample_crop_window(record.height, record.width, self.crop_size, self.min_short_side,
                                            self.max_short_side, rng)
-    if self.resize == "device" and self.decoder == "fast" and not finished:
+    if self.sends_patches and not finished:
       patch, patch_window = device_resize.decode_patch(record.frames, indices, window)
       return Clip(patch, indices, window, patch_window)
     return Clip(transforms.decode_and_crop(record.frames, indices, window, self.decoder), indices, window)
